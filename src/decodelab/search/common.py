@@ -1,0 +1,84 @@
+"""Shared pieces of the search loops: the left-padded prompt batch and the raw per-sequence result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generator, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompts.
+
+    Attributes:
+        ids: (B, T0) int64, padded on the left with ``pad_id``.
+        mask: (B, T0) int64 attention mask (0 on padding).
+        pad_lengths: (B,) int64 number of padding positions per row.
+        prompts: the unpadded prompt ids, one list per row.
+        pad_id: the padding id (the tokenizer's pad id, else its eos id, as transformers does).
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    pad_lengths: torch.Tensor
+    prompts: list[list[int]]
+    pad_id: int
+
+    @classmethod
+    def from_lists(cls, prompts: list[list[int]], pad_id: int) -> "PromptBatch":
+        """Left-pad ``prompts`` (each non-empty) into one batch."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        pads = torch.tensor([width - len(p) for p in prompts], dtype=torch.long)
+        return cls(ids, mask, pads, [list(p) for p in prompts], pad_id)
+
+    def repeat(self, n: int) -> "PromptBatch":
+        """Each row repeated ``n`` times in place (row i -> rows i*n .. i*n+n-1), like ``repeat_interleave``."""
+        if n == 1:
+            return self
+        return PromptBatch(
+            self.ids.repeat_interleave(n, 0),
+            self.mask.repeat_interleave(n, 0),
+            self.pad_lengths.repeat_interleave(n, 0),
+            [p for p in self.prompts for _ in range(n)],
+            self.pad_id,
+        )
+
+    @property
+    def width(self) -> int:
+        """Padded prompt length T0 in tokens."""
+        return self.ids.shape[1]
+
+
+@dataclass
+class RawSequence:
+    """One finished sequence as the search produced it.
+
+    Attributes:
+        prompt_index: which prompt of the batch it continues.
+        new_ids: generated ids (eos included when it ended on eos).
+        score: see ``trace.Sequence.score``.
+        finish_reason: ``eos`` | ``stop`` | ``length``.
+    """
+
+    prompt_index: int
+    new_ids: list[int]
+    score: float
+    finish_reason: str
+
+
+def drain(gen: Generator[object, None, T]) -> T:
+    """Run a search generator to the end and return its result (the generator's return value)."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value

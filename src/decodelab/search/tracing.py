@@ -1,0 +1,92 @@
+"""Trace recording for the search loops. Only built when ``trace=True``; the loops never touch it otherwise.
+
+Processors are applied one at a time here so that, for each row, we can tell which of the top candidates each
+processor changed or removed (``ProcessorChange``); without tracing the loops call ``processors.apply``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..distribution import entropy, log_probs, rank_of, top_candidates
+from ..processors import Processor
+from ..trace import Candidate, ProcessorChange, Step, Trace
+
+
+class Tracer:
+    """Collects :class:`Step` records and processor changes.
+
+    Args:
+        tokenizer: decodes candidate ids.
+        top_k: how many candidates to keep per step, before and after processing.
+        trace: the :class:`Trace` being filled.
+    """
+
+    def __init__(self, tokenizer, top_k: int, trace: Trace):
+        self.tokenizer = tokenizer
+        self.top_k = top_k
+        self.trace = trace
+        self._changes: list[list[ProcessorChange]] = []
+
+    def process(self, procs: list[Processor], input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Apply ``procs`` like ``processors.apply`` and remember, per row, how each changed the watched candidates
+        (the raw top-k plus the processed top-k)."""
+        rows = scores.shape[0]
+        self._changes = [[] for _ in range(rows)]
+        if not procs:
+            return scores
+        k = min(max(self.top_k, 1), scores.shape[-1])
+        watched = torch.topk(scores, k).indices  # (B, k) raw favourites
+        current = scores
+        for p in procs:
+            new = p(input_ids, current)
+            before = current.gather(1, watched)
+            after = new.gather(1, watched)
+            changed = (before != after) & ~(torch.isinf(before) & torch.isinf(after))
+            for r, c in zip(*torch.nonzero(changed, as_tuple=True)):
+                r, c = int(r), int(c)
+                tid = int(watched[r, c])
+                self._changes[r].append(
+                    ProcessorChange(p.name, tid, self.tokenizer.decode([tid]), float(before[r, c]), float(after[r, c]))
+                )
+            current = new
+        return current
+
+    def step(
+        self,
+        step: int,
+        row: int,
+        token_id: int,
+        raw: torch.Tensor,
+        processed: torch.Tensor,
+        changes_row: int | None = None,
+        raw_is_logprobs: bool = False,
+    ) -> Step:
+        """Record the decision ``token_id`` of ``row`` at ``step`` given its raw (V,) and processed (V,) scores.
+
+        ``changes_row`` is the row of the last ``process`` call whose changes belong to this decision (defaults to
+        ``row``; beam search passes the source beam).
+        """
+        raw_lp = raw if raw_is_logprobs else log_probs(raw)
+        proc_lp = log_probs(processed)
+        src = row if changes_row is None else changes_row
+        rec = Step(
+            step=step,
+            row=row,
+            id=token_id,
+            token=self.tokenizer.decode([token_id]),
+            logprob=float(raw_lp[token_id]),
+            logprob_processed=float(proc_lp[token_id]),
+            rank=rank_of(raw_lp, token_id),
+            entropy=float(entropy(raw_lp)),
+            top=top_candidates(raw, self.top_k, self.tokenizer, raw_lp),
+            top_processed=top_candidates(processed, self.top_k, self.tokenizer, proc_lp),
+            changes=list(self._changes[src]) if src < len(self._changes) else [],
+        )
+        self.trace.steps.append(rec)
+        return rec
+
+
+def candidate(tokenizer, token_id: int, logit: float, logprob: float) -> Candidate:
+    """A :class:`Candidate` for one id."""
+    return Candidate(token_id, tokenizer.decode([token_id]), logit, float(torch.tensor(logprob).exp()), logprob)

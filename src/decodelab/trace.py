@@ -1,0 +1,179 @@
+"""Plain-data results: candidates, steps, beam tree, sequences, generations. No torch in here.
+
+Every class is a dataclass with ``to_dict()`` / ``from_dict()`` so a trace survives a JSON round-trip
+(``Trace.from_dict(json.loads(json.dumps(t.to_dict()))) == t``). Units: ``logit`` is a raw model output;
+``logprob`` is a natural-log probability; ``prob`` is in [0, 1]; ``entropy`` is in nats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def _encode(x: Any) -> Any:
+    if dataclasses.is_dataclass(x):
+        return {f.name: _encode(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, (list, tuple)):
+        return [_encode(i) for i in x]
+    if isinstance(x, dict):
+        return {k: _encode(v) for k, v in x.items()}
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("-inf" if x < 0 else "inf")
+    return x
+
+
+def _decode(tp: Any, x: Any) -> Any:
+    if x is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _decode(args[0], x) if len(args) == 1 else x
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return [_decode(inner, i) for i in x]
+    if dataclasses.is_dataclass(tp):
+        return tp.from_dict(x)
+    if tp is float:
+        return {"-inf": -math.inf, "inf": math.inf}.get(x, x) if isinstance(x, str) else float(x)
+    return x
+
+
+class _Plain:
+    """Mixin: JSON-ready ``to_dict`` and its inverse ``from_dict`` (infinite floats become "inf"/"-inf")."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _encode(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        hints = typing.get_type_hints(cls)
+        return cls(**{f.name: _decode(hints[f.name], d[f.name]) for f in dataclasses.fields(cls) if f.name in d})
+
+
+@dataclass
+class Candidate(_Plain):
+    """One vocabulary entry at one position. ``logit`` may be ``-inf`` after a processor removed the token."""
+
+    id: int
+    token: str
+    logit: float
+    prob: float
+    logprob: float
+
+
+@dataclass
+class ProcessorChange(_Plain):
+    """What one processor did to one candidate: ``after`` is ``-inf`` when it removed the token."""
+
+    processor: str
+    id: int
+    token: str
+    before: float
+    after: float
+
+
+@dataclass
+class Step(_Plain):
+    """One decoding decision of one row (greedy / sampling) or one beam slot (beam search).
+
+    ``logprob`` is the chosen token's log-probability under the model (``log_softmax`` of raw logits);
+    ``logprob_processed`` under the processed distribution that search actually used; ``rank`` is its 0-based rank
+    in the raw distribution; ``entropy`` (nats) is the raw distribution's.
+    """
+
+    step: int
+    row: int
+    id: int
+    token: str
+    logprob: float
+    logprob_processed: float
+    rank: int
+    entropy: float
+    top: list[Candidate] = field(default_factory=list)
+    top_processed: list[Candidate] = field(default_factory=list)
+    changes: list[ProcessorChange] = field(default_factory=list)
+
+
+@dataclass
+class BeamNode(_Plain):
+    """A node of the beam tree: a hypothesis extended by one token at ``step`` (0-based new-token index).
+
+    ``parent`` is the node id of the hypothesis it extends (``None`` at step 0). ``cumulative`` is the running sum
+    of processed token log-probabilities; ``score`` the length-penalised score (``cumulative / new_len **
+    length_penalty``) for finished hypotheses. ``status``: ``kept`` (continued as a beam), ``pruned`` (among the
+    top candidates but not kept), ``finished`` (ended with eos / stop), ``returned`` (a finished hypothesis that is
+    one of the returned sequences).
+    """
+
+    node: int
+    parent: int | None
+    step: int
+    row: int
+    id: int
+    token: str
+    logprob: float
+    cumulative: float
+    status: str
+    score: float | None = None
+
+
+@dataclass
+class Trace(_Plain):
+    """Everything decided during one ``generate`` call.
+
+    ``steps`` hold, for greedy / sampling, one :class:`Step` per row and step; for beam search, one per kept beam.
+    ``beam_nodes`` is the beam tree (empty for greedy / sampling). ``stop_reason`` says why the search as a whole
+    ended: ``"max_new_tokens"``, ``"all_finished"`` (every row hit eos / a stop string), ``"early_stopping"``
+    (beam search: no running beam can beat the finished ones).
+    """
+
+    strategy: Literal["greedy", "sampling", "beam_search", "beam_sampling"]
+    steps: list[Step] = field(default_factory=list)
+    beam_nodes: list[BeamNode] = field(default_factory=list)
+    stop_reason: str = ""
+    processors: list[str] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class Sequence(_Plain):
+    """One returned sequence. ``ids`` = prompt ids (unpadded) + new ids; ``text`` decodes ``ids``; ``new_text``
+    decodes only the new ids (special tokens kept); ``score``: beam search's length-penalised sum of processed
+    log-probabilities (transformers' ``sequences_scores``), else the sum of the chosen tokens' processed
+    log-probabilities. ``finish_reason``: ``eos``, ``stop`` (a stop string) or ``length``."""
+
+    ids: list[int]
+    text: str
+    new_ids: list[int]
+    new_text: str
+    score: float
+    finish_reason: str
+    prompt_index: int = 0
+
+
+@dataclass
+class Generation(_Plain):
+    """The result of ``LM.generate``: ``sequences`` grouped by prompt (``num_return_sequences`` per prompt, best first
+    for beam search), the prompts' ids, and the :class:`Trace` when ``trace=True``."""
+
+    model: str
+    prompt_ids: list[list[int]]
+    sequences: list[Sequence]
+    trace: Trace | None = None
+    elapsed_s: float = 0.0
+
+    @property
+    def text(self) -> str:
+        """The first sequence's full text (prompt + continuation)."""
+        return self.sequences[0].text
+
+    def _repr_html_(self) -> str:  # notebook view
+        from .render import generation_html
+
+        return generation_html(self)
