@@ -6,9 +6,19 @@ Names and defaults follow transformers' ``GenerationConfig`` (``GenerationConfig
 ``frequency_penalty``, ``logit_bias``) and decodelab's own (``seed``, ``trace``, ``trace_top_k``, ``ignore_eos``)
 sit beside them. Every other module reads a validated :class:`GenerationConfig`; none re-checks values.
 
-Degenerate sampling values are documented behaviour, not errors: ``temperature=0`` means greedy (as in the OpenAI
-API and llama.cpp), and ``top_k=1`` or a ``top_p`` so small that only the top token survives give the greedy token
-at every step.
+Degenerate sampling values are documented behaviour, not errors, and never give NaN or an empty distribution:
+
+- ``temperature=0`` means greedy (as in the OpenAI API and llama.cpp), and so does any temperature below
+  ``MIN_TEMPERATURE`` = 1e-5 (vLLM's rule; dividing logits by a smaller number could overflow to ``inf``);
+- ``top_k=1``, ``top_p=0`` (or so small that only the top token survives) and ``min_p=1`` keep only the most likely
+  token, so sampling returns the greedy token at every step (among exactly tied top scores the lowest id, as
+  ``argmax`` picks);
+- every sampling warper keeps at least one token (``min_tokens_to_keep``, as in transformers); a tiny ``typical_p``
+  keeps the single most *typical* token, which need not be the greedy one;
+- ``top_k=0``, ``top_p=1``, ``typical_p=1``, ``epsilon_cutoff=0`` and ``eta_cutoff=0`` switch that warper off.
+
+Only settings that remove tokens outright (``suppress_tokens``, ``bad_words_ids``, ``-inf``-like biases) can leave
+nothing to choose; the search then raises :class:`~decodelab.errors.ConfigError` instead of sampling from NaN.
 """
 
 from __future__ import annotations
@@ -21,6 +31,9 @@ from typing import Any, Literal
 from .errors import ConfigError
 
 EarlyStopping = bool | Literal["never"]
+
+MIN_TEMPERATURE = 1e-5
+"""Sampling temperatures below this are greedy (see the module docstring)."""
 
 
 def _fail(param: str, value: Any, expected: str) -> ConfigError:
@@ -88,8 +101,8 @@ class GenerationConfig:
     def from_kwargs(cls, **kwargs: Any) -> "GenerationConfig":
         """Validate and normalise transformers-style keywords into a config.
 
-        ``None`` for any keyword means "the default". ``temperature=0`` with ``do_sample=True`` turns sampling off
-        (greedy), as in the OpenAI API.
+        ``None`` for any keyword means "the default". ``temperature=0`` (or below ``MIN_TEMPERATURE``) with
+        ``do_sample=True`` turns sampling off (greedy), as in the OpenAI API.
 
         Raises:
             ConfigError: unknown keyword, wrong type or out-of-range value (one line naming parameter and value).
@@ -97,7 +110,7 @@ class GenerationConfig:
         unknown = sorted(set(kwargs) - cls.names())
         if unknown:
             raise ConfigError(
-                f"unknown generation parameter {unknown[0]!r} (valid: transformers GenerationConfig names such as "
+                f"unknown generation parameter {unknown[0]}={kwargs[unknown[0]]!r} (valid: transformers GenerationConfig names such as "
                 "max_new_tokens, num_beams, do_sample, temperature, top_k, top_p, repetition_penalty)",
                 param=unknown[0],
             )
@@ -146,7 +159,7 @@ class GenerationConfig:
                 "for greedy and beam search",
                 param="num_return_sequences",
             )
-        if v["do_sample"] and v["temperature"] == 0.0:
+        if v["do_sample"] and v["temperature"] < MIN_TEMPERATURE:
             v["do_sample"] = False  # documented: temperature 0 is greedy
             if v["num_return_sequences"] > v["num_beams"]:
                 raise ConfigError(

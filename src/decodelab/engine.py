@@ -10,13 +10,28 @@ loops reproduce ``model.generate`` token for token:
 - logits are copied to float32 (``outputs.logits[:, -1].to(float32)``).
 
 Batches are left-padded: row ``b``'s first ``pad_lengths[b]`` positions are padding with mask 0.
+
+Two paths compute the same numbers:
+
+- the **fast path** (default for Llama / Qwen2 models with SDPA attention, see
+  :func:`decodelab.fastpath.unsupported_reason`): :class:`decodelab.fastpath.FastDecoder` over a preallocated
+  :class:`decodelab.fastpath.StaticKVCache` sized to the request. In float32 its logits are bit-for-bit those of
+  the model (same operations, same shapes), so parity with ``model.generate`` is unchanged; optional weight-only
+  quantization (:mod:`decodelab.quantize`) and ``torch.compile`` (:mod:`decodelab.compile_cache`) act on it only;
+- the **plain path**: the transformers model with a ``DynamicCache`` (any other model, or ``fast=False``, or
+  ``DECODELAB_FASTPATH=0``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+
+from .fastpath import FastDecoder, StaticKVCache, unsupported_reason
+
+DEFAULT_HEADROOM = 64  # cache positions allocated beyond the prompt when the caller gives no max_new_tokens
 
 
 @dataclass
@@ -24,14 +39,22 @@ class DecodeState:
     """KV cache and bookkeeping of a batch being decoded.
 
     Attributes:
-        cache: the model's KV cache (transformers ``Cache``), batch B.
-        attention_mask: (B, L) int64, 1 for real tokens, 0 for left padding; L = tokens seen so far.
+        cache: the KV cache, batch B: a :class:`StaticKVCache` on the fast path (it also holds the 2D attention
+            mask), a transformers ``Cache`` on the plain path.
+        attention_mask: (B, L) int64, 1 for real tokens, 0 for left padding; L = tokens seen so far (plain path;
+            ``None`` on the fast path, where ``cache.pad`` holds it).
         positions: (B, 1) int64, the position id of the last token fed.
     """
 
     cache: object
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     positions: torch.Tensor
+
+
+def _fast_enabled(fast: bool | None) -> bool:
+    if fast is not None:
+        return bool(fast)
+    return os.environ.get("DECODELAB_FASTPATH", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
 class Engine:
@@ -40,13 +63,47 @@ class Engine:
 
     Args:
         model: a ``PreTrainedModel`` in eval mode.
+        fast: ``None`` (default): the fast path when the model supports it and ``$DECODELAB_FASTPATH`` is not
+            ``0``; ``True``: the fast path where supported; ``False``: always the plain path.
+        quantize: ``None``, ``"int8"`` or ``"int4"``: weight-only quantization of the decoder's linear layers on
+            the fast path (see :func:`decodelab.quantize.quantize_decoder`; the tied embedding / lm_head stays in
+            the model's dtype unless ``quantize_lm_head``).
+        compile: compile the fast path's decode step with Inductor (see :mod:`decodelab.compile_cache`).
+
+    Attributes:
+        fast: the :class:`FastDecoder`, or ``None`` on the plain path. ``fast_reason``: why not, when ``None``.
+
+    Raises:
+        ConfigError: ``quantize`` or ``compile`` requested for a model the fast path does not support, or an unknown
+            ``quantize`` value.
     """
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, *, fast: bool | None = None, quantize: str | None = None,
+                 quantize_lm_head: bool = False, compile: bool = False) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self.fast: FastDecoder | None = None
+        self.fast_reason = unsupported_reason(model) if _fast_enabled(fast) or quantize or compile else "disabled"
+        if self.fast_reason is None:
+            self.fast = FastDecoder(model)
+        elif quantize or compile:
+            from .errors import ConfigError
+
+            param = "quantize" if quantize else "compile"
+            raise ConfigError(f"{param} needs the fast path, which cannot run this model: {self.fast_reason}",
+                              param=param)
+        self.quantize = quantize
+        self.compiled = None
+        if quantize:
+            from .quantize import quantize_decoder
+
+            quantize_decoder(self.fast, quantize, lm_head=quantize_lm_head)
+        if compile:
+            from .compile_cache import CompiledStep
+
+            self.compiled = CompiledStep(self.fast, model)
 
     def _forward(self, input_ids, attention_mask, positions, cache, keep: int):
         out = self.model(
@@ -63,15 +120,31 @@ class Engine:
     def full_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits for every position of an unpadded batch: (B, T) ids -> (B, T, V) float32. No cache kept."""
         ids = input_ids.to(self.device)
+        if self.fast is not None:
+            cache = self.fast.new_cache(ids.shape[0], ids.shape[1])
+            cache.start(torch.ones_like(ids))
+            positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
+            return self.fast.forward(ids, positions, cache, keep_all=True).float()
         out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         return out.logits.float()
 
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
-        """Run the (left-padded) prompts. (B, T) ids and mask -> ((B, V) float32 last-position logits, state)."""
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                max_new_tokens: int | None = None) -> tuple[torch.Tensor, DecodeState]:
+        """Run the (left-padded) prompts. (B, T) ids and mask -> ((B, V) float32 last-position logits, state).
+
+        ``max_new_tokens`` sizes the fast path's preallocated cache (T + max_new_tokens positions); without it the
+        cache starts at T + 64 positions and grows by doubling.
+        """
         ids = input_ids.to(self.device)
         mask = attention_mask.to(self.device).long()
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        if self.fast is not None:
+            extra = DEFAULT_HEADROOM if max_new_tokens is None else max(int(max_new_tokens), 1)
+            cache = self.fast.new_cache(ids.shape[0], ids.shape[1] + extra)
+            cache.start(mask)
+            logits = self.fast.forward(ids, positions, cache)
+            return logits.to(copy=True, dtype=torch.float32), DecodeState(cache, None, positions[:, -1:])
         out = self._forward(ids, mask, positions, None, keep=1)
         logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
         return logits, DecodeState(out.cache, mask, positions[:, -1:])
@@ -79,18 +152,29 @@ class Engine:
     @torch.inference_mode()
     def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row: (B,) ids -> (B, V) float32 logits. Updates ``state`` in place."""
+        state.positions = state.positions + 1
+        tokens = tokens.to(self.device)[:, None]
+        if isinstance(state.cache, StaticKVCache):
+            state.cache.append_mask()
+            if self.compiled is not None:
+                logits = self.compiled.step(tokens, state.positions, state.cache)
+            else:
+                logits = self.fast.forward(tokens, state.positions, state.cache)
+            return logits.to(copy=True, dtype=torch.float32)
         state.attention_mask = torch.cat(
             [state.attention_mask, state.attention_mask.new_ones((state.attention_mask.shape[0], 1))], dim=-1
         )
-        state.positions = state.positions + 1
-        out = self._forward(tokens.to(self.device)[:, None], state.attention_mask, state.positions, state.cache, 1)
+        out = self._forward(tokens, state.attention_mask, state.positions, state.cache, 1)
         state.cache = out.cache
         return out.logits[:, -1].to(copy=True, dtype=torch.float32)
 
     @staticmethod
     def select(state: DecodeState, rows: torch.Tensor) -> None:
         """Reorder / repeat the batch rows of ``state`` in place: new row i is old row ``rows[i]`` (beam search)."""
-        rows = rows.to(state.attention_mask.device)
-        state.cache.reorder_cache(rows)
-        state.attention_mask = state.attention_mask.index_select(0, rows)
+        rows = rows.to(state.positions.device)
+        if isinstance(state.cache, StaticKVCache):
+            state.cache.select(rows)
+        else:
+            state.cache.reorder_cache(rows)
+            state.attention_mask = state.attention_mask.index_select(0, rows)
         state.positions = state.positions.index_select(0, rows)

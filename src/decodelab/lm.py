@@ -10,21 +10,26 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import GenerationConfig
 from .distribution import Distribution, entropy, log_probs, top_candidates
+from .detokenize import continuation_text, prompt_context
 from .engine import Engine
 from .errors import ConfigError, InputError
 from .processors import Context, build_processors
 from .search import beam_search, token_search
-from .search.common import PromptBatch, RawSequence, drain
+from .search.common import PromptBatch, RawSequence, Run, drain
 from .search.tracing import Tracer
 from .stopping import StopStrings, eos_tensor, find_stop
 from .tokens import Tokens, tokenize
 from .trace import Generation, Sequence, Trace
+
+if TYPE_CHECKING:
+    from .scoring import Score
+    from .streaming import Stream
 
 
 class LM:
@@ -123,6 +128,39 @@ class LM:
             entropy=float(entropy(lp)),
         )
 
+    def score(self, text: str, *, top_logprobs: int = 0) -> "Score":
+        """Teacher-forced score of ``text`` (one forward pass): every token's log-probability (nats; ``None`` for
+        the first token, which nothing predicts), its 0-based rank and the entropy (nats) of the distribution that
+        predicted it, optionally the ``top_logprobs`` best alternatives per position, the total and mean
+        log-probability and the perplexity ``exp(-mean)`` (equal to ``exp`` of transformers' ``model(ids,
+        labels=ids).loss``). See :mod:`decodelab.scoring`.
+
+        Raises:
+            InputError: empty text, or more tokens than the context window.
+            ConfigError: ``top_logprobs`` not an integer >= 0.
+        """
+        ids = self.encode(text)
+        return self.score_ids(ids, top_logprobs=top_logprobs, text=text)
+
+    def score_ids(self, ids: list[int], *, top_logprobs: int = 0, text: str | None = None) -> "Score":
+        """:meth:`score` for token ids given directly (e.g. prompt ids + generated ids, for ``echo`` + ``logprobs``).
+
+        Raises:
+            InputError: no ids, an id outside the vocabulary, or more tokens than the context window.
+            ConfigError: ``top_logprobs`` not an integer >= 0.
+        """
+        from .scoring import score_ids
+
+        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or top_logprobs < 0:
+            raise ConfigError(f"invalid top_logprobs={top_logprobs!r}: expected an integer >= 0", param="top_logprobs")
+        ids = list(ids)
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size for i in ids):
+            raise InputError(f"invalid ids={ids!r}: expected a non-empty list of token ids below {self.vocab_size}",
+                             param="ids")
+        self._check_length(len(ids), 0)
+        return score_ids(self.engine, self.tokenizer, ids, top_logprobs=min(top_logprobs, self.vocab_size),
+                         name=self.name, text=text)
+
     # --- generation ----------------------------------------------------------------------------------------------
     def config(self, **kwargs: Any) -> GenerationConfig:
         """Validate generation keywords for this model (transformers ``GenerationConfig`` names).
@@ -155,13 +193,21 @@ class LM:
         it = self._run(prompt, kwargs)
         return drain(it)
 
-    def stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
-        """Yield text deltas of the first sequence as it is generated; ``"".join(deltas)`` equals the final
-        ``new_text``. For beam search, yields the current best beam's text as it changes (a delta may then
-        rewrite: see :mod:`decodelab.streaming`)."""
-        from .streaming import stream_deltas
+    def stream(self, prompt: str | list[str], **kwargs: Any) -> "Stream":
+        """Stream a generation: iterate the result for the first sequence's text deltas (non-empty ``str``), whose
+        concatenation equals ``generate(prompt, **kwargs).sequences[0].new_text`` exactly (same settings and seed:
+        the same ids), multi-byte UTF-8 and stop strings included. After the loop, ``.generation`` holds the
+        :class:`Generation` (finish reasons, scores, trace). ``.deltas()`` follows every returned sequence.
 
-        return stream_deltas(self, prompt, kwargs)
+        Beam search streams only text that can no longer change (the common prefix of every hypothesis still in
+        the race) and the rest at the end; see :mod:`decodelab.streaming`.
+
+        Raises:
+            ConfigError, InputError: at once, before any token is generated.
+        """
+        from .streaming import Stream
+
+        return Stream(self, prompt, kwargs)
 
     # --- internals -----------------------------------------------------------------------------------------------
     def _check_length(self, prompt_len: int, max_new: int) -> None:
@@ -173,8 +219,17 @@ class LM:
                 param="prompt",
             )
 
-    def _run(self, prompt: str | list[str], kwargs: dict[str, Any]):
-        """The generator behind :meth:`generate` and :meth:`stream`: yields per-step events, returns Generation."""
+    def _run(self, prompt: str | list[str], kwargs: dict[str, Any], on_trace=None) -> Run:
+        """Validate a request and prepare its search: the :class:`~decodelab.search.common.Run` behind
+        :meth:`generate` and :meth:`stream`. It behaves as a generator that yields per-step events and returns the
+        :class:`Generation`; nothing runs on the model before its first ``next``.
+
+        ``on_trace`` (when ``trace=True``) is called with the :class:`Trace` as soon as it exists, so a caller can
+        read ``trace.steps`` while they are recorded (the server streams logprobs that way).
+
+        Raises:
+            ConfigError, InputError: at once (not at the first ``next``), as :meth:`generate` documents.
+        """
         start = time.perf_counter()
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts:
@@ -183,19 +238,29 @@ class LM:
         prompt_ids = [self.encode(p, param="prompt") for p in prompts]
         for ids in prompt_ids:
             self._check_length(len(ids), cfg.max_new_tokens)
+        per_prompt = cfg.num_return_sequences if (cfg.do_sample and not cfg.is_beam) else 1
+        trace = None
+        if cfg.trace:
+            strategy = ("beam_sampling" if cfg.do_sample else "beam_search") if cfg.is_beam else (
+                "sampling" if cfg.do_sample else "greedy")
+            trace = Trace(strategy=strategy, config=cfg.to_dict())
+            if on_trace is not None:
+                on_trace(trace)
+        events = self._search(cfg, prompt_ids, per_prompt, trace, start)
+        return Run(cfg, prompt_ids, per_prompt, events)
+
+    def _search(self, cfg: GenerationConfig, prompt_ids: list[list[int]], per_prompt: int, trace: Trace | None,
+                start: float):
+        """The search generator of :meth:`_run` (see :class:`~decodelab.search.common.Run`)."""
         eos_ids = () if cfg.ignore_eos else (cfg.eos_token_id if cfg.eos_token_id is not None else self.eos_ids)
         batch = PromptBatch.from_lists(prompt_ids, self.pad_id)
-        per_prompt = cfg.num_return_sequences if (cfg.do_sample and not cfg.is_beam) else 1
         rows = batch.repeat(per_prompt) if not cfg.is_beam else batch.repeat(cfg.num_beams)
         ctx = Context(batch.width, rows.pad_lengths.to(self.engine.device), eos_tensor(eos_ids, self.engine.device))
         procs = build_processors(cfg, ctx)
         stops = StopStrings(self.tokenizer, cfg.stop_strings)
-        trace = None
         tracer = None
-        if cfg.trace:
-            strategy = ("beam_sampling" if cfg.do_sample else "beam_search") if cfg.is_beam else (
-                "sampling" if cfg.do_sample else "greedy")
-            trace = Trace(strategy=strategy, processors=[p.name for p in procs], config=cfg.to_dict())
+        if trace is not None:
+            trace.processors = [p.name for p in procs]
             tracer = Tracer(self.tokenizer, cfg.trace_top_k, trace)
         if cfg.is_beam:
             raw = yield from beam_search(self.engine, batch, cfg, procs, ctx, stops, tracer)
@@ -211,7 +276,7 @@ class LM:
         )
 
     def _sequence(self, raw: RawSequence, prompt_ids: list[int], cfg: GenerationConfig) -> Sequence:
-        new_text = self.tokenizer.decode(raw.new_ids, skip_special_tokens=True)
+        new_text = continuation_text(self.tokenizer, prompt_context(prompt_ids), raw.new_ids)
         if raw.finish_reason == "stop":
             cut = find_stop(new_text, cfg.stop_strings)
             new_text = new_text[:cut] if cut >= 0 else new_text

@@ -177,18 +177,32 @@ def _gguf_model(gguf: pathlib.Path):
     return model
 
 
+def _convert_gguf(gguf: pathlib.Path, out: pathlib.Path) -> None:
+    """Dequantize ``gguf`` to float32 and write model (safetensors), config and tokenizer into ``out``."""
+    _gguf_model(gguf).save_pretrained(str(out))
+    _gguf_tokenizer(gguf).save_pretrained(str(out))
+
+
 def _wrap_gguf(gguf: pathlib.Path, fn: Callable):
     try:
         return fn()
     except ModelLoadError:
         raise
     except Exception as err:
-        raise ModelLoadError(f"cannot read GGUF file '{gguf}': {short_reason(err)}", param="model") from err
+        reason = short_reason(err)
+        if "reshape" in reason:  # numpy's complaint when tensor data runs past the end of the file
+            reason = f"truncated or corrupt tensor data ({reason})"
+        raise ModelLoadError(f"cannot read GGUF file '{gguf}': {reason}", param="model") from err
 
 
-def _gguf_entry(gguf: pathlib.Path, kind: str, sub: str) -> pathlib.Path:
-    stem = EMBEDDED_MODEL if kind == "embedded" else gguf.stem
-    return cache_dir() / sub / f"{stem}-{content_key(gguf)}"
+def _gguf_entry(gguf: pathlib.Path, sub: str) -> pathlib.Path:
+    """``cache_dir()/sub/<stem>-<content key>``; an existing valid entry with the same key (the same file under
+    another name, e.g. the embedded GGUF passed as a path) is reused."""
+    key = content_key(gguf)
+    for existing in sorted((cache_dir() / sub).glob(f"*-{key}")):
+        if verify_cache(existing) is None:
+            return existing
+    return cache_dir() / sub / f"{gguf.stem}-{key}"
 
 
 def _dir_tokenizer(path: pathlib.Path, **kwargs):
@@ -205,23 +219,37 @@ def load_tokenizer(model: str | os.PathLike | None = None):
     kind, name, path = _resolve(model)
     if kind in {"embedded", "gguf"}:
         _gguf_magic(path)
-        built = _gguf_entry(path, kind, "models")
+        built = _gguf_entry(path, "models")
         if verify_cache(built) is None:
             with contextlib.suppress(Exception):
                 return _with_pad(_dir_tokenizer(built))
-        entry = _gguf_entry(path, kind, "tokenizers")
+        entry = _gguf_entry(path, "tokenizers")
         return _with_pad(_wrap_gguf(path, lambda: cached(
             entry, lambda tmp: _gguf_tokenizer(path).save_pretrained(str(tmp)), _dir_tokenizer,
             {"source": str(path)}, lambda: _gguf_tokenizer(path))))
     if kind == "dir":
-        try:
-            return _with_pad(_dir_tokenizer(path))
-        except Exception as err:
-            if _config_model_type(path) == "qwen2":
-                return qwen2_tokenizer()
-            raise ModelLoadError(f"cannot load a tokenizer from '{name}': {short_reason(err)}", param="model") from err
+        return _with_pad(_local_tokenizer(path, name))
     _check_hub_id(name)
     return _with_pad(_hub_tokenizer(name))
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _local_tokenizer(path: pathlib.Path, name: str):
+    """The directory's own tokenizer; Qwen2 models without tokenizer files get :func:`qwen2_tokenizer`."""
+    has_files = any((path / f).is_file() for f in _TOKENIZER_FILES)
+    if not has_files and _config_model_type(path) == "qwen2":
+        return qwen2_tokenizer()
+    if not has_files:
+        raise ModelLoadError(f"model directory '{name}' has no tokenizer files (tokenizer.json)", param="model")
+    try:
+        tok = _dir_tokenizer(path)
+    except Exception as err:
+        raise ModelLoadError(f"cannot load a tokenizer from '{name}': {short_reason(err)}", param="model") from err
+    if len(tok) == 0:
+        raise ModelLoadError(f"the tokenizer in '{name}' is empty", param="model")
+    return tok
 
 
 def _hub_tokenizer(repo: str):
@@ -357,18 +385,11 @@ def load_model(model: str | os.PathLike | None = None, *, device=None, dtype=Non
     kind, name, path = _resolve(model)
     if kind in {"embedded", "gguf"}:
         _gguf_magic(path)
-
-        def build(tmp: pathlib.Path) -> None:
-            _gguf_model(path).save_pretrained(str(tmp))
-            _gguf_tokenizer(path).save_pretrained(str(tmp))
-
-        def direct():
-            return _gguf_model(path), _gguf_tokenizer(path)
-
-        entry = _gguf_entry(path, kind, "models")
+        entry = _gguf_entry(path, "models")
         net, tok = _wrap_gguf(path, lambda: cached(
-            entry, build, lambda e: (_from_pretrained(str(e), dt, use_safetensors=True), _dir_tokenizer(e)),
-            {"source": str(path), "dtype": "float32"}, direct))
+            entry, lambda tmp: _convert_gguf(path, tmp),
+            lambda e: (_from_pretrained(str(e), dt, use_safetensors=True), _dir_tokenizer(e)),
+            {"source": str(path), "dtype": "float32"}, lambda: (_gguf_model(path), _gguf_tokenizer(path))))
         return _finish(net, tok, name, "embedded" if kind == "embedded" else "gguf", dev, dt)
     if kind == "dir":
         net = _load_dir(path, name, dt)

@@ -104,29 +104,47 @@ class PresenceFrequencyPenalty(Processor):
 class SequenceBias(Processor):
     """transformers ``SequenceBiasLogitsProcessor`` (also used for ``bad_words_ids`` with a ``-inf`` bias and for
     OpenAI ``logit_bias``). A single-token sequence is always biased; a longer one biases its last token when the
-    rest of it ends the current text."""
+    rest of it ends the current text. As in transformers, the biases are summed into one (B, V) tensor that is then
+    added to the scores (so a single-token and a longer bias on the same token add up)."""
 
     def __init__(self, biases: dict[tuple[int, ...], float], name: str = "sequence_bias"):
         self.name = name
         self.single = {seq[0]: b for seq, b in biases.items() if len(seq) == 1}
-        self.multi = [(seq[:-1], seq[-1], b) for seq, b in biases.items() if len(seq) > 1]
+        by_len: dict[int, list[tuple[tuple[int, ...], float]]] = {}
+        for seq, b in biases.items():
+            if len(seq) > 1:
+                by_len.setdefault(len(seq) - 1, []).append((seq, b))
+        self.groups = list(by_len.values())
         self._single_bias: torch.Tensor | None = None
+        self._groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def _prepare(self, scores: torch.Tensor) -> None:
+        V, dev = scores.shape[-1], scores.device
+        bias = torch.zeros(V, dtype=torch.float32, device=dev)
+        if self.single:
+            bias[list(self.single)] = torch.tensor(list(self.single.values()), dtype=torch.float32, device=dev)
+        self._single_bias = bias
+        self._groups = [
+            (
+                torch.tensor([seq[:-1] for seq, _ in group], device=dev),
+                torch.tensor([seq[-1] for seq, _ in group], device=dev),
+                torch.tensor([b for _, b in group], dtype=torch.float32, device=dev),
+            )
+            for group in self.groups
+        ]
 
     def __call__(self, input_ids, scores):
-        if self._single_bias is None or self._single_bias.shape[0] != scores.shape[-1]:
-            bias = torch.zeros(scores.shape[-1], dtype=torch.float32, device=scores.device)
-            if self.single:
-                bias[list(self.single)] = torch.tensor(list(self.single.values()), dtype=torch.float32)
-            self._single_bias = bias
-        out = scores + self._single_bias.to(scores.dtype)
-        for prefix, last, b in self.multi:
-            n = len(prefix)
+        if self._single_bias is None or self._single_bias.shape[0] != scores.shape[-1] \
+                or self._single_bias.device != scores.device:
+            self._prepare(scores)
+        bias = torch.zeros_like(scores) + self._single_bias
+        for prefixes, last, values in self._groups:
+            n = prefixes.shape[1]
             if n > input_ids.shape[1]:
                 continue
-            match = (input_ids[:, -n:] == torch.tensor(prefix, device=input_ids.device)).all(dim=-1)
-            if match.any():
-                out[:, last] = out[:, last] + torch.where(match, b, 0.0).to(out.dtype)
-        return out
+            match = (input_ids[:, None, -n:] == prefixes).all(dim=-1)  # (B, G)
+            bias.index_add_(1, last, torch.where(match, values, 0.0).to(bias.dtype))
+        return scores + bias
 
 
 class NoRepeatNGram(Processor):
@@ -213,7 +231,12 @@ class TopK(Processor):
 
 class TopP(Processor):
     """transformers ``TopPLogitsWarper`` (nucleus sampling, Holtzman et al. 2019, arXiv:1904.09751): keep the smallest
-    set of most likely tokens whose probability mass reaches ``top_p`` (at least ``min_keep``)."""
+    set of most likely tokens whose probability mass reaches ``top_p`` (at least ``min_keep``).
+
+    Same arithmetic as transformers (ascending sort, ``cumsum(softmax) <= 1 - top_p`` is removed); among tokens of
+    equal score the lower id counts as the more likely one (a stable sort of the reversed vocabulary), so the result
+    does not depend on the sort's tie order: probabilities [0.5, 0.25, 0.25] at ``top_p=0.75`` keep ids 0 and 1.
+    """
 
     name = "top_p"
 
@@ -221,7 +244,9 @@ class TopP(Processor):
         self.p, self.min_keep = p, min_keep
 
     def __call__(self, input_ids, scores):
-        sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+        V = scores.shape[-1]
+        sorted_logits, rev_idx = torch.sort(scores.flip(-1), descending=False, stable=True)
+        sorted_idx = (V - 1) - rev_idx
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         remove = cum <= (1 - self.p)
         remove[..., -self.min_keep :] = False

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .detokenize import continuation_text
+
 
 def find_stop(text: str, stop_strings: tuple[str, ...], start: int = 0) -> int:
     """Index in ``text`` of the earliest stop string occurring at or after ``start``, or -1."""
@@ -35,7 +37,7 @@ class StopStrings:
     """Watches decoded new text per row for stop strings.
 
     Args:
-        tokenizer: decodes new ids to text.
+        tokenizer: decodes new ids to text (see :func:`decodelab.detokenize.continuation_text`).
         stop_strings: the strings (empty tuple: never stops).
     """
 
@@ -47,11 +49,12 @@ class StopStrings:
     def __bool__(self) -> bool:
         return bool(self.stop_strings)
 
-    def cut(self, new_ids: list[int]) -> int:
-        """Character index where the decoded ``new_ids`` must be cut (start of the first stop string), or -1."""
+    def cut(self, new_ids: list[int], context_ids: list[int] = ()) -> int:
+        """Character index where the text of ``new_ids`` (decoded after the prompt ``context_ids``) must be cut
+        (start of the first stop string), or -1."""
         if not self.stop_strings:
             return -1
-        return find_stop(self.tokenizer.decode(new_ids, skip_special_tokens=True), self.stop_strings)
+        return find_stop(continuation_text(self.tokenizer, list(context_ids), new_ids), self.stop_strings)
 
 
 def eos_tensor(eos_ids: tuple[int, ...], device) -> torch.Tensor:

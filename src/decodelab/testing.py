@@ -28,7 +28,8 @@ def tiny_random_model(arch: str = "llama", *, vocab_size: int | None = None, see
     The weights depend only on ``seed`` (the global torch RNG is left untouched). ``initializer_range`` is 0.1, not
     transformers' 0.02, so the next-token distributions are peaked enough that near-ties are rare.
     ``tokenizer`` overrides the default one (the llama default reads the embedded SmolLM2 tokenizer, building its
-    small cache on first use). Raises :class:`ConfigError` for an unknown ``arch`` or a non-positive size.
+    small cache on first use). Raises :class:`ConfigError` for an unknown ``arch`` a non-positive size, or a
+    ``vocab_size`` smaller than the tokenizer.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -40,11 +41,14 @@ def tiny_random_model(arch: str = "llama", *, vocab_size: int | None = None, see
                          ("num_hidden_layers", num_hidden_layers)):
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{param} must be a positive integer, got {value!r}", param=param)
-    if hidden_size % 4:
-        raise ConfigError(f"hidden_size must be a multiple of 4 (the head count), got {hidden_size}",
+    if hidden_size % 8:
+        raise ConfigError(f"hidden_size must be a multiple of 8 (4 heads of even size), got {hidden_size}",
                           param="hidden_size")
     if tokenizer is None:
         tokenizer = qwen2_tokenizer() if arch == "qwen2" else load_tokenizer(EMBEDDED_MODEL)
+    if vocab_size < len(tokenizer):
+        raise ConfigError(f"vocab_size must be at least the tokenizer's {len(tokenizer)} tokens, got {vocab_size}",
+                          param="vocab_size")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     eos = tokenizer.eos_token_id

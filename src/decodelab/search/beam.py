@@ -17,16 +17,18 @@ The -1e9 sentinels and the order of operations are transformers' own, so sequenc
 
 from __future__ import annotations
 
+import functools
 from typing import Generator
 
 import torch
 
 from ..config import GenerationConfig
+from ..detokenize import prompt_context
 from ..engine import Engine
 from ..processors import Context, Processor, apply
 from ..stopping import StopStrings
 from ..trace import BeamNode
-from .common import PromptBatch, RawSequence
+from .common import BeamEvent, PromptBatch, RawSequence
 from .sampling import row_generators
 from .tracing import Tracer
 
@@ -48,10 +50,11 @@ def beam_search(
     ctx: Context,
     stops: StopStrings,
     tracer: Tracer | None = None,
-) -> Generator[list[list[int]], None, list[RawSequence]]:
+) -> Generator[BeamEvent, None, list[RawSequence]]:
     """Beam search over ``batch`` (one row per prompt, not yet repeated).
 
-    Yields, after each step, the current best running beam's new ids for every prompt; returns
+    Yields a :class:`BeamEvent` after each step (the current best running beam's new ids and the ids that can no
+    longer change, for every prompt); returns
     ``num_return_sequences`` :class:`RawSequence` per prompt, best first.
     """
     B, K, T0 = batch.ids.shape[0], cfg.num_beams, batch.width
@@ -82,6 +85,7 @@ def beam_search(
     finished_nodes = torch.full((B, K), -1, dtype=torch.long)
     nodes: list[BeamNode] = tracer.trace.beam_nodes if tracer else []
 
+    contexts = [prompt_context(p) for p in batch.prompts] if stops else []
     logits, state = engine.prefill(batch.ids, batch.mask)
     Engine.select(state, torch.arange(B, device=dev).repeat_interleave(K))
     logits = logits.repeat_interleave(K, 0)
@@ -112,7 +116,7 @@ def beam_search(
         if stops:
             for b in range(B):
                 for j in range(keep):
-                    if stops.cut(cand[b, j, T0 : cur_len + 1].tolist()) >= 0:
+                    if stops.cut(cand[b, j, T0 : cur_len + 1].tolist(), contexts[b]) >= 0:
                         stop_hit[b, j] = True
             ends = ends | stop_hit
 
@@ -139,8 +143,8 @@ def beam_search(
         is_finished = _gather(torch.cat((is_finished, just_done), dim=1), merged_idx)
 
         if tracer:
-            cand_nodes = _record_nodes(tracer, nodes, running_nodes, src_beam, tok, lp, top_lp, done_lp, just_done,
-                                       next_idx, cur_len - T0, K, V)
+            cand_nodes = _record_nodes(tracer, nodes, running_nodes, src_beam, tok, lp, top_lp, just_done, next_idx,
+                                       merged_idx, cur_len - T0, K, length_penalty)
             for b in range(B):
                 for k in range(K):
                     src = b * K + int(new_src[b, k])
@@ -151,7 +155,11 @@ def beam_search(
 
         running, running_scores = new_running, new_running_scores
         cur_len += 1
-        yield [running[b, 0, T0:cur_len].tolist() for b in range(B)]
+        yield BeamEvent(
+            lambda r=running, n=cur_len: r[:, 0, T0:n].tolist(),
+            functools.partial(_stable_prefixes, running, finished, finished_len, is_finished, can_improve,
+                              early is True, T0, cur_len),
+        )
 
         # g. stopping: can a running beam still beat the worst finished hypothesis?
         if early == "never" and length_penalty > 0.0:
@@ -197,19 +205,63 @@ def beam_search(
     return out
 
 
-def _record_nodes(tracer, nodes, running_nodes, src_beam, tok, lp, top_lp, done_lp, just_done, next_idx, step, K, V):
-    """Add a :class:`BeamNode` for each of the ``keep`` candidates of every prompt; returns their node ids (B, keep)."""
+def _stable_prefixes(running, finished, finished_len, is_finished, can_improve, early_true: bool, T0: int,
+                     cur_len: int) -> list[list[int]]:
+    """Per prompt, the new ids every hypothesis that can still be returned starts with (see :class:`BeamEvent`).
+
+    ``running`` / ``finished``: (B, K, max_len) ids; ``finished_len``: (B, K) new-token lengths; ``is_finished``
+    (B, K) marks real finished entries; a prompt whose ``can_improve`` (B, 1) is False, or whose K finished slots are
+    full under ``early_stopping=True``, is decided: its finished list no longer changes.
+    """
+    decided = ~can_improve[:, 0] | (torch.all(is_finished, dim=-1) & early_true)
+    new = running[:, :, T0:cur_len]  # (B, K, L)
+    ref = new[:, 0]  # (B, L): best running beam
+    L = ref.shape[1]
+    common = (new == ref[:, None]).all(dim=1).long().cumprod(dim=1).sum(dim=1)  # (B,)
+    fin = finished[:, :, T0:cur_len]
+    positions = torch.arange(L, device=running.device)
+    match = (fin == ref[:, None]) & (positions[None, None, :] < finished_len[:, :, None])
+    fin_common = match.long().cumprod(dim=2).sum(dim=2)  # (B, K)
+    fin_common = torch.where(is_finished, fin_common, L)
+    stable = torch.minimum(common, fin_common.min(dim=1).values).tolist()
+    out = []
+    for b, n in enumerate(stable):
+        if bool(decided[b]) and bool(is_finished[b, 0]):
+            out.append(finished[b, 0, T0 : T0 + int(finished_len[b, 0])].tolist())
+        else:
+            out.append(ref[b, :n].tolist())
+    return out
+
+
+def _record_nodes(tracer, nodes, running_nodes, src_beam, tok, lp, top_lp, just_done, next_idx, merged_idx, step, K,
+                  length_penalty):
+    """Add a :class:`BeamNode` for each of the ``keep`` candidates of every prompt; returns their node ids (B, keep).
+
+    Status: ``kept`` (continues as a running beam), ``finished`` (ended and entered the K best finished
+    hypotheses), ``pruned`` (not continued: outside the K best, or ended with a score that did not enter the
+    finished list). Every ended candidate records its length-penalised score.
+    """
     B, keep = tok.shape
     kept = torch.zeros((B, keep), dtype=torch.bool)
     kept.scatter_(1, next_idx.cpu(), True)
+    entered = torch.zeros((B, keep + K), dtype=torch.bool)
+    entered.scatter_(1, merged_idx.cpu(), True)
+    entered = entered[:, K:]
+    penalised = (top_lp / float(step + 1) ** length_penalty).tolist()
+    cumulative = top_lp.tolist()
+    src_list, tok_list, done_list = src_beam.tolist(), tok.tolist(), just_done.tolist()
     ids = torch.empty((B, keep), dtype=torch.long)
     for b in range(B):
+        chosen_lp = lp.view(B, K, -1)[b].gather(1, torch.tensor(tok_list[b])[None, :].expand(K, -1).to(lp.device))
         for j in range(keep):
-            src = int(src_beam[b, j])
+            src = src_list[b][j]
             parent = int(running_nodes[b, src])
-            tid = int(tok[b, j])
-            done = bool(just_done[b, j])
-            status = "finished" if done else ("kept" if bool(kept[b, j]) else "pruned")
+            tid = tok_list[b][j]
+            done = done_list[b][j]
+            if done:
+                status = "finished" if bool(entered[b, j]) else "pruned"
+            else:
+                status = "kept" if bool(kept[b, j]) else "pruned"
             ids[b, j] = len(nodes)
             nodes.append(
                 BeamNode(
@@ -219,10 +271,10 @@ def _record_nodes(tracer, nodes, running_nodes, src_beam, tok, lp, top_lp, done_
                     row=b,
                     id=tid,
                     token=tracer.tokenizer.decode([tid]),
-                    logprob=float(lp[b * K + src, tid]),
-                    cumulative=float(top_lp[b, j]),
+                    logprob=float(chosen_lp[src, j]),
+                    cumulative=cumulative[b][j],
                     status=status,
-                    score=float(done_lp[b, j]) if done else None,
+                    score=penalised[b][j] if done else None,
                 )
             )
     return ids

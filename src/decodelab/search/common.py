@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Generator, TypeVar
+from typing import Callable, Generator, TypeVar
 
 import torch
 
@@ -73,6 +74,62 @@ class RawSequence:
     new_ids: list[int]
     score: float
     finish_reason: str
+
+
+class BeamEvent:
+    """What beam search yields after each step, one entry per prompt (computed only when read, so that
+    ``generate``, which ignores the events, pays nothing).
+
+    Attributes:
+        best: the new ids of the current best running beam (it may change its mind from step to step).
+        stable: the new ids that can no longer change: the common prefix of every running beam and every finished
+            hypothesis still in the list (or the whole best finished hypothesis once the prompt's search is
+            decided). The final best sequence of each prompt starts with its ``stable`` ids.
+    """
+
+    def __init__(self, best: Callable[[], list[list[int]]], stable: Callable[[], list[list[int]]]):
+        self._best, self._stable = best, stable
+
+    @functools.cached_property
+    def best(self) -> list[list[int]]:
+        return self._best()
+
+    @functools.cached_property
+    def stable(self) -> list[list[int]]:
+        return self._stable()
+
+
+class Run:
+    """A prepared generation: validated settings and prompt ids, plus the search generator ``events``.
+
+    ``LM._run`` returns one. It behaves as the generator it wraps (``next``, ``send``, ``close``, ``yield from``):
+    each step yields an event (token search: ``(tokens, running)``, one entry per row; beam search: a
+    :class:`BeamEvent`), and the generator *returns* the :class:`~decodelab.trace.Generation`.
+
+    Attributes:
+        config: the validated :class:`~decodelab.config.GenerationConfig`.
+        prompt_ids: token ids of each prompt.
+        per_prompt: rows per prompt for token search (``num_return_sequences`` when sampling, else 1).
+        events: the underlying generator.
+    """
+
+    def __init__(self, config, prompt_ids: list[list[int]], per_prompt: int, events: Generator):
+        self.config, self.prompt_ids, self.per_prompt, self.events = config, prompt_ids, per_prompt, events
+
+    def __iter__(self) -> "Run":
+        return self
+
+    def __next__(self):
+        return next(self.events)
+
+    def send(self, value):
+        return self.events.send(value)
+
+    def throw(self, *args):
+        return self.events.throw(*args)
+
+    def close(self) -> None:
+        self.events.close()
 
 
 def drain(gen: Generator[object, None, T]) -> T:

@@ -16,7 +16,9 @@ from typing import Generator
 import torch
 
 from ..config import GenerationConfig
+from ..detokenize import prompt_context
 from ..engine import Engine
+from ..errors import ConfigError
 from ..processors import Context, Processor, apply
 from ..stopping import StopStrings
 from .common import PromptBatch, RawSequence
@@ -34,6 +36,29 @@ def row_generators(cfg: GenerationConfig, rows: int, per_prompt: int, device) ->
         return None
     base = cfg.seed if cfg.seed is not None else secrets.randbits(62)
     return [torch.Generator(device=device).manual_seed(base + i % per_prompt) for i in range(rows)]
+
+
+def _pad_token(engine: Engine, batch: PromptBatch) -> torch.Tensor:
+    """(1,) tensor holding the pad id (the token a finished row is fed)."""
+    return torch.tensor([batch.pad_id], dtype=torch.long, device=engine.device)
+
+
+def _check_not_empty(lse: torch.Tensor, running: list[bool], step: int, cfg: GenerationConfig) -> None:
+    """Raise when the processors removed every token of a running row (all scores ``-inf``).
+
+    Raises:
+        ConfigError: naming the first of ``suppress_tokens`` / ``bad_words_ids`` / ``sequence_bias`` /
+            ``logit_bias`` that is set (the only settings that can remove every token).
+    """
+    empty = [r for r, (run, v) in enumerate(zip(running, lse.tolist())) if run and v == float("-inf")]
+    if empty:
+        param = next((p for p in ("suppress_tokens", "bad_words_ids", "sequence_bias", "logit_bias")
+                      if getattr(cfg, p)), None)
+        raise ConfigError(
+            f"every token was removed at step {step} of row {empty[0]}: the processors left nothing to choose"
+            + (f" (check {param})" if param else ""),
+            param=param,
+        )
 
 
 def token_search(
@@ -60,16 +85,24 @@ def token_search(
     if cfg.max_new_tokens == 0:
         return [RawSequence(i // per_prompt, [], 0.0, "length") for i in range(rows)]
 
+    contexts = [prompt_context(p) for p in batch.prompts] if stops else []
     logits, state = engine.prefill(batch.ids, batch.mask)
     for step in range(cfg.max_new_tokens):
         running = [r is None for r in reasons]
         processed = tracer.process(procs, input_ids, logits) if tracer else apply(procs, input_ids, logits)
+        lse = torch.logsumexp(processed, dim=-1)  # (B,): -inf where the processors removed every token
         if gens is None:
             next_tokens = torch.argmax(processed, dim=-1)
         else:
+            _check_not_empty(lse, running, step, cfg)
             probs = torch.softmax(processed, dim=-1)
-            next_tokens = torch.cat([torch.multinomial(probs[r : r + 1], 1, generator=g)[:, 0] for r, g in enumerate(gens)])
-        chosen_lp = (processed.gather(1, next_tokens[:, None])[:, 0] - torch.logsumexp(processed, dim=-1)).tolist()
+            next_tokens = torch.cat([
+                torch.multinomial(probs[r : r + 1], 1, generator=g)[:, 0] if running[r] else _pad_token(engine, batch)
+                for r, g in enumerate(gens)
+            ])
+        chosen_lp = (processed.gather(1, next_tokens[:, None])[:, 0] - lse).tolist()
+        if gens is None and any(run and lp != lp for run, lp in zip(running, chosen_lp)):  # NaN: nothing left
+            _check_not_empty(lse, running, step, cfg)
         tokens = next_tokens.tolist()
         for r in range(rows):
             if not running[r]:
@@ -81,7 +114,7 @@ def token_search(
             scores[r] += chosen_lp[r]
             if tokens[r] in eos:
                 reasons[r] = "eos"
-            elif stops and stops.cut(new_ids[r]) >= 0:
+            elif stops and stops.cut(new_ids[r], contexts[r]) >= 0:
                 reasons[r] = "stop"
             elif step + 1 == cfg.max_new_tokens:
                 reasons[r] = "length"

@@ -1,0 +1,365 @@
+"""The ``decodelab`` command line: parse options -> Python API -> render (rich) or ``--json``.
+
+Commands: ``tokens``, ``next``, ``generate``, ``score``, ``demo``, ``serve``, ``bench``. Generation options carry
+transformers' ``GenerationConfig`` names with dashes (``--max-new-tokens``, ``--num-beams``, ...). The CLI checks
+no values itself: it passes the options that were given, as given, to :class:`decodelab.GenerationConfig` (the one
+place that validates) and leaves the rest to its defaults. Any :class:`decodelab.errors.DecodelabError` becomes one
+line ``error: <message>`` on stderr and exit status 2, as do usage errors (click's and typer's convention).
+"""
+
+import functools
+import inspect
+import json
+import os
+import sys
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from . import __version__
+from .errors import DecodelabError, InputError
+
+app = typer.Typer(
+    help="decodelab: see every decision a language model makes while it writes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# --- options shared by every command ---------------------------------------------------------------------------------
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, local directory or .gguf file "
+                                              "(default: $DECODELAB_MODEL, else the embedded SmolLM2-135M-Instruct).")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+Device = Annotated[Optional[str], typer.Option("--device", help="cpu (default) or cuda.")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32 (default), bfloat16 or float16.")]
+
+
+def _fail(message: str) -> "typer.Exit":
+    """Print ``error: message`` (one line) on stderr and return the exit-2 exception to raise."""
+    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+    return typer.Exit(2)
+
+
+def _guarded(fn: Callable) -> Callable:
+    """Turn a :class:`DecodelabError` raised by a command into ``error: ...`` on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DecodelabError as err:
+            raise _fail(str(err)) from None
+
+    return wrapper
+
+
+def _console() -> Console:
+    """A stdout console; 120 columns when stdout is not a terminal (rich's 80 would squeeze the tables) unless
+    ``$COLUMNS`` says otherwise."""
+    piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+    return Console(highlight=False, width=120 if piped else None)
+
+
+def _emit_json(obj: dict) -> None:
+    typer.echo(json.dumps(obj, ensure_ascii=False))
+
+
+def _loading_note(name: str) -> str:
+    from .models import EMBEDDED_MODEL
+
+    extra = " (first run converts the GGUF once, ~20 s)" if name == EMBEDDED_MODEL else ""
+    return f"loading {name}{extra}..."
+
+
+def _load_lm(model: Optional[str], device: Optional[str], dtype: Optional[str], *, announce: bool = False):
+    """Load the model as :func:`decodelab.load` does; print a progress note on stderr when ``announce`` or when
+    stderr is a terminal. Raises ModelLoadError / ConfigError (bad device or dtype)."""
+    import decodelab
+    from .models import default_model_name
+
+    if announce or sys.stderr.isatty():
+        typer.echo(_loading_note(model or default_model_name()), err=True)
+    return decodelab.load(model, device=device, dtype=dtype)
+
+
+# --- tokens ------------------------------------------------------------------------------------------------------------
+@app.command()
+@_guarded
+def tokens(
+    text: Annotated[str, typer.Argument(help="Text to tokenize.")],
+    model: Model = None,
+    json_out: Json = False,
+    device: Device = None,
+    dtype: Dtype = None,
+) -> None:
+    """Show how TEXT is cut into tokens (loads only the tokenizer; --device/--dtype are accepted and unused)."""
+    from .models import default_model_name, load_tokenizer
+    from .render import tokens_table
+    from .tokens import tokenize
+
+    toks = tokenize(load_tokenizer(model), text)
+    if not toks.ids:
+        raise InputError(f"invalid text={text!r}: the text is empty, so there are no tokens", param="text")
+    name = model or default_model_name()
+    if json_out:
+        _emit_json({"model": name, "ids": toks.ids, "tokens": toks.pieces, "display": toks.display,
+                    "special": toks.special, "offsets": toks.offsets})
+        return
+    con = _console()
+    con.print(tokens_table(toks))
+    con.print(Text.assemble(("ids: ", "bold"), json.dumps(toks.ids)))
+    con.print(Text.assemble(("pieces: ", "bold"), "|".join(toks.display or toks.pieces)))
+
+
+# --- next --------------------------------------------------------------------------------------------------------------
+@app.command("next")
+@_guarded
+def next_token(
+    text: Annotated[str, typer.Argument(help="Text whose next token to predict.")],
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="How many candidates to list (default 10).")] = None,
+    model: Model = None,
+    json_out: Json = False,
+    device: Device = None,
+    dtype: Dtype = None,
+) -> None:
+    """Show the model's next-token distribution after TEXT: logits shape, argmax, top-k, entropy."""
+    from .render import distribution_table, quoted
+
+    lm = _load_lm(model, device, dtype)
+    dist = lm.next_token(text, **({} if top_k is None else {"top_k": top_k}))
+    if json_out:
+        _emit_json({"model": lm.name, **dist.to_dict()})
+        return
+    con = _console()
+    con.print(Text.assemble(("logits shape: ", "bold"), f"{dist.logits_shape} (batch, positions, vocabulary)"))
+    con.print(Text.assemble(("argmax: ", "bold"), f"id {dist.argmax.id} {quoted(dist.argmax.token)}"))
+    con.print(distribution_table(dist))
+    con.print(Text.assemble(("entropy: ", "bold"), f"{dist.entropy:.3f} nats of the full distribution"))
+
+
+# --- generate ----------------------------------------------------------------------------------------------------------
+def _generation_kwargs(**given: Any) -> dict[str, Any]:
+    """Keep the options the user gave (not None, not an empty repeat list, flags only when set), as given."""
+    out = {}
+    for name, value in given.items():
+        if value is None or value is False or (isinstance(value, (list, tuple)) and not value):
+            continue
+        out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+@app.command()
+@_guarded
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="New tokens at most (20).")] = None,
+    min_new_tokens: Annotated[Optional[int], typer.Option("--min-new-tokens", help="No eos before this many.")] = None,
+    num_beams: Annotated[Optional[int], typer.Option("--num-beams", help="Beam search with this many beams.")] = None,
+    num_return_sequences: Annotated[Optional[int], typer.Option("--num-return-sequences")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="> 1 discourages "
+                                                                "tokens already present (CTRL paper).")] = None,
+    length_penalty: Annotated[Optional[float], typer.Option("--length-penalty", help="Beam score = sum logprob / "
+                                                            "length ** length_penalty.")] = None,
+    early_stopping: Annotated[Optional[str], typer.Option("--early-stopping", metavar="true|false|never",
+                                                          help="Beam search stopping rule.")] = None,
+    do_sample: Annotated[bool, typer.Option("--do-sample", help="Sample instead of taking the best.")] = False,
+    temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k most likely (50).")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass.")] = None,
+    min_p: Annotated[Optional[float], typer.Option("--min-p")] = None,
+    typical_p: Annotated[Optional[float], typer.Option("--typical-p")] = None,
+    no_repeat_ngram_size: Annotated[Optional[int], typer.Option("--no-repeat-ngram-size")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
+    eos_token_id: Annotated[Optional[list[int]], typer.Option("--eos-token-id", help="Eos id (repeatable).")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Never stop at eos.")] = False,
+    presence_penalty: Annotated[Optional[float], typer.Option("--presence-penalty")] = None,
+    frequency_penalty: Annotated[Optional[float], typer.Option("--frequency-penalty")] = None,
+    trace: Annotated[bool, typer.Option("--trace", help="Record and show every decision.")] = False,
+    trace_top_k: Annotated[Optional[int], typer.Option("--trace-top-k", help="Candidates kept per step.")] = None,
+    stream: Annotated[bool, typer.Option("--stream", help="Print text as it is generated.")] = False,
+    model: Model = None,
+    json_out: Json = False,
+    device: Device = None,
+    dtype: Dtype = None,
+) -> None:
+    """Continue PROMPT and show every returned sequence (with --trace: each step and the beam tree)."""
+    from .config import GenerationConfig
+
+    kwargs = _generation_kwargs(
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+        num_return_sequences=num_return_sequences, repetition_penalty=repetition_penalty,
+        length_penalty=length_penalty, early_stopping=early_stopping, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, no_repeat_ngram_size=no_repeat_ngram_size,
+        seed=seed, stop_strings=stop, eos_token_id=eos_token_id, ignore_eos=ignore_eos,
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, trace=trace, trace_top_k=trace_top_k,
+    )
+    if stream and (json_out or trace):
+        raise typer.BadParameter("prints plain text; it cannot be combined with --json or --trace",
+                                 param_hint="--stream")
+    GenerationConfig.from_kwargs(**kwargs)  # fail fast on bad options, before the (slow) model load
+    lm = _load_lm(model, device, dtype)
+    if stream:
+        _stream(lm, prompt, kwargs)
+        return
+    gen = lm.generate(prompt, **kwargs)
+    if json_out:
+        out = gen.to_dict()
+        if out.get("trace") is None:
+            out.pop("trace", None)
+        _emit_json(out)
+        return
+    show_generation(_console(), gen)
+
+
+def _stream(lm, prompt: str, kwargs: dict[str, Any]) -> None:
+    con = _console()
+    con.print(Text(prompt, style="dim"), end="", soft_wrap=True)
+    for delta in lm.stream(prompt, **kwargs):
+        con.print(Text(delta, style="bold"), end="", soft_wrap=True)
+        con.file.flush()
+    con.print()
+
+
+def show_generation(con: Console, gen) -> None:
+    """Print a :class:`~decodelab.trace.Generation`: the sequences, and with a trace the step table, the beam tree
+    (beam search) and why the search stopped."""
+    from .render import beam_tree, generation_panel, stop_reason_text, trace_table
+
+    strategy = f" · {gen.trace.strategy}" if gen.trace else ""
+    con.print(Text(f"{gen.model}{strategy} · {gen.elapsed_s:.2f} s", style="dim"))
+    con.print(generation_panel(gen))
+    if gen.trace is None:
+        return
+    con.print(trace_table(gen.trace))
+    if gen.trace.beam_nodes:
+        con.print(beam_tree(gen.trace, prompt_label=f"prompt ({len(gen.prompt_ids[0])} tokens)"))
+    con.print(stop_reason_text(gen.trace))
+
+
+# --- score -------------------------------------------------------------------------------------------------------------
+@app.command()
+@_guarded
+def score(
+    text: Annotated[str, typer.Argument(help="Text to score.")],
+    model: Model = None,
+    json_out: Json = False,
+    device: Device = None,
+    dtype: Dtype = None,
+) -> None:
+    """How surprised the model is by each token of TEXT: log-probability, rank, entropy, and the perplexity."""
+    from .render import score_table
+
+    lm = _load_lm(model, device, dtype)
+    if not hasattr(lm, "score"):
+        raise _fail("this version of decodelab has no LM.score, so the score command is not available yet")
+    result = lm.score(text)
+    if json_out:
+        _emit_json({"model": lm.name, **result.to_dict()})
+        return
+    con = _console()
+    con.print(score_table(result))
+    con.print(Text.assemble(("perplexity: ", "bold"), f"{result.perplexity:.3f}",
+                            (" (exp of the mean negative log-probability of the scored tokens)", "dim")))
+
+
+# --- demo --------------------------------------------------------------------------------------------------------------
+@app.command()
+@_guarded
+def demo(
+    prompt: Annotated[str, typer.Option("--prompt", help="Text to start from.")] = "It was a dark and stormy",
+    model: Model = None,
+    json_out: Json = False,
+    device: Device = None,
+    dtype: Dtype = None,
+) -> None:
+    """A guided tour: tokens, next-token distribution, greedy decoding, beam search."""
+    from .demo import run_demo
+
+    lm = _load_lm(model, device, dtype, announce=True)
+    run_demo(lm, prompt, None if json_out else _console(), _emit_json)
+
+
+# --- serve / bench (thin: the server and the benchmarks live elsewhere) -------------------------------------------
+def _optional_module(name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name and (name == err.name or name.startswith(err.name + ".")):
+            return None
+        raise
+
+
+@app.command()
+@_guarded
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    model: Model = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Largest max_tokens a request may ask "
+                                                      "for (default 1024).")] = None,
+    max_n: Annotated[Optional[int], typer.Option("--max-n", help="Largest n (and num_beams) per request "
+                                                 "(default 8).")] = None,
+    max_concurrent: Annotated[Optional[int], typer.Option("--max-concurrent", help="Generations running at once "
+                                                          "(default 1).")] = None,
+    max_queue: Annotated[Optional[int], typer.Option("--max-queue", help="Requests that may wait; more get a 503 "
+                                                     "(default 64).")] = None,
+    max_body_bytes: Annotated[Optional[int], typer.Option("--max-body-bytes", help="Largest request body; larger "
+                                                          "gets a 413 (default 1000000).")] = None,
+    request_timeout: Annotated[Optional[float], typer.Option("--request-timeout", help="Seconds a request may "
+                                                             "wait and generate; then a 504 (default 300).")] = None,
+) -> None:
+    """Serve the OpenAI-compatible API, the inspection API and the web playground."""
+    server = _optional_module("decodelab.server")
+    run = getattr(server, "run", None) if server is not None else None
+    if run is None:
+        raise _fail("the server is not available in this installation (decodelab.server.run is missing)")
+    given = {"model": model, "host": host, "port": port, "device": device, "dtype": dtype, "max_tokens": max_tokens,
+             "max_n": max_n, "max_concurrent": max_concurrent, "max_queue": max_queue,
+             "max_body_bytes": max_body_bytes, "request_timeout_s": request_timeout}
+    given = {k: v for k, v in given.items() if v is not None or k in ("model", "device", "dtype")}
+    accepted = inspect.signature(run).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    run(**{k: v for k, v in given.items() if takes_any or k in accepted})
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_guarded
+def bench(ctx: typer.Context) -> None:
+    """Benchmark decodelab against transformers' generate (all arguments go to the benchmark)."""
+    module = _optional_module("decodelab.bench")
+    main_fn = getattr(module, "main", None) if module is not None else None
+    if main_fn is None:
+        raise _fail("the benchmarks are not available in this installation (decodelab.bench.main is missing)")
+    code = main_fn(list(ctx.args))
+    if isinstance(code, int) and code:
+        raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"decodelab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """decodelab: see every decision a language model makes while it writes."""
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console-script entry point (``decodelab``). Exit status: 0 ok, 2 bad input or usage, 1 unexpected failure."""
+    app(args=argv, prog_name="decodelab")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

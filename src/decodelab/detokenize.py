@@ -1,0 +1,52 @@
+"""Text of generated ids: one definition shared by the final result, the stop-string check and the stream.
+
+``continuation_text(tokenizer, context_ids, new_ids)`` is the text that ``new_ids`` add after the last few prompt
+ids: ``decode(context + new)[len(decode(context)):]`` (special tokens skipped). Decoding the new ids together with
+a little prompt context, instead of alone, keeps what a standalone decode loses: a SentencePiece tokenizer drops the
+leading space of the first token it decodes (``"▁world"`` alone is ``"world"``), so ``Hello`` + ``world`` would
+otherwise read ``Helloworld``. Byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, SmolLM2) give the same text either
+way.
+
+The function is *prefix-monotone* in practice: the text of ``new_ids[:n]`` is a prefix of the text of ``new_ids``,
+except for (a) a trailing partial UTF-8 character, which decodes to U+FFFD until its last byte arrives, and (b)
+tokenizers that "clean up tokenization spaces" (``" ."`` -> ``"."``), which may rewrite a trailing space. The
+incremental detokenizer in :mod:`decodelab.streaming` holds both back.
+"""
+
+from __future__ import annotations
+
+CONTEXT_TOKENS = 4
+"""How many trailing prompt ids are decoded with the new ids (enough for every tokenizer we know: the context only
+has to absorb a decoder's "strip the first leading space" rule)."""
+
+REPLACEMENT = "\ufffd"
+
+# transformers' ``clean_up_tokenization``: these strings are rewritten when a tokenizer cleans up spaces.
+CLEANUP_PATTERNS = (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're")
+
+
+def prompt_context(prompt_ids: list[int]) -> list[int]:
+    """The last :data:`CONTEXT_TOKENS` ids of a prompt (what :func:`continuation_text` decodes before new ids)."""
+    return list(prompt_ids[-CONTEXT_TOKENS:])
+
+
+def continuation_text(tokenizer, context_ids: list[int], new_ids: list[int]) -> str:
+    """Text that ``new_ids`` add after ``context_ids`` (special tokens skipped).
+
+    Falls back to ``decode(new_ids)`` alone when the context's own text is not a prefix of the joint decode (a
+    partial UTF-8 character split between the prompt and the first new token).
+    """
+    if not new_ids:
+        return ""
+    if not context_ids:
+        return tokenizer.decode(new_ids, skip_special_tokens=True)
+    prefix = tokenizer.decode(context_ids, skip_special_tokens=True)
+    full = tokenizer.decode(list(context_ids) + list(new_ids), skip_special_tokens=True)
+    if full.startswith(prefix) and not prefix.endswith(REPLACEMENT):
+        return full[len(prefix) :]
+    return tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
+def cleans_up_spaces(tokenizer) -> bool:
+    """Whether ``tokenizer.decode`` applies transformers' ``clean_up_tokenization`` by default."""
+    return bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))

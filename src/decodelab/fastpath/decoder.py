@@ -1,0 +1,204 @@
+"""The fast path's forward pass: a Llama / Qwen2 decoder run straight from the weight tensors over a
+:class:`StaticKVCache`, with no module calls, no cache objects and no mask building per step.
+
+Every operation is the one transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` run (``modeling_llama.py``:
+``LlamaRMSNorm``, ``apply_rotary_pos_emb``, ``LlamaMLP``; ``integrations/sdpa_attention.py``:
+``sdpa_attention_forward`` with its GQA handling; ``masking_utils.sdpa_mask``), on tensors of the same shapes and
+in the same order, so in float32 on CPU the logits are bit-for-bit those of the model with a ``DynamicCache`` and
+decodelab's search returns exactly ``model.generate``'s ids. What is saved is Python: module ``__call__``\\ s,
+decorators, ``DynamicCache`` concatenation (the keys/values are written into a preallocated buffer) and the 4D mask
+built per step (it is a view of the cache's preallocated 2D mask).
+
+The attention of a step follows transformers' choice of SDPA call:
+
+* no padding: ``scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)``;
+* padding, one query token: the query heads are folded onto the key/value heads (``pack_gqa``) and the (B, 1, 1, L)
+  boolean mask is passed;
+* padding, prefill: keys/values repeated per query head (``repeat_kv``) and the (B, 1, T, T) causal & padding mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .cache import StaticKVCache
+
+SUPPORTED_TYPES = ("llama", "qwen2")
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fast path cannot run ``model`` exactly as transformers would, or ``None`` when it can.
+
+    Supported: ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` with SDPA attention, SiLU MLP, full attention in every
+    layer (no sliding window) and a plain ``nn.Linear`` output layer.
+    """
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return "no config"
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in SUPPORTED_TYPES:
+        return f"model_type {mtype!r} is not one of {SUPPORTED_TYPES}"
+    if getattr(cfg, "_attn_implementation", None) != "sdpa":
+        return f"attention implementation {getattr(cfg, '_attn_implementation', None)!r} is not 'sdpa'"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r} is not 'silu'"
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return "sliding-window layers"
+    if getattr(cfg, "pretraining_tp", 1) != 1:
+        return "pretraining_tp != 1"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not isinstance(getattr(model, "lm_head", None),
+                                                                          torch.nn.Linear):
+        return "unexpected module layout"
+    return None
+
+
+class Dense:
+    """``y = x @ weight.T + bias`` (``torch.nn.functional.linear``): (..., in) -> (..., out)."""
+
+    __slots__ = ("weight", "bias")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Layer:
+    """One decoder layer's tensors: two RMSNorm weights (eps), q/k/v/o and gate/up/down projections (callables
+    ``(..., in) -> (..., out)``: :class:`Dense`, or a quantized linear from :mod:`decodelab.quantize`)."""
+
+    __slots__ = ("ln1", "eps1", "q", "k", "v", "o", "ln2", "eps2", "gate", "up", "down")
+
+    def __init__(self, block) -> None:
+        attn, mlp = block.self_attn, block.mlp
+        self.ln1, self.eps1 = block.input_layernorm.weight, block.input_layernorm.variance_epsilon
+        self.ln2, self.eps2 = block.post_attention_layernorm.weight, block.post_attention_layernorm.variance_epsilon
+        self.q, self.k, self.v, self.o = (Dense(m.weight, m.bias) for m in
+                                          (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+        self.gate, self.up, self.down = (Dense(m.weight, m.bias) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+
+    def projections(self) -> dict[str, object]:
+        """The seven projections by name (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``)."""
+        return {name: getattr(self, name) for name in ("q", "k", "v", "o", "gate", "up", "down")}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LlamaRMSNorm``: ``weight * (x / sqrt(mean(x**2) + eps))``, the statistics in float32. (..., H) -> (..., H)."""
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    var = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(var + eps)
+    return weight * x.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, H_kv, L, D) -> (B, H_kv * n_rep, L, D), each key/value head repeated for its query heads."""
+    b, h, length, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, length, d).reshape(b, h * n_rep, length, d)
+
+
+class FastDecoder:
+    """Forward pass of a supported causal LM (see :func:`unsupported_reason`) over a :class:`StaticKVCache`.
+
+    Holds references to the model's weight tensors (no copy). ``layers`` may be rewritten by
+    :mod:`decodelab.quantize` (projections replaced by weight-only quantized linears); ``lm_head`` likewise.
+    """
+
+    def __init__(self, model) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"fast path unsupported: {reason}")
+        cfg = model.config.get_text_config()
+        inner = model.model
+        first = inner.layers[0].self_attn
+        self.n_layers = len(inner.layers[: cfg.num_hidden_layers])
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = first.head_dim
+        self.groups = self.n_heads // self.n_kv
+        self.scaling = first.scaling
+        self.embed = inner.embed_tokens.weight
+        self.rotary = inner.rotary_emb
+        self.layers = [Layer(block) for block in inner.layers[: cfg.num_hidden_layers]]
+        self.norm, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
+        self.lm_head = Dense(model.lm_head.weight, model.lm_head.bias)
+        self.dtype = self.embed.dtype
+        self.device = self.embed.device
+
+    def new_cache(self, batch: int, capacity: int) -> StaticKVCache:
+        """An empty cache of ``capacity`` positions for ``batch`` rows in the model's dtype and device."""
+        return StaticKVCache(self.n_layers, self.n_kv, self.head_dim, batch, capacity, self.dtype, self.device)
+
+    def _attention(self, q, k, v, mask, t: int) -> torch.Tensor:
+        """SDPA as ``sdpa_attention_forward`` calls it. q (B, H, T, D), k/v (B, H_kv, L, D) -> (B, T, H * D)."""
+        g = self.groups
+        if g > 1 and mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=self.scaling, enable_gqa=True)
+        elif g > 1 and t == 1:
+            b = q.shape[0]
+            out = F.scaled_dot_product_attention(q.reshape(b, self.n_kv, g, self.head_dim), k, v, attn_mask=mask,
+                                                 scale=self.scaling)
+        elif g > 1:
+            out = F.scaled_dot_product_attention(q, repeat_kv(k, g), repeat_kv(v, g), attn_mask=mask,
+                                                 scale=self.scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=t > 1 and mask is None,
+                                                 scale=self.scaling)
+        out = out.reshape(out.shape[0], -1, t, self.head_dim).transpose(1, 2).contiguous()
+        return out.reshape(out.shape[0], t, -1)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
+                keep_all: bool = False) -> torch.Tensor:
+        """Feed (B, T) ``ids`` at (B, T) int64 ``positions``; returns the (B, V) logits of the last position in the
+        model's dtype (``keep_all``: the (B, T, V) logits of every position). Either a prefill (empty cache, any T; call ``cache.start(mask)`` first) or a decode step
+        (T == 1; call ``cache.append_mask()`` first). Writes the keys/values into ``cache`` and advances it.
+
+        Raises:
+            ValueError: T > 1 on a non-empty cache (chunked prefill is not supported).
+        """
+        b, t = ids.shape
+        past = cache.length
+        if t > 1 and past:
+            raise ValueError("fast path: multi-token input on a non-empty cache")
+        total = past + t
+        cache.reserve(total)
+        h = F.embedding(ids, self.embed)
+        cos, sin = self.rotary(h, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        mask = None
+        if cache.padded:
+            pad = cache.pad[:, :total]
+            if t > 1:
+                causal = torch.ones((t, t), dtype=torch.bool, device=ids.device).tril()
+                mask = causal[None, None] & pad[:, None, None, :]
+            else:
+                mask = pad[:, None, None, :]
+        kv = cache.kv
+        shape = (b, t, -1, self.head_dim)
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.ln1, layer.eps1)
+            q = layer.q(x).view(shape).transpose(1, 2)
+            k = layer.k(x).view(shape).transpose(1, 2)
+            v = layer.v(x).view(shape).transpose(1, 2)
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
+            kv[i, 0, :, :, past:total] = k
+            kv[i, 1, :, :, past:total] = v
+            if past:
+                k, v = kv[i, 0, :, :, :total], kv[i, 1, :, :, :total]
+            h = h + layer.o(self._attention(q, k, v, mask, t))
+            x = rms_norm(h, layer.ln2, layer.eps2)
+            h = h + layer.down(F.silu(layer.gate(x)) * layer.up(x))
+        cache.length = total
+        h = rms_norm(h, self.norm, self.norm_eps)
+        if keep_all:
+            return self.lm_head(h)
+        return self.lm_head(h[:, -1:, :])[:, -1]

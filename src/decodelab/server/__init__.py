@@ -1,0 +1,50 @@
+"""decodelab's HTTP server: an OpenAI-compatible API plus the inspection API and the web playground.
+
+    >>> from decodelab.server import run
+    >>> run()                                  # embedded model on http://127.0.0.1:8000 (blocks)
+
+or ``decodelab serve [--model M] [--host H] [--port P]``. For tests and embedding, :func:`create_app` builds the
+FastAPI app around an already loaded :class:`decodelab.LM`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .settings import Settings
+
+
+def create_app(lm, settings: Settings | None = None):
+    """See :func:`decodelab.server.app.create_app`."""
+    from .app import create_app as _create_app
+
+    return _create_app(lm, settings)
+
+
+def run(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *, device=None, dtype=None,
+        log_level: str = "info", **settings: Any) -> None:
+    """Load ``model`` once (``decodelab.load``), build the app and serve it with uvicorn until interrupted.
+
+    Args:
+        model: model id / path / ``.gguf`` (``None``: ``$DECODELAB_MODEL`` or the embedded SmolLM2-135M-Instruct).
+        host: interface to bind; loopback by default (the server has no authentication).
+        port: TCP port.
+        device, dtype: passed to :func:`decodelab.load`.
+        log_level: uvicorn's log level.
+        **settings: :class:`Settings` fields (``max_tokens``, ``max_n``, ``max_concurrent``, ``max_queue``,
+            ``max_body_bytes``, ``request_timeout_s``, ``chat_default_max_tokens``); ``None`` means the default.
+
+    Raises:
+        ConfigError: an unknown or bad setting. ModelLoadError: the model cannot be loaded.
+    """
+    import uvicorn
+
+    import decodelab
+
+    cfg = Settings.from_kwargs(host=host, port=port, **settings)
+    lm = decodelab.load(model, device=device, dtype=dtype)
+    app = create_app(lm, cfg)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=log_level)
+
+
+__all__ = ["Settings", "create_app", "run"]

@@ -1,0 +1,99 @@
+"""The FastAPI application: one fixed model, OpenAI routes, inspection routes, the playground's static files.
+
+``create_app(lm, settings)`` builds the app around an already loaded :class:`decodelab.LM`. It sets
+``app.state.lm``, ``app.state.settings`` and ``app.state.runner`` (the :class:`~decodelab.server.runner.Runner`
+every model call goes through), registers the OpenAI-style error handlers (:mod:`decodelab.server.errors`), limits
+request bodies to ``settings.max_body_bytes``, and mounts ``server/static/`` at ``/`` last so API routes win.
+
+No route can load a model or read a path: the model is chosen when the server starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from .. import __version__
+from .errors import BodyLimitMiddleware, install_error_handlers
+from .runner import Runner
+from .settings import Settings
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+API_DESCRIPTION = """\
+decodelab's server: an OpenAI-compatible API over one local model, fixed when the server starts, plus an
+inspection API for the web playground.
+
+* `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`: OpenAI's request and response shapes
+  (logprobs, echo, streaming with `data: [DONE]`, `n`, `stop`, `seed`, usage, finish_reason). Extensions in the
+  request body use transformers' `GenerationConfig` names (`top_k`, `min_p`, `repetition_penalty`, `num_beams`...).
+* **Logprobs** are taken from the model's raw next-token distribution (log-softmax of the logits), *before*
+  temperature, penalties, logit_bias and top-k/top-p/min-p filtering; so every position lists exactly the requested
+  number of alternatives, sorted, finite, and the chosen token's value equals its entry when listed.
+* Errors: `{"error": {"message", "type", "param", "code"}}` with 400 (bad value, empty or over-long prompt),
+  404, 413 (body too large), 422 (wrong JSON types), 503 (queue full), 504 (timeout).
+"""
+
+
+def create_app(lm, settings: Settings | None = None) -> FastAPI:
+    """Build the server application around ``lm``.
+
+    Args:
+        lm: a loaded :class:`decodelab.LM` (read-only from here on).
+        settings: limits and names; defaults to :class:`Settings()`.
+
+    Returns:
+        The FastAPI app; ``app.state`` holds ``lm``, ``settings``, ``runner``.
+    """
+    settings = settings or Settings()
+    runner = Runner(settings.max_concurrent, settings.max_queue, settings.request_timeout_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        runner.shutdown()
+
+    app = FastAPI(title="decodelab", version=__version__, description=API_DESCRIPTION, lifespan=lifespan)
+    app.state.lm = lm
+    app.state.settings = settings
+    app.state.runner = runner
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+
+    from .routes_openai import router as openai_router
+
+    app.include_router(openai_router)
+    try:
+        from .routes_inspect import router as inspect_router
+    except ImportError as exc:  # only while routes_inspect.py is not written yet
+        if getattr(exc, "name", None) not in (f"{__package__}.routes_inspect",):
+            raise
+    else:
+        app.include_router(inspect_router)
+
+    @app.get("/health", tags=["server"], summary="Liveness and queue counters")
+    async def health() -> dict:
+        """``{"status": "ok", "model", "running", "queued", "completed", "rejected", "timed_out", "cancelled"}``."""
+        return {
+            "status": "ok",
+            "model": model_name(app),
+            "running": runner.running,
+            "queued": runner.admitted - runner.running,
+            "completed": runner.completed,
+            "rejected": runner.rejected,
+            "timed_out": runner.timed_out,
+            "cancelled": runner.cancelled,
+        }
+
+    if STATIC_DIR.is_dir():
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+    return app
+
+
+def model_name(app: FastAPI) -> str:
+    """The model name the server reports: ``settings.model`` when set, else the loaded model's name."""
+    return app.state.settings.model or app.state.lm.name

@@ -1,0 +1,304 @@
+"""Runner: the one queue in front of the model.
+
+Every model call of the server goes through one :class:`Runner`. It runs blocking work in worker threads, at most
+``max_concurrent`` at a time (default 1: one generation at a time, in arrival order), lets at most ``max_queue``
+more wait (one more gets :class:`QueueFullError`, a 503), and gives each request ``timeout_s`` seconds, queueing
+included (then :class:`RequestTimeoutError`, a 504).
+
+Three ways in:
+
+- :meth:`Runner.run` ``(fn, *args, **kwargs)``: one opaque blocking call. It cannot be interrupted: on a timeout or
+  a cancelled request the caller gets its answer at once but the slot stays taken until ``fn`` returns.
+- :meth:`Runner.drive` ``(make_gen)``: a generator that yields once per model step (``LM._run`` yields once per
+  token) and *returns* the result; the worker checks between steps whether the request was cancelled, timed out or
+  its client went away, and stops (closing the generator) so the slot is freed after at most one more step.
+- :meth:`Runner.stream` ``(make_iter)``: an async iterator over a blocking iterator's items, pulled one at a time in
+  the worker; when the consumer stops (client disconnect cancels the response task), no further item is pulled,
+  the iterator is closed in the worker and the slot is freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Callable, Generator, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class QueueFullError(Exception):
+    """Every model slot is busy and the queue is full (HTTP 503)."""
+
+
+class RequestTimeoutError(Exception):
+    """The request used up ``request_timeout_s`` waiting and generating (HTTP 504)."""
+
+
+class CancelledGeneration(Exception):
+    """The generation was stopped between two steps (client gone, timeout, or request cancelled)."""
+
+
+class Runner:
+    """Queue and worker threads for blocking model work.
+
+    Args:
+        max_concurrent: model calls at once (worker threads); >= 1.
+        max_queue: requests allowed to wait for a slot beyond the running ones; >= 0.
+        timeout_s: seconds per request, waiting included.
+
+    Counters (read-only, for health checks and tests): ``running`` (slots taken), ``admitted`` (running + waiting),
+    ``completed``, ``rejected`` (queue full), ``timed_out``, ``cancelled``.
+    """
+
+    def __init__(self, max_concurrent: int = 1, max_queue: int = 64, timeout_s: float = 300.0) -> None:
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self._executor = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="decodelab-model")
+        self._slots: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.admitted = 0
+        self.running = 0
+        self.completed = 0
+        self.rejected = 0
+        self.timed_out = 0
+        self.cancelled = 0
+
+    # --- admission and slots -----------------------------------------------------------------------------------
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._loop is not loop:
+            self._slots, self._loop = asyncio.Semaphore(self.max_concurrent), loop
+        return self._slots
+
+    def _admit(self) -> None:
+        if self.admitted >= self.max_concurrent + self.max_queue:
+            self.rejected += 1
+            raise QueueFullError(
+                f"server busy: {self.running} running and {self.admitted - self.running} queued requests "
+                f"(max_concurrent={self.max_concurrent}, max_queue={self.max_queue}); retry later"
+            )
+        self.admitted += 1
+
+    async def _acquire(self, deadline: float) -> None:
+        """Wait for a slot until ``deadline`` (loop time). Raises RequestTimeoutError; on any failure the
+        admission is given back."""
+        sem = self._semaphore()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await sem.acquire()
+        except TimeoutError:
+            self.admitted -= 1
+            self.timed_out += 1
+            raise RequestTimeoutError(self._timeout_message("waiting for the model")) from None
+        except BaseException:
+            self.admitted -= 1
+            raise
+        self.running += 1
+
+    def _release(self) -> None:
+        """Give the slot and the admission back (loop thread only)."""
+        self.running -= 1
+        self.admitted -= 1
+        self.completed += 1
+        assert self._slots is not None
+        self._slots.release()
+
+    def _release_when_done(self, fut) -> None:
+        """Release the slot once the worker future ``fut`` (concurrent.futures) is finished."""
+        loop = asyncio.get_running_loop()
+
+        def done(_f) -> None:
+            with contextlib.suppress(RuntimeError):  # loop closed at shutdown: nothing left to release
+                loop.call_soon_threadsafe(self._release)
+
+        fut.add_done_callback(done)
+
+    def _timeout_message(self, doing: str) -> str:
+        return f"request timed out after {self.timeout_s:g} s {doing} (request_timeout_s={self.timeout_s:g})"
+
+    # --- the three ways in -------------------------------------------------------------------------------------
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run the blocking ``fn(*args, **kwargs)`` in a worker thread when a slot is free and return its result.
+
+        Raises:
+            QueueFullError: too many requests waiting. RequestTimeoutError: ``timeout_s`` passed. Whatever ``fn``
+            raises.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        self._admit()
+        await self._acquire(deadline)
+        fut = self._executor.submit(functools.partial(fn, *args, **kwargs))
+        self._release_when_done(fut)
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), max(deadline - loop.time(), 0.0))
+        except asyncio.TimeoutError:
+            self.timed_out += 1
+            raise RequestTimeoutError(self._timeout_message("running")) from None
+
+    async def drive(
+        self,
+        make_gen: Callable[[], Generator[Any, None, T]],
+        *,
+        disconnected: Callable[[], Any] | None = None,
+    ) -> T:
+        """Run the generator ``make_gen()`` to its end in a worker thread and return its return value.
+
+        Between two items the worker stops when the request timed out, was cancelled, or ``disconnected`` (an async
+        callable, e.g. a wait for the client's ``http.disconnect``) finished; the generator is closed in the worker
+        and the slot freed.
+
+        Raises:
+            QueueFullError, RequestTimeoutError, asyncio.CancelledError (client gone), or what the generator raises.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        self._admit()
+        await self._acquire(deadline)
+        stop = threading.Event()
+        fut = self._executor.submit(_drain, make_gen, stop)
+        self._release_when_done(fut)
+        work = asyncio.ensure_future(asyncio.shield(asyncio.wrap_future(fut)))
+        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        try:
+            waiting = {work} | ({watcher} if watcher else set())
+            done, _ = await asyncio.wait(waiting, timeout=max(deadline - loop.time(), 0.0),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if work in done:
+                return work.result()
+            stop.set()
+            if watcher is not None and watcher in done:
+                self.cancelled += 1
+                raise asyncio.CancelledError("client disconnected")
+            self.timed_out += 1
+            raise RequestTimeoutError(self._timeout_message("generating"))
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if not work.done():
+                work.cancel()
+                work.add_done_callback(_swallow)
+
+    async def stream(self, make_iter: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+        """Yield the items of the blocking iterator ``make_iter()``, each pulled in the worker thread.
+
+        The slot is held from the first item to the last. When the consumer stops early (``aclose``, a cancelled
+        task: Starlette cancels a streaming response when its client disconnects) no further item is pulled; the
+        iterator is closed in the worker and the slot released once the item being computed (if any) is done.
+
+        Raises:
+            QueueFullError; RequestTimeoutError (when ``timeout_s`` passes between items); what the iterator raises.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        self._admit()
+        await self._acquire(deadline)
+        box: dict[str, Any] = {}
+        last = self._executor.submit(_start, make_iter, box)
+        try:
+            await _wait(last, deadline, loop)
+            while True:
+                last = self._executor.submit(_next, box)
+                try:
+                    item = await _wait(last, deadline, loop)
+                except RequestTimeoutError:
+                    self.timed_out += 1
+                    raise RequestTimeoutError(self._timeout_message("generating")) from None
+                if item is _END:
+                    return
+                yield item
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
+        finally:
+            # No awaiting here: a cancelled task's cleanup must not block. Close after the in-flight step.
+            closer = _after(last, self._executor, functools.partial(_close, box))
+            self._release_when_done(closer)
+
+    def shutdown(self) -> None:
+        """Stop the worker threads once queued work is done (called when the app shuts down)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# --- worker-side helpers (run in the worker thread) ------------------------------------------------------------
+def _drain(make_gen: Callable[[], Generator[Any, None, T]], stop: threading.Event) -> T:
+    gen = make_gen()
+    try:
+        while True:
+            if stop.is_set():
+                raise CancelledGeneration("generation stopped: request cancelled or timed out")
+            next(gen)
+    except StopIteration as done:
+        return done.value
+    finally:
+        gen.close()
+
+
+def _start(make_iter: Callable[[], Iterator[Any]], box: dict) -> None:
+    box["it"] = iter(make_iter())
+
+
+def _next(box: dict) -> Any:
+    try:
+        return next(box["it"])
+    except StopIteration:
+        box["done"] = True
+        raise _EndOfIteration() from None
+
+
+def _close(box: dict) -> None:
+    it = box.get("it")
+    close = getattr(it, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            close()
+
+
+class _EndOfIteration(Exception):
+    """StopIteration cannot cross a Future (Python turns it into RuntimeError); this stands in for it."""
+
+
+_END = object()
+
+
+async def _wait(fut, deadline: float, loop: asyncio.AbstractEventLoop) -> Any:
+    """Await the concurrent future ``fut`` until ``deadline``; ``_END`` for the end of the iterator."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), max(deadline - loop.time(), 0.0))
+    except asyncio.TimeoutError:
+        raise RequestTimeoutError("timeout") from None
+    except _EndOfIteration:
+        return _END
+
+
+def _after(fut, executor: ThreadPoolExecutor, fn: Callable[[], None]):
+    """A concurrent future for ``fn`` run in ``executor`` after ``fut`` finishes (never concurrently with it)."""
+    from concurrent.futures import Future
+
+    out: Future = Future()
+
+    def chain(_f) -> None:
+        try:
+            inner = executor.submit(fn)
+        except RuntimeError:  # executor shut down: run inline
+            with contextlib.suppress(Exception):
+                fn()
+            out.set_result(None)
+            return
+        inner.add_done_callback(lambda _i: out.set_result(None))
+
+    fut.add_done_callback(chain)
+    return out
+
+
+def _swallow(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()

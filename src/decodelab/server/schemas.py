@@ -1,0 +1,186 @@
+"""Pydantic models of the OpenAI routes' requests and responses (the OpenAPI schema at ``/openapi.json``).
+
+Pydantic checks JSON types and the ranges OpenAI documents (``temperature`` 0..2, ``logprobs`` 0..5,
+``top_logprobs`` 0..20, penalties -2..2, ...): a violation is a 422. Everything else about a value (and every
+extension's range) is checked by :class:`decodelab.GenerationConfig` and is a 400 naming the parameter. Unknown
+fields are rejected (422), so a misspelt knob never passes silently.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = Field(False, description="Send a last chunk with `usage` (and no choices).")
+
+
+Stop = Annotated[
+    str | list[str] | None,
+    Field(description="Up to 4 strings; generation stops before the first one (it is not returned)."),
+]
+
+
+class Extensions(_Strict):
+    """decodelab extensions: transformers ``GenerationConfig`` names, passed through to ``LM.generate``.
+
+    Validated by :class:`decodelab.GenerationConfig` (a bad value is a 400 naming it)."""
+
+    top_k: int | None = Field(None, description="Keep the k most likely tokens when sampling (0 or absent: off; "
+                                                "OpenAI has no top-k, so the default here is off).")
+    min_p: float | None = Field(None, description="Min-p sampling: drop tokens below min_p * p(top token).")
+    typical_p: float | None = Field(None, description="Locally typical sampling mass (1.0: off).")
+    epsilon_cutoff: float | None = Field(None, description="Drop tokens with probability below this.")
+    eta_cutoff: float | None = Field(None, description="Eta sampling cutoff (0: off).")
+    repetition_penalty: float | None = Field(None, description="CTRL repetition penalty (1.0: off).")
+    no_repeat_ngram_size: int | None = Field(None, description="Forbid repeating any n-gram of this size.")
+    num_beams: int | None = Field(None, description="Beam search width (1: off); at most the server's max_n. "
+                                                    "Not combinable with logprobs.")
+    length_penalty: float | None = Field(None, description="Beam search length penalty exponent.")
+    early_stopping: bool | Literal["never"] | None = Field(None, description="Beam search stopping rule.")
+    min_new_tokens: int | None = Field(None, description="Suppress end-of-sequence before this many new tokens.")
+    ignore_eos: bool | None = Field(None, description="Keep generating past the end-of-sequence token.")
+    suppress_tokens: list[int] | None = Field(None, description="Token ids that are never generated.")
+    bad_words_ids: list[list[int]] | None = Field(None, description="Token id sequences that are never generated.")
+
+
+class _Common(Extensions):
+    model: str | None = Field(None, description="Accepted and echoed; the server's model is fixed at start, and "
+                                                "any name here uses it (nothing is ever loaded by a request).")
+    temperature: float | None = Field(None, ge=0, le=2, description="Default 1.0 (sampling). 0 means greedy.")
+    top_p: float | None = Field(None, ge=0, le=1, description="Nucleus sampling mass (default 1.0).")
+    n: int | None = Field(None, ge=1, le=128, description="Completions per prompt (at most the server's max_n).")
+    stream: bool | None = Field(False, description="Server-sent events, ending with `data: [DONE]`.")
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    seed: int | None = Field(None, description="Sampling seed: the same seed gives the same text.")
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias added to its "
+                                                                  "logit, -100..100.")
+    user: str | None = Field(None, description="Accepted and ignored.")
+
+
+class CompletionRequest(_Common):
+    """``POST /v1/completions``. ``prompt``: a string or a list of strings (token-id prompts are not supported).
+    An empty prompt is a 400 (there is no token to continue from)."""
+
+    prompt: str | list[str] = Field(..., description="Text to continue, or a list of texts.")
+    max_tokens: int | None = Field(16, ge=0, description="New tokens per completion (default 16).")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Return this many alternatives per token (0..5).")
+    echo: bool | None = Field(False, description="Return the prompt before the completion (with its logprobs; the "
+                                                 "first token has none).")
+    suffix: None = Field(None, description="Not supported; must be null.")
+    best_of: int | None = Field(None, ge=1, description="Accepted only when equal to n (or null).")
+
+
+class TextContent(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextContent] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Common):
+    """``POST /v1/chat/completions``: ``messages`` go through the model's chat template with
+    ``add_generation_prompt=True``."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=0, description="Default: the server's chat_default_max_tokens, capped "
+                                                           "by the room left in the context window.")
+    max_completion_tokens: int | None = Field(None, ge=0, description="Same as max_tokens (newer OpenAI name).")
+    logprobs: bool | None = Field(False, description="Return the chosen tokens' logprobs.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token (0..20; needs "
+                                                                    "logprobs=true).")
+
+
+# --- responses ---------------------------------------------------------------------------------------------------
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    """Legacy logprobs: per token, its text, its log-probability (natural log; ``null`` for the first prompt token
+    under echo), the top alternatives (token text -> logprob) and its character offset in the choice's ``text``."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "decodelab"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

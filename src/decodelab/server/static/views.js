@@ -1,0 +1,122 @@
+/* decodelab playground: DOM rendering of tokens, bars and coloured generated text. No state lives here. */
+(function () {
+  "use strict";
+  const t = (k, v) => DL.t(k, v);
+
+  /** Create an element: el("span", {class: "x", dataset: {id: 3}, onclick: f}, [children or text]). */
+  function el(tag, attrs, children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v == null || v === false) continue;
+      if (k === "dataset") Object.assign(node.dataset, v);
+      else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+      else if (k === "text") node.textContent = v;
+      else node.setAttribute(k, v === true ? "" : v);
+    }
+    for (const c of [].concat(children || [])) {
+      if (c != null) node.append(c instanceof Node ? c : String(c));
+    }
+    return node;
+  }
+
+  /** Make whitespace visible: space ␣, newline ↵, tab ⇥ (the token's real text stays in titles). */
+  function visible(s) {
+    if (s === "") return "∅";
+    return s.replace(/ /g, "␣").replace(/\n/g, "↵").replace(/\t/g, "⇥").replace(/\r/g, "␍");
+  }
+
+  const pct = (p) => (p >= 0.9995 ? "100" : p >= 0.001 ? (100 * p).toFixed(1) : p > 0 ? "<0.1" : "0") + "%";
+  const hex = (bytes) => bytes.map((b) => b.toString(16).toUpperCase().padStart(2, "0")).join(" ");
+  /** Background colour for a probability: red (0) -> yellow (0.5) -> green (1). */
+  const probColor = (p) => "hsl(" + Math.round(120 * Math.max(0, Math.min(1, p))) + " 80% 82%)";
+
+  /** Token chips for a Tokens dict (ids, display, piece_bytes, special, offsets). */
+  function chips(container, tokens, detail) {
+    container.replaceChildren();
+    tokens.ids.forEach((id, i) => {
+      const special = tokens.special && tokens.special[i];
+      const bytes = (tokens.piece_bytes && tokens.piece_bytes[i]) || [];
+      const shown = tokens.display[i];
+      const info = t("id") + " " + id + " · " + t("bytes") + " " + hex(bytes) + (special ? " · " + t("special") : "");
+      const chip = el("span", {
+        class: "chip c" + (i % 6) + (special ? " special" : "") + (/^(<0x[0-9A-F]{2}>)+$/.test(shown) ? " partial" : ""),
+        tabindex: "0",
+        role: "listitem",
+        title: info,
+        "aria-label": JSON.stringify(shown) + ", " + info,
+        dataset: { id: String(id), index: String(i) },
+      }, [el("span", { class: "piece", text: visible(shown) }), el("span", { class: "tid", text: String(id) })]);
+      const show = () => { detail.textContent = "#" + i + " " + JSON.stringify(shown) + " · " + info; };
+      chip.addEventListener("mouseenter", show);
+      chip.addEventListener("focus", show);
+      container.append(chip);
+    });
+    container.setAttribute("role", "list");
+  }
+
+  /** Bar chart rows: cands [{id, display, token}], shaped {raw, probs, kept}; onPick(cand). */
+  function bars(container, cands, shaped, count, onPick) {
+    container.replaceChildren();
+    const n = Math.min(count, cands.length);
+    for (let i = 0; i < n; i++) {
+      const c = cands[i];
+      const raw = shaped.raw[i], after = shaped.probs[i], kept = shaped.kept[i];
+      const label = visible(c.display);
+      const btn = el("button", {
+        type: "button",
+        class: "cand" + (kept ? "" : " filtered") + (c.special ? " special" : ""),
+        dataset: { id: String(c.id), raw: String(raw), prob: String(after), kept: String(kept) },
+        "aria-label": t("candidate", { token: JSON.stringify(c.display), p: pct(after) }) + (kept ? "" : " (" + t("filtered") + ")"),
+        onclick: () => onPick(c),
+      }, [
+        el("span", { class: "tok", text: label, title: t("id") + " " + c.id }),
+        el("span", { class: "track" }, [
+          el("span", { class: "raw", style: "width:" + (100 * raw).toFixed(2) + "%" }),
+          el("span", { class: "after", style: "width:" + (100 * after).toFixed(2) + "%" }),
+        ]),
+        el("span", { class: "num" }, [
+          el("span", { class: "p-raw", text: pct(raw) }),
+          el("span", { class: "arrow", text: " → " }),
+          el("span", { class: "p-after", text: kept ? pct(after) : t("filtered") }),
+        ]),
+      ]);
+      container.append(el("li", {}, [btn]));
+    }
+  }
+
+  /** Coloured generated tokens. items: [{token, prob, special, alts}]; onShow(item, index) on hover / focus. */
+  function coloured(container, items, onShow) {
+    const frag = document.createDocumentFragment();
+    items.forEach((it, i) => {
+      const span = el("span", {
+        class: "gtok" + (it.special ? " special" : ""),
+        tabindex: "0",
+        style: "background:" + probColor(it.prob),
+        title: JSON.stringify(it.token) + " · p " + pct(it.prob),
+        dataset: { step: String(i), prob: String(it.prob), id: String(it.id) },
+        text: it.special ? it.token : it.token.replace(/\n/g, "↵\n"),
+      });
+      span.addEventListener("mouseenter", () => onShow(it, i));
+      span.addEventListener("focus", () => onShow(it, i));
+      frag.append(span);
+    });
+    container.append(frag);
+  }
+
+  /** The alternatives box for one generated token. */
+  function alternatives(container, item, index) {
+    container.replaceChildren(
+      el("p", { class: "alts-h" }, [t("alternatives", { step: index + 1 }) + ": " + t("chose") + " ",
+        el("code", { text: visible(item.token) }), " (" + pct(item.prob) + ")"]),
+      el("ol", { class: "alts-list" }, item.alts.map((a) =>
+        el("li", { class: a.chosen ? "chosen" : "" }, [
+          el("code", { text: visible(a.token) }),
+          el("span", { class: "altbar", style: "width:" + (100 * a.prob).toFixed(1) + "%" }),
+          el("span", { text: " " + pct(a.prob) + (a.processed != null ? " · " + t("processed") + " " + pct(a.processed) : "") }),
+        ])))
+    );
+  }
+
+  window.DL = window.DL || {};
+  window.DL.views = { el, visible, pct, probColor, chips, bars, coloured, alternatives };
+})();

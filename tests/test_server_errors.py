@@ -1,0 +1,309 @@
+"""Bad input and hard conditions against a real uvicorn server (tiny random model): every failure is a 4xx/503/504
+OpenAI-style error, never a 500 or a hang, and the server keeps answering afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+import decodelab
+from decodelab.server import Settings, create_app
+from decodelab.server.background import BackgroundServer
+from decodelab.server.runner import QueueFullError, RequestTimeoutError, Runner
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _error(r: httpx.Response, status: int, param: str | None = "<any>") -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    if param != "<any>":
+        assert err["param"] == param, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_llama):
+    return decodelab.LM(tiny_llama.model, tiny_llama.tokenizer, tiny_llama.name)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_lm):
+    settings = Settings(max_tokens=32, max_n=3, max_body_bytes=50_000)
+    with BackgroundServer(create_app(tiny_lm, settings)) as srv:
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            yield client
+
+
+def _ok(client: httpx.Client) -> None:
+    r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+BAD_BODIES = [
+    # (raw body, status, param)
+    (b'{"prompt": "x", ', 400, None),  # malformed JSON
+    (b"not json at all", 400, None),
+    (b"[1, 2, 3]", 422, None),  # not an object
+    (b'{"max_tokens": 2}', 422, "prompt"),  # missing prompt
+    (b'{"prompt": 5}', 422, "prompt"),
+    (b'{"prompt": "x", "temperature": "hot"}', 422, "temperature"),
+    (b'{"prompt": "x", "temperature": 5}', 422, "temperature"),  # OpenAI range 0..2
+    (b'{"prompt": "x", "top_p": 1.5}', 422, "top_p"),
+    (b'{"prompt": "x", "logprobs": 6}', 422, "logprobs"),
+    (b'{"prompt": "x", "max_tokens": -1}', 422, "max_tokens"),
+    (b'{"prompt": "x", "n": 0}', 422, "n"),
+    (b'{"prompt": "x", "stream": "yes please"}', 422, "stream"),
+    (b'{"prompt": "x", "tools": []}', 422, "tools"),  # unknown field: rejected, never silently ignored
+    (b'{"prompt": "x", "top_k": -1}', 400, "top_k"),  # decodelab's own validation (config.py)
+    (b'{"prompt": "x", "repetition_penalty": 0}', 400, "repetition_penalty"),
+    (b'{"prompt": "x", "seed": -3}', 400, "seed"),
+    (b'{"prompt": "x", "stop": [""]}', 400, "stop"),
+    (b'{"prompt": "x", "logit_bias": {"abc": 1}}', 400, "logit_bias"),
+    (b'{"prompt": "x", "logit_bias": {"99999999": 1}}', 400, "logit_bias"),
+    (b'{"prompt": "x", "max_tokens": 33}', 400, "max_tokens"),  # above the server's --max-tokens
+    (b'{"prompt": "x", "n": 4}', 400, "n"),  # above --max-n
+    (b'{"prompt": "x", "num_beams": 9}', 400, "num_beams"),
+    (b'{"prompt": "x", "n": 3, "temperature": 0, "num_beams": 2}', 400, "n"),
+    (b'{"prompt": "x", "best_of": 3}', 400, "best_of"),
+    (b'{"prompt": "x", "num_beams": 2, "temperature": 0, "logprobs": 1}', 400, "logprobs"),
+    (b'{"prompt": "x", "min_new_tokens": 5, "max_tokens": 2}', 400, "min_new_tokens"),
+    (b'{"prompt": ""}', 400, "prompt"),  # empty prompt: documented 400
+    (b'{"prompt": []}', 400, "prompt"),
+    (b'{"prompt": ["fine", ""]}', 400, "prompt"),
+    (b'{"prompt": "x", "temperature": NaN}', 422, "temperature"),  # Python reads NaN; out of 0..2
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD_BODIES, ids=[b[0].decode()[:40] for b in BAD_BODIES])
+def test_bad_completion_requests_get_4xx_and_the_server_still_answers(server, body, status, param):
+    r = server.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    err = _error(r, status, param)
+    if status == 400 and param is None:
+        assert err["code"] == "invalid_json"
+    _ok(server)
+
+
+BAD_CHATS = [
+    ({"messages": []}, 422, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 422, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": 3}]}, 422, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 21, "logprobs": True}, 422, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),  # needs logprobs
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}, 400, "max_tokens"),
+    ({"messages": "hi"}, 422, "messages"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD_CHATS, ids=[json.dumps(b[0])[:40] for b in BAD_CHATS])
+def test_bad_chat_requests_get_4xx(server, body, status, param):
+    _error(server.post("/v1/chat/completions", json=body), status, param)
+    _ok(server)
+
+
+def test_over_long_prompt_is_a_400_with_the_token_counts(server, tiny_lm):
+    prompt = "word " * 300  # the tiny model's context window is 256 tokens
+    n_tokens = len(tiny_lm.tokenize(prompt).ids)
+    r = server.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4})
+    err = _error(r, 400, "prompt")
+    assert f"prompt of {n_tokens} tokens" in err["message"] and "max_tokens=4" in err["message"]
+    assert "256" in err["message"] and err["code"] == "context_length_exceeded"
+    # prompt fits, prompt + max_tokens does not: also a 400, naming both numbers
+    short = "word " * 240
+    err = _error(server.post("/v1/completions", json={"prompt": short, "max_tokens": 30}), 400, "prompt")
+    assert "max_tokens=30" in err["message"]
+    # streaming: the error comes as a normal 400, before any event
+    r = server.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4, "stream": True})
+    _error(r, 400, "prompt")
+    _ok(server)
+
+
+def test_huge_bodies_get_413(server):
+    big = json.dumps({"prompt": "x" * 60_000, "max_tokens": 1}).encode()
+    err = _error(server.post("/v1/completions", content=big, headers={"content-type": "application/json"}), 413,
+                 "body")
+    assert "50000" in err["message"]
+
+    def chunks():  # no Content-Length: the limit counts the bytes actually received
+        for _ in range(40):
+            yield b"x" * 4096
+
+    r = server.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    _error(r, 413)
+    _ok(server)
+
+
+def test_unknown_route_and_wrong_method_are_json_errors(server):
+    err = _error(server.get("/v1/nothing-here"), 404)
+    assert "/v1/nothing-here" in err["message"]
+    # a wrong method is a 405, or a 404 when the playground's static files (mounted at /) answer the GET
+    r = server.get("/v1/completions")
+    _error(r, 405 if r.status_code == 405 else 404)
+    _error(server.post("/v1/models"), 405)
+
+
+def test_model_field_is_echoed_never_loaded(server, tiny_lm):
+    for name in ("gpt-4o", "/etc/passwd", "../../secret.gguf"):
+        r = server.post("/v1/completions", json={"model": name, "prompt": "Hi", "max_tokens": 1, "temperature": 0})
+        assert r.status_code == 200 and r.json()["model"] == tiny_lm.name
+    assert [m["id"] for m in server.get("/v1/models").json()["data"]] == [tiny_lm.name]
+
+
+def test_openapi_schema_documents_the_extensions(server):
+    schema = server.get("/openapi.json").json()
+    assert {"/v1/models", "/v1/completions", "/v1/chat/completions"} <= set(schema["paths"])
+    props = schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    for name in ("top_k", "min_p", "repetition_penalty", "num_beams", "logprobs", "echo", "stream", "seed"):
+        assert name in props and (name in ("logprobs", "echo", "stream", "seed") or props[name].get("description"))
+
+
+# --- a model slowed down so requests overlap deterministically ------------------------------------------------------
+@pytest.fixture()
+def slow(tiny_llama):
+    """A server over a tiny model whose every decode step sleeps 50 ms; counts the steps."""
+    lm = decodelab.LM(tiny_llama.model, tiny_llama.tokenizer, tiny_llama.name)
+    steps = {"n": 0}
+    step = lm.engine.step
+
+    def slow_step(state, tokens):
+        steps["n"] += 1
+        time.sleep(0.05)
+        return step(state, tokens)
+
+    lm.engine.step = slow_step
+    settings = Settings(max_tokens=200, max_concurrent=1, max_queue=0, request_timeout_s=30)
+    app = create_app(lm, settings)
+    with BackgroundServer(app) as srv:
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            yield client, steps, app
+
+
+def _wait_idle(client: httpx.Client, seconds: float = 10.0) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        health = client.get("/health").json()
+        if health["running"] == 0 and health["queued"] == 0:
+            return health
+        assert time.monotonic() < deadline, f"server still busy: {health}"
+        time.sleep(0.05)
+
+
+LONG = {"prompt": "Hello", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
+
+
+def test_queue_full_is_a_503_and_stream_disconnect_frees_the_slot(slow):
+    client, steps, _ = slow
+    with client.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as stream:
+        lines = stream.iter_lines()
+        first = [next(lines) for _ in range(3)]  # the slot is now held by this generation
+        assert first[0].startswith("data: ")
+        err = _error(client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}), 503)
+        assert err["code"] == "queue_full"
+    # the client went away after ~2 tokens: the generation must stop long before 150 steps
+    health = _wait_idle(client)
+    stopped_at = steps["n"]
+    assert stopped_at < 100, stopped_at
+    assert health["cancelled"] >= 1
+    time.sleep(0.3)
+    assert steps["n"] == stopped_at  # nothing keeps generating in the background
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200
+
+
+def test_non_streaming_disconnect_stops_generation(slow):
+    client, steps, _ = slow
+    with pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/completions", json=LONG, timeout=0.5)
+    _wait_idle(client)
+    assert steps["n"] < 100, steps["n"]
+    assert client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}).status_code == 200
+
+
+def test_timeout_is_a_504_and_frees_the_slot(slow):
+    client, steps, app = slow
+    app.state.runner.timeout_s = 0.4
+    try:
+        err = _error(client.post("/v1/completions", json=LONG), 504)
+        assert err["code"] == "request_timeout"
+        _wait_idle(client)
+        assert steps["n"] < 100
+        r = client.post("/v1/completions", json={**LONG, "stream": True})  # times out mid-stream: in-band error
+        assert r.status_code == 200
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
+    finally:
+        app.state.runner.timeout_s = 30
+    _wait_idle(client)
+    assert client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}).status_code == 200
+
+
+# --- the runner alone -----------------------------------------------------------------------------------------------
+def test_runner_queue_limit_order_and_timeout():
+    async def main():
+        runner = Runner(max_concurrent=1, max_queue=1, timeout_s=5)
+        gate = threading.Event()
+        order: list[int] = []
+
+        def work(i):
+            gate.wait(5)
+            order.append(i)
+            return i * 10
+
+        first = asyncio.ensure_future(runner.run(work, 1))
+        second = asyncio.ensure_future(runner.run(work, 2))
+        await asyncio.sleep(0.05)
+        assert (runner.running, runner.admitted) == (1, 2)
+        with pytest.raises(QueueFullError):
+            await runner.run(work, 3)
+        gate.set()
+        assert await asyncio.gather(first, second) == [10, 20]
+        assert order == [1, 2] and (runner.running, runner.admitted, runner.rejected) == (0, 0, 1)
+
+        runner.timeout_s = 0.1
+
+        def stuck():
+            time.sleep(0.4)
+            return "late"
+
+        with pytest.raises(RequestTimeoutError):
+            await runner.run(stuck)
+        assert runner.running == 1  # an opaque call keeps its slot until it returns
+        await asyncio.sleep(0.5)
+        assert runner.running == 0
+
+        def steps():
+            for i in range(1000):
+                time.sleep(0.01)
+                yield i
+            return "done"
+
+        with pytest.raises(RequestTimeoutError):
+            await runner.drive(steps)
+        await asyncio.sleep(0.1)
+        assert runner.running == 0  # drive() stops a generator at its next step
+        runner.timeout_s = 5
+        pulled = []
+
+        def numbers():
+            for i in range(1000):
+                pulled.append(i)
+                yield i
+
+        got = []
+        async for x in runner.stream(numbers):
+            got.append(x)
+            if x == 2:
+                break
+        await asyncio.sleep(0.1)
+        assert got == [0, 1, 2] and len(pulled) <= 4 and runner.running == 0
+        runner.shutdown()
+
+    asyncio.run(main())
