@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install dev bench serve clean
+.PHONY: demo test install dev bench serve clean browser
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/decodelab demo
 
-test: $(STAMP)
+# The browser tests (tests/test_playground.py) drive Debian's chromium through Playwright for Python; they never run
+# `playwright install` (it downloads a browser). Installing chromium needs root (apt-get); skipped when present.
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+browser: $(CHROMIUM)
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

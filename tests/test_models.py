@@ -348,6 +348,29 @@ def test_dir_without_config_or_weights(tmp_path):
     assert "safetensors" in str(_load_error(tmp_path))
 
 
+def _fake_hub_cache(monkeypatch, tmp_path, repo: str, loaded) -> None:
+    """Lay ``loaded`` out the way huggingface_hub caches a download of ``repo`` and point the hub cache there."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
+    loaded.model.save_pretrained(repo_dir / "snapshots" / commit)
+    loaded.tokenizer.save_pretrained(repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.mark.parametrize("repo", ["someone/tiny-llama", models.EMBEDDED_HUB_ID])
+def test_hub_id_from_the_local_hub_cache(repo, tiny_llama, tmp_path, monkeypatch):
+    _fake_hub_cache(monkeypatch, tmp_path, repo, tiny_llama)
+    loaded = models.load_model(repo)
+    assert (loaded.name, loaded.source) == (repo, "hub-cache")
+    assert torch.equal(_logits(loaded), _logits(tiny_llama))
+    assert models.load_tokenizer(repo)(PROMPT).input_ids == SMOL_IDS
+
+
 # ------------------------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("repo", [models.DEFAULT_QWEN, "nobody-at-all/not-a-model-xyz"])
 def test_hub_id_offline_fails_fast(repo, monkeypatch):
@@ -432,7 +455,7 @@ def test_device_default_and_env(monkeypatch):
     assert models._resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# ------------------------------------------------------------------------------------------------------- defaults, paths
+# ------------------------------------------------------------------------------------------------ defaults, paths
 def test_default_model_name(monkeypatch):
     monkeypatch.delenv("DECODELAB_MODEL", raising=False)
     assert models.default_model_name() == models.EMBEDDED_MODEL

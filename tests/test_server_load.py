@@ -1,7 +1,7 @@
 """A bounded burst on loopback: 32 concurrent clients send a few hundred short requests (completions, chat,
 streaming, seeded sampling) to a real server over the embedded SmolLM2-135M-Instruct. Every response must equal the
 same request made alone, and the server must stay healthy. Prints requests/s and p50/p95 latency (not asserted:
-speed belongs in bench/). ``DECODELAB_LOAD_REQUESTS`` changes the number of requests (default 192)."""
+speed belongs in bench/). ``DECODELAB_LOAD_REQUESTS`` changes the number of requests (default 256)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from decodelab.server.background import BackgroundServer
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 CLIENTS = 32
-TOTAL = int(os.environ.get("DECODELAB_LOAD_REQUESTS", "192"))
+TOTAL = int(os.environ.get("DECODELAB_LOAD_REQUESTS", "256"))
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Water boils at", "My favourite food is",
            "def add(a, b):", "The opposite of hot is", "Monday, Tuesday,", "A haiku about rain:"]
 

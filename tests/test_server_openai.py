@@ -207,3 +207,19 @@ def test_client_sees_openai_errors(client):
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(model="m", messages=MESSAGES, temperature=3)
     assert client.completions.create(model="m", prompt="Hi", max_tokens=1).choices[0].finish_reason
+
+
+def test_logprobs_are_the_raw_distribution_whatever_the_filters(client, lm):
+    """top_p / top_k / temperature / penalties change what is sampled, never how many alternatives are listed or
+    their values: logprobs come from the model's raw distribution."""
+    kw = dict(model="m", prompt="Once upon a time", max_tokens=5, temperature=0.7, top_p=0.05, seed=3, logprobs=5,
+              presence_penalty=1.5, extra_body={"top_k": 2})
+    choice = client.completions.create(**kw).choices[0]
+    ref = lm.generate("Once upon a time", max_new_tokens=5, do_sample=True, temperature=0.7, top_p=0.05, top_k=2,
+                      seed=3, presence_penalty=1.5, trace=True, trace_top_k=5)
+    assert choice.text == ref.sequences[0].new_text
+    lp = choice.logprobs
+    assert lp.token_logprobs == [s.logprob for s in ref.trace.steps]
+    for step, token, value, top in zip(ref.trace.steps, lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        _check_alternatives(value, token, list(top.items()), 5)
+        assert list(top.values()) == [c.logprob for c in step.top]  # before processing, not step.top_processed

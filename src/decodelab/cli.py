@@ -2,9 +2,12 @@
 
 Commands: ``tokens``, ``next``, ``generate``, ``score``, ``demo``, ``serve``, ``bench``. Generation options carry
 transformers' ``GenerationConfig`` names with dashes (``--max-new-tokens``, ``--num-beams``, ...). The CLI checks
-no values itself: it passes the options that were given, as given, to :class:`decodelab.GenerationConfig` (the one
-place that validates) and leaves the rest to its defaults. Any :class:`decodelab.errors.DecodelabError` becomes one
-line ``error: <message>`` on stderr and exit status 2, as do usage errors (click's and typer's convention).
+no generation values itself: it passes the options that were given, as given, to :class:`decodelab.GenerationConfig`
+(the one place that validates; called once before the model loads, so bad options fail at once) and leaves the rest
+to its defaults. Any :class:`decodelab.errors.DecodelabError` becomes one line ``error: <message>`` on stderr and
+exit status 2; usage errors (unknown option, a value of the wrong type, ``--stream`` with ``--json``) also exit 2.
+
+Exit status: 0 success, 2 bad input or usage, 1 an unexpected failure (with its traceback).
 """
 
 import functools
@@ -215,12 +218,20 @@ def generate(
 
 
 def _stream(lm, prompt: str, kwargs: dict[str, Any]) -> None:
+    """Print the prompt (dim), then the first sequence's text deltas (bold) as ``lm.stream`` yields them, then its
+    finish reason when the stream reports its :class:`~decodelab.trace.Generation`."""
     con = _console()
+    stream = lm.stream(prompt, **kwargs)  # bad settings raise here, before anything is printed
     con.print(Text(prompt, style="dim"), end="", soft_wrap=True)
-    for delta in lm.stream(prompt, **kwargs):
+    for delta in stream:
         con.print(Text(delta, style="bold"), end="", soft_wrap=True)
         con.file.flush()
     con.print()
+    gen = getattr(stream, "generation", None)
+    if gen is not None and gen.sequences:
+        seq = gen.sequences[0]
+        con.print(Text(f"score {seq.score:.4f} · {len(seq.new_ids)} new tokens · finish: {seq.finish_reason}",
+                       style="dim"))
 
 
 def show_generation(con: Console, gen) -> None:
@@ -261,8 +272,11 @@ def score(
         return
     con = _console()
     con.print(score_table(result))
-    con.print(Text.assemble(("perplexity: ", "bold"), f"{result.perplexity:.3f}",
-                            (" (exp of the mean negative log-probability of the scored tokens)", "dim")))
+    ppl = getattr(result, "perplexity", None)
+    con.print(Text.assemble(("perplexity: ", "bold"), "n/a (one token: nothing is predicted)" if ppl is None else
+                            f"{ppl:.3f}", ("" if ppl is None else
+                                           " (exp of the mean negative log-probability of the predicted tokens)",
+                                           "dim")))
 
 
 # --- demo --------------------------------------------------------------------------------------------------------------
@@ -329,14 +343,33 @@ def serve(
     run(**{k: v for k, v in given.items() if takes_any or k in accepted})
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def _bench_main() -> Optional[Callable]:
+    """``decodelab.bench.main`` when installed, else ``main`` of ``bench/run.py`` in the source checkout this package
+    runs from (an editable install), else None."""
+    module = _optional_module("decodelab.bench")
+    if module is not None:
+        return getattr(module, "main", None)
+    import importlib.util
+    import pathlib
+
+    script = pathlib.Path(__file__).resolve().parents[2] / "bench" / "run.py"
+    if not script.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("decodelab_bench_run", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, "main", None)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+             add_help_option=False)
 @_guarded
 def bench(ctx: typer.Context) -> None:
-    """Benchmark decodelab against transformers' generate (all arguments go to the benchmark)."""
-    module = _optional_module("decodelab.bench")
-    main_fn = getattr(module, "main", None) if module is not None else None
+    """Benchmark decodelab against transformers' generate (every argument, --help included, goes to the
+    benchmark)."""
+    main_fn = _bench_main()
     if main_fn is None:
-        raise _fail("the benchmarks are not available in this installation (decodelab.bench.main is missing)")
+        raise _fail("the benchmarks are not available in this installation (no decodelab.bench, no bench/run.py)")
     code = main_fn(list(ctx.args))
     if isinstance(code, int) and code:
         raise typer.Exit(code)

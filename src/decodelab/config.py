@@ -44,6 +44,11 @@ def _fail(param: str, value: Any, expected: str) -> ConfigError:
 class GenerationConfig:
     """Validated decoding settings. Build with :meth:`from_kwargs` (which validates); fields are read-only.
 
+    ``seed`` seeds an explicit ``torch.Generator`` per row (never the global RNG): sample ``j`` of a prompt
+    (``num_return_sequences``) uses ``seed + j``, so a seeded request gives the same text alone or in a batch, and
+    with one prompt it equals ``torch.manual_seed(seed); model.generate(do_sample=True, ...)``. ``seed=None`` draws a
+    fresh random seed.
+
     Lengths are in tokens; probabilities are in [0, 1]; ``sequence_bias`` / ``logit_bias`` values are added to
     logits (natural-log units), as in transformers' ``SequenceBiasLogitsProcessor`` and OpenAI's ``logit_bias``.
 

@@ -65,6 +65,8 @@ class Engine:
         model: a ``PreTrainedModel`` in eval mode.
         fast: ``None`` (default): the fast path when the model supports it and ``$DECODELAB_FASTPATH`` is not
             ``0``; ``True``: the fast path where supported; ``False``: always the plain path.
+        pack: prepack bfloat16 weights for oneDNN on the fast path (``None``: where supported; see
+            :class:`decodelab.fastpath.decoder.PackedDense`).
         quantize: ``None``, ``"int8"`` or ``"int4"``: weight-only quantization of the decoder's linear layers on
             the fast path (see :func:`decodelab.quantize.quantize_decoder`; the tied embedding / lm_head stays in
             the model's dtype unless ``quantize_lm_head``).
@@ -78,7 +80,7 @@ class Engine:
             ``quantize`` value.
     """
 
-    def __init__(self, model, *, fast: bool | None = None, quantize: str | None = None,
+    def __init__(self, model, *, fast: bool | None = None, pack: bool | None = None, quantize: str | None = None,
                  quantize_lm_head: bool = False, compile: bool = False) -> None:
         self.model = model
         self.device = next(model.parameters()).device
@@ -87,7 +89,7 @@ class Engine:
         self.fast: FastDecoder | None = None
         self.fast_reason = unsupported_reason(model) if _fast_enabled(fast) or quantize or compile else "disabled"
         if self.fast_reason is None:
-            self.fast = FastDecoder(model)
+            self.fast = FastDecoder(model, pack=pack)
         elif quantize or compile:
             from .errors import ConfigError
 
@@ -141,7 +143,10 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         if self.fast is not None:
             extra = DEFAULT_HEADROOM if max_new_tokens is None else max(int(max_new_tokens), 1)
-            cache = self.fast.new_cache(ids.shape[0], ids.shape[1] + extra)
+            capacity = ids.shape[1] + extra
+            if self.compiled is not None:
+                capacity = self.compiled.capacity_for(capacity)
+            cache = self.fast.new_cache(ids.shape[0], capacity)
             cache.start(mask)
             logits = self.fast.forward(ids, positions, cache)
             return logits.to(copy=True, dtype=torch.float32), DecodeState(cache, None, positions[:, -1:])
@@ -169,6 +174,7 @@ class Engine:
         return out.logits[:, -1].to(copy=True, dtype=torch.float32)
 
     @staticmethod
+    @torch.inference_mode()
     def select(state: DecodeState, rows: torch.Tensor) -> None:
         """Reorder / repeat the batch rows of ``state`` in place: new row i is old row ``rows[i]`` (beam search)."""
         rows = rows.to(state.positions.device)

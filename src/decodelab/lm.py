@@ -128,6 +128,20 @@ class LM:
             entropy=float(entropy(lp)),
         )
 
+    def next_logits(self, text: str) -> tuple[list[int], torch.Tensor]:
+        """The token ids of ``text`` (length T) and the model's raw next-token logits after it: a (V,) float32
+        tensor (one prefill pass that keeps only the last position). The web playground's ``/api/next-token`` reshapes
+        these with temperature / top-k / top-p / min-p.
+
+        Raises:
+            InputError: empty text, or longer than the context window.
+        """
+        ids = self.encode(text)
+        self._check_length(len(ids), 0, param="text")
+        batch = torch.tensor([ids])
+        logits, _ = self.engine.prefill(batch, torch.ones_like(batch), max_new_tokens=1)
+        return ids, logits[0]
+
     def score(self, text: str, *, top_logprobs: int = 0) -> "Score":
         """Teacher-forced score of ``text`` (one forward pass): every token's log-probability (nats; ``None`` for
         the first token, which nothing predicts), its 0-based rank and the entropy (nats) of the distribution that
@@ -157,7 +171,7 @@ class LM:
         if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size for i in ids):
             raise InputError(f"invalid ids={ids!r}: expected a non-empty list of token ids below {self.vocab_size}",
                              param="ids")
-        self._check_length(len(ids), 0)
+        self._check_length(len(ids), 0, param="text")
         return score_ids(self.engine, self.tokenizer, ids, top_logprobs=min(top_logprobs, self.vocab_size),
                          name=self.name, text=text)
 
@@ -210,14 +224,11 @@ class LM:
         return Stream(self, prompt, kwargs)
 
     # --- internals -----------------------------------------------------------------------------------------------
-    def _check_length(self, prompt_len: int, max_new: int) -> None:
+    def _check_length(self, prompt_len: int, max_new: int, param: str = "prompt") -> None:
         window = self.context_window
         if window is not None and prompt_len + max_new > window:
-            raise InputError(
-                f"prompt of {prompt_len} tokens + max_new_tokens={max_new} exceeds the model's context window of "
-                f"{window} tokens",
-                param="prompt",
-            )
+            what = f"{param} of {prompt_len} tokens" + (f" + max_new_tokens={max_new}" if max_new else "")
+            raise InputError(f"{what} exceeds the model's context window of {window} tokens", param=param)
 
     def _run(self, prompt: str | list[str], kwargs: dict[str, Any], on_trace=None) -> Run:
         """Validate a request and prepare its search: the :class:`~decodelab.search.common.Run` behind
@@ -276,7 +287,8 @@ class LM:
         )
 
     def _sequence(self, raw: RawSequence, prompt_ids: list[int], cfg: GenerationConfig) -> Sequence:
-        new_text = continuation_text(self.tokenizer, prompt_context(prompt_ids), raw.new_ids)
+        text_ids = raw.new_ids[:-1] if raw.finish_reason == "eos" else raw.new_ids  # the eos token has no text
+        new_text = continuation_text(self.tokenizer, prompt_context(prompt_ids), text_ids)
         if raw.finish_reason == "stop":
             cut = find_stop(new_text, cfg.stop_strings)
             new_text = new_text[:cut] if cut >= 0 else new_text

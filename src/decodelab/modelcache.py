@@ -158,6 +158,7 @@ def build_entry(entry: pathlib.Path, build: Callable[[pathlib.Path], None], meta
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"format": CACHE_FORMAT, **meta, "created": time.time(), "files": files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the entry should read like any other cache directory
         try:
             os.rename(tmp, entry)
         except OSError:

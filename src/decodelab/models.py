@@ -253,11 +253,12 @@ def _local_tokenizer(path: pathlib.Path, name: str):
 
 
 def _hub_tokenizer(repo: str):
-    try:
-        return _dir_tokenizer(repo, local_files_only=True)
-    except Exception:
-        if _is_qwen2_id(repo):
-            return qwen2_tokenizer()
+    with contextlib.suppress(Exception):
+        tok = _dir_tokenizer(repo, local_files_only=True)
+        if len(tok):  # transformers builds an empty tokenizer when only config.json is cached
+            return tok
+    if _is_qwen2_id(repo):
+        return qwen2_tokenizer()
     if not _hub_reachable():
         raise _unreachable(repo)
     try:

@@ -4,7 +4,7 @@ Terminal (rich): :func:`tokens_table`, :func:`distribution_table`, :func:`genera
 :func:`beam_tree`, :func:`stop_reason_text`. Notebook HTML (``_repr_html_`` of :class:`~decodelab.tokens.Tokens`,
 :class:`~decodelab.distribution.Distribution` and :class:`~decodelab.trace.Generation`) lives in
 :mod:`decodelab.render_html` and is re-exported here: :func:`tokens_html`, :func:`distribution_html`,
-:func:`generation_html`.
+:func:`generation_html`, :func:`score_html`.
 
 Units: ``prob`` is in [0, 1] and shown as a percentage with 2 decimals; ``logprob`` is a natural log; entropy is in
 nats. A token is shown quoted (``" night"``) so leading spaces stay visible; in token tables spaces become ``␣``.
@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from .render_html import distribution_html, generation_html, tokens_html  # noqa: F401  (re-exported)
+from .render_html import distribution_html, generation_html, score_html, tokens_html  # noqa: F401  (re-exported)
 
 __all__ = [
     "visible",
@@ -39,6 +39,7 @@ __all__ = [
     "tokens_html",
     "distribution_html",
     "generation_html",
+    "score_html",
 ]
 
 _VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}

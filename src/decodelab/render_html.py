@@ -12,7 +12,7 @@ import html
 import json
 import math
 
-__all__ = ["tokens_html", "distribution_html", "generation_html", "prob_color"]
+__all__ = ["tokens_html", "distribution_html", "generation_html", "score_html", "prob_color"]
 
 _PALETTE = ("#fde2e4", "#e2ece9", "#dfe7fd", "#fff1c1", "#e8dff5", "#d6f0f0")
 _BOX = "font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:13px;line-height:1.5"
@@ -142,3 +142,22 @@ def generation_html(gen) -> str:
     head = f'<div style="color:#555">{_esc(gen.model)}' + (
         f" · {_esc(gen.trace.strategy)} · stopped: {_esc(gen.trace.stop_reason)}" if gen.trace else "") + "</div>"
     return f'<div class="decodelab-generation" style="{_BOX}">{head}{"".join(blocks)}</div>'
+
+
+def score_html(result) -> str:
+    """A scored text (``LM.score``): each token coloured by the probability the model gave it (:func:`prob_color`;
+    the first token, which nothing predicts, uncoloured), with log-probability, rank and entropy in its title, under
+    a header with the perplexity."""
+    chips = []
+    for t in result.tokens:
+        if t.logprob is None:
+            chips.append(f'<span class="dl-score-token" title="first token: not predicted" '
+                         f'style="white-space:pre-wrap">{_esc(t.token)}</span>')
+            continue
+        p = math.exp(t.logprob) if math.isfinite(t.logprob) else 0.0
+        title = f"p={_pct(p)} logprob {t.logprob:.3f} rank {t.rank} entropy {t.entropy:.2f} nats"
+        chips.append(f'<span class="dl-score-token" title="{_esc(title)}" style="background:{prob_color(p)};'
+                     f'border-radius:3px;white-space:pre-wrap">{_esc(t.token)}</span>')
+    ppl = "n/a" if result.perplexity is None else f"{result.perplexity:.3f}"
+    head = f'<div style="color:#555">{_esc(result.model)} · {len(result.tokens)} tokens · perplexity {ppl}</div>'
+    return f'<div class="decodelab-score" style="{_BOX}">{head}<div>{"".join(chips)}</div></div>'

@@ -75,26 +75,10 @@ class Score(_Plain):
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def _repr_html_(self) -> str:  # notebook view, when render.py provides one
-        from . import render
+    def _repr_html_(self) -> str:  # notebook view
+        from .render import score_html
 
-        fn = getattr(render, "score_html", None)
-        if fn is None:
-            rows = "".join(
-                f"<tr><td>{t.id}</td><td>{_esc(t.token)}</td><td>{'' if t.logprob is None else f'{t.logprob:.3f}'}"
-                f"</td><td>{'' if t.rank is None else t.rank}</td></tr>"
-                for t in self.tokens
-            )
-            ppl = "n/a" if self.perplexity is None else f"{self.perplexity:.3f}"
-            return (f"<div><b>perplexity {ppl}</b><table><tr><th>id</th><th>token</th><th>logprob</th>"
-                    f"<th>rank</th></tr>{rows}</table></div>")
-        return fn(self)
-
-
-def _esc(s: str) -> str:
-    import html
-
-    return html.escape(s)
+        return score_html(self)
 
 
 @torch.inference_mode()

@@ -37,6 +37,8 @@ class IncrementalDetokenizer:
         tokenizer: a transformers tokenizer.
         context_ids: the prompt's ids (its last few give the decode context); may be empty.
         stop_strings: text is cut right before the first of these, and a tail that could begin one is held back.
+        eos_ids: ids that end a sequence without adding text (the final ``new_text`` leaves out the eos token's
+            text even when it is an ordinary token): :meth:`push` ignores them.
 
     Attributes:
         ids: the new ids seen so far.
@@ -44,24 +46,28 @@ class IncrementalDetokenizer:
         stopped: a stop string was found; nothing more is emitted.
     """
 
-    def __init__(self, tokenizer, context_ids: list[int] = (), stop_strings: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, context_ids: list[int] = (), stop_strings: tuple[str, ...] = (),
+                 eos_ids: tuple[int, ...] | set[int] = ()):
         self.tokenizer = tokenizer
         self.context = prompt_context(list(context_ids))
         self.stop_strings = tuple(stop_strings)
+        self.eos_ids = frozenset(eos_ids)
         self.cleanup = cleans_up_spaces(tokenizer)
         self.ids: list[int] = []
         self.text = ""
         self.stopped = False
 
     def push(self, token_ids: int | list[int]) -> str:
-        """Append one id (or several) and return the newly stable text ("" when nothing is stable yet)."""
-        self.ids.extend([token_ids] if isinstance(token_ids, int) else token_ids)
+        """Append one id (or several; eos ids are skipped) and return the newly stable text ("" when nothing is
+        stable yet)."""
+        new = [token_ids] if isinstance(token_ids, int) else token_ids
+        self.ids.extend(t for t in new if t not in self.eos_ids)
         return self._emit()
 
     def set_ids(self, ids: list[int]) -> str:
-        """Replace the ids by ``ids`` (which must extend the ids seen so far, as beam search's stable prefix does)
-        and return the newly stable text."""
-        self.ids = list(ids)
+        """Replace the ids by ``ids`` (which must extend the ids seen so far, as beam search's stable prefix does;
+        a trailing eos id is dropped) and return the newly stable text."""
+        self.ids = list(ids[:-1] if ids and ids[-1] in self.eos_ids else ids)
         return self._emit()
 
     def stable_text(self) -> str:
@@ -110,8 +116,8 @@ class Delta:
     Attributes:
         index: which sequence of the final ``Generation.sequences`` it belongs to.
         text: the new text ("" only when :meth:`Stream.deltas` is asked for every step).
-        best: beam search only: the current best beam's whole new text so far (may change, may not extend what was
-            emitted); ``None`` for greedy / sampling.
+        best: beam search with ``Stream.deltas(every_step=True)`` only: the current best beam's whole new text so
+            far (it may change, and need not extend what was emitted); otherwise ``None``.
         step: 0-based decoding step that produced it (``None`` for the final flush).
     """
 
@@ -135,17 +141,27 @@ class Stream:
         prompt: a string (or a list of strings, streamed by :meth:`deltas`).
         kwargs: generation keywords, validated here (before the first token), as :meth:`LM.generate` does.
 
+    Attributes:
+        config: the validated settings.
+        trace: with ``trace=True``, the :class:`~decodelab.trace.Trace` being filled while the stream runs (its
+            ``steps`` grow as tokens are chosen: per-token log-probabilities for a streaming server); else ``None``.
+        generation: the final result, once the iterator is exhausted.
+
     Raises:
         ConfigError, InputError: at construction, for bad settings or prompts.
     """
 
     def __init__(self, lm, prompt: str | list[str], kwargs: dict[str, Any]):
         self.lm = lm
-        self._run = lm._run(prompt, kwargs)  # validates now; the search starts at the first next()
+        self.trace = None
+        self._run = lm._run(prompt, kwargs, on_trace=self._set_trace)  # validates now; search starts at next()
         self.config = self._run.config
         self.generation: Generation | None = None
         self._deltas: Iterator[Delta] | None = None
         self._first: Iterator[str] | None = None
+
+    def _set_trace(self, trace) -> None:
+        self.trace = trace
 
     # -- the plain iterator: first sequence, non-empty text deltas ---------------------------------------------------
     def __iter__(self) -> "Stream":
@@ -153,12 +169,19 @@ class Stream:
 
     def __next__(self) -> str:
         if self._first is None:
-            self._first = (d.text for d in self.deltas() if d.index == 0)
+            self._first = (d.text for d in self.deltas() if d.index == 0 and d.text)
         return next(self._first)
 
     def text(self) -> str:
         """Run to the end and return the first sequence's whole new text (the join of the remaining deltas)."""
         return "".join(self)
+
+    def close(self) -> None:
+        """Stop the generation early (no further model step runs); ``.generation`` stays ``None``."""
+        for it in (self._first, self._deltas):
+            if it is not None:
+                it.close()
+        self._run.close()
 
     # -- every sequence ------------------------------------------------------------------------------------------
     def deltas(self, every_step: bool = False) -> Iterator[Delta]:
@@ -166,7 +189,8 @@ class Stream:
         left, in sequence order) come when the search has finished, and then ``.generation`` is set.
 
         With ``every_step=True`` a :class:`Delta` is yielded per streamed sequence and step even when its text is
-        empty, so a display can redraw ``Delta.best`` (beam search) as it changes.
+        empty, so a display can redraw ``Delta.best`` (beam search) as it changes. The first call decides
+        ``every_step``; later calls (and the plain iterator) continue the same deltas.
         """
         if self._deltas is None:
             self._deltas = self._drive(every_step)
@@ -180,11 +204,12 @@ class Stream:
         prompts = run.prompt_ids
         per_prompt = run.per_prompt
         beam_n = cfg.num_return_sequences if cfg.is_beam else 1
-        # sequence index -> detokenizer, for the sequences that are streamed token by token
+        eos = () if cfg.ignore_eos else tuple(cfg.eos_token_id if cfg.eos_token_id is not None else self.lm.eos_ids)
+        # sequence index -> detokenizer, for the sequences that are streamed while the search runs
         if cfg.is_beam:
-            streamed = {b * beam_n: IncrementalDetokenizer(tok, prompts[b], stops) for b in range(len(prompts))}
+            streamed = {b * beam_n: IncrementalDetokenizer(tok, prompts[b], stops, eos) for b in range(len(prompts))}
         else:
-            streamed = {r: IncrementalDetokenizer(tok, prompts[r // per_prompt], stops)
+            streamed = {r: IncrementalDetokenizer(tok, prompts[r // per_prompt], stops, eos)
                         for r in range(len(prompts) * per_prompt)}
         step = 0
         gen = run.events

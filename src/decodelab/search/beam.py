@@ -12,7 +12,9 @@ Per prompt ``b`` there are K = ``num_beams`` running beams and a list of K finis
    slot is finished and ``early_stopping=True``, or at ``max_new_tokens``.
 
 The -1e9 sentinels and the order of operations are transformers' own, so sequence scores match
-``sequences_scores`` and the returned ids match ``model.generate(num_beams=K, ...)``.
+``sequences_scores`` and the returned ids match ``model.generate(num_beams=K, ...)``. Beam sampling draws from one
+``torch.Generator`` per prompt seeded with ``seed``: for one prompt the draws equal ``torch.manual_seed(seed);
+model.generate(do_sample=True, num_beams=K, ...)``, and a prompt gets the same result alone or in a batch.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def beam_search(
     nodes: list[BeamNode] = tracer.trace.beam_nodes if tracer else []
 
     contexts = [prompt_context(p) for p in batch.prompts] if stops else []
-    logits, state = engine.prefill(batch.ids, batch.mask)
+    logits, state = engine.prefill(batch.ids, batch.mask, cfg.max_new_tokens)
     Engine.select(state, torch.arange(B, device=dev).repeat_interleave(K))
     logits = logits.repeat_interleave(K, 0)
     cur_len = T0
@@ -270,7 +272,7 @@ def _record_nodes(tracer, nodes, running_nodes, src_beam, tok, lp, top_lp, just_
                     step=step,
                     row=b,
                     id=tid,
-                    token=tracer.tokenizer.decode([tid]),
+                    token=tracer.decode(tid),
                     logprob=float(chosen_lp[src, j]),
                     cumulative=cumulative[b][j],
                     status=status,

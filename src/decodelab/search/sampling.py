@@ -86,7 +86,7 @@ def token_search(
         return [RawSequence(i // per_prompt, [], 0.0, "length") for i in range(rows)]
 
     contexts = [prompt_context(p) for p in batch.prompts] if stops else []
-    logits, state = engine.prefill(batch.ids, batch.mask)
+    logits, state = engine.prefill(batch.ids, batch.mask, cfg.max_new_tokens)
     for step in range(cfg.max_new_tokens):
         running = [r is None for r in reasons]
         processed = tracer.process(procs, input_ids, logits) if tracer else apply(procs, input_ids, logits)

@@ -27,30 +27,46 @@ class Tracer:
         self.top_k = top_k
         self.trace = trace
         self._changes: list[list[ProcessorChange]] = []
+        self._decoded: dict[int, str] = {}
 
     def process(self, procs: list[Processor], input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Apply ``procs`` like ``processors.apply`` and remember, per row, how each changed the watched candidates
-        (the raw top-k plus the processed top-k)."""
+        """Apply ``procs`` like ``processors.apply`` and remember, per row, how each changed the watched candidates:
+        the ``top_k`` best before processing plus the ``top_k`` best after it (so a token that a bias or penalty
+        pushed into, or out of, the top shows up either way)."""
         rows = scores.shape[0]
         self._changes = [[] for _ in range(rows)]
         if not procs:
             return scores
-        k = min(max(self.top_k, 1), scores.shape[-1])
-        watched = torch.topk(scores, k).indices  # (B, k) raw favourites
-        current = scores
+        stages = [scores]
         for p in procs:
-            new = p(input_ids, current)
-            before = current.gather(1, watched)
-            after = new.gather(1, watched)
-            changed = (before != after) & ~(torch.isinf(before) & torch.isinf(after))
-            for r, c in zip(*torch.nonzero(changed, as_tuple=True)):
-                r, c = int(r), int(c)
-                tid = int(watched[r, c])
+            stages.append(p(input_ids, stages[-1]))
+        k = min(max(self.top_k, 1), scores.shape[-1])
+        raw_top = torch.topk(scores, k).indices
+        final_values, final_top = torch.topk(stages[-1], k)
+        final_top = torch.where(torch.isfinite(final_values), final_top, raw_top[:, :1])  # removed ones: not listed
+        watched = torch.cat([raw_top, final_top], dim=1)  # (B, 2k), duplicates skipped below
+        watched_list = watched.tolist()
+        for p, before_all, after_all in zip(procs, stages[:-1], stages[1:]):
+            before = before_all.gather(1, watched)
+            after = after_all.gather(1, watched)
+            changed = before != after  # -inf -> -inf is no change
+            recorded: set[tuple[int, int]] = set()
+            for r, c in torch.nonzero(changed).tolist():
+                tid = watched_list[r][c]
+                if (r, tid) in recorded:  # watched twice (in both top lists)
+                    continue
+                recorded.add((r, tid))
                 self._changes[r].append(
-                    ProcessorChange(p.name, tid, self.tokenizer.decode([tid]), float(before[r, c]), float(after[r, c]))
+                    ProcessorChange(p.name, tid, self.decode(tid), float(before[r, c]), float(after[r, c]))
                 )
-            current = new
-        return current
+        return stages[-1]
+
+    def decode(self, token_id: int) -> str:
+        """``tokenizer.decode([token_id])``, cached for the trace."""
+        text = self._decoded.get(token_id)
+        if text is None:
+            text = self._decoded[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def step(
         self,
@@ -74,7 +90,7 @@ class Tracer:
             step=step,
             row=row,
             id=token_id,
-            token=self.tokenizer.decode([token_id]),
+            token=self.decode(token_id),
             logprob=float(raw_lp[token_id]),
             logprob_processed=float(proc_lp[token_id]),
             rank=rank_of(raw_lp, token_id),

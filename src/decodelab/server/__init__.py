@@ -44,7 +44,8 @@ def run(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *, 
     cfg = Settings.from_kwargs(host=host, port=port, **settings)
     lm = decodelab.load(model, device=device, dtype=dtype)
     app = create_app(lm, cfg)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=log_level)
+    # On Ctrl-C, in-flight streams get 5 s to finish before uvicorn closes them (their generations then stop).
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
 __all__ = ["Settings", "create_app", "run"]

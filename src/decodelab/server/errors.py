@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import ConfigError, DecodelabError, InputError, ModelLoadError
+from ..errors import DecodelabError, InputError, ModelLoadError
 from .runner import CancelledGeneration, QueueFullError, RequestTimeoutError
 
 log = logging.getLogger("decodelab.server")

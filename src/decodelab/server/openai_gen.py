@@ -192,7 +192,7 @@ def _listed(row: _Row, final_len: int, reason: str, eos_ids) -> int:
 
 
 def _start_run(lm, prompt: str, kwargs: dict[str, Any]):
-    """``LM._run`` with access to its trace while it runs: (events iterator, run object, trace getter)."""
+    """``LM._run`` with access to its trace while it runs: (events iterator, trace getter)."""
     traces: list = []
     if "on_trace" in inspect.signature(lm._run).parameters:
         run = lm._run(prompt, kwargs, on_trace=traces.append)

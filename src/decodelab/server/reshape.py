@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import GenerationConfig
+from ..config import MIN_TEMPERATURE, GenerationConfig
 from ..distribution import entropy, log_probs
 from ..processors import Context, apply, build_processors
 from ..tokens import display_piece, token_bytes
@@ -32,13 +32,16 @@ TAIL_BIN_WIDTH = 0.05  # logit units
 class Warpers:
     """Validated reshaping settings (transformers names; ``top_k`` here is the *filter*, 0 = off).
 
-    ``temperature == 0`` means greedy: all the mass on the argmax (as in the OpenAI API and :mod:`decodelab.config`).
+    ``greedy`` is what :class:`~decodelab.config.GenerationConfig` decides for these settings: a temperature below
+    ``decodelab.config.MIN_TEMPERATURE`` (0 included) means greedy, all the mass on the argmax, as in the OpenAI
+    API; the page's JavaScript mirror uses the same threshold.
     """
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float | None = None
+    greedy: bool = False
 
     @classmethod
     def validated(cls, temperature=None, top_k=None, top_p=None, min_p=None) -> "Warpers":
@@ -50,29 +53,33 @@ class Warpers:
         cfg = GenerationConfig.from_kwargs(
             do_sample=True, temperature=temperature, top_k=0 if top_k is None else top_k, top_p=top_p, min_p=min_p
         )
-        return cls(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
+        return cls(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, greedy=not cfg.do_sample)
+
+    def config(self) -> GenerationConfig:
+        """The sampling config these settings stand for."""
+        return GenerationConfig.from_kwargs(
+            do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p
+        )
 
     def as_dict(self) -> dict:
-        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
+                "greedy": self.greedy, "min_temperature": MIN_TEMPERATURE}
 
 
 def warp(logits: torch.Tensor, w: Warpers) -> torch.Tensor:
     """Apply ``w`` to a (V,) float32 logits vector -> (V,) processed scores (``-inf`` where a token is removed).
 
-    Uses :func:`decodelab.processors.build_processors` with ``do_sample=True`` so the warpers and their order are
-    exactly those of sampling in ``LM.generate``. ``temperature == 0`` keeps only the argmax.
+    Uses :func:`decodelab.processors.build_processors` on the sampling config, so the warpers and their order are
+    exactly those of sampling in ``LM.generate``. Greedy settings keep only the argmax (its logit unchanged).
     """
     scores = logits.float()[None, :]
-    if w.temperature == 0.0:
+    if w.greedy:
         out = torch.full_like(scores, -math.inf)
         best = int(scores[0].argmax())
         out[0, best] = scores[0, best]
         return out[0]
-    cfg = GenerationConfig.from_kwargs(
-        do_sample=True, temperature=w.temperature, top_k=w.top_k, top_p=w.top_p, min_p=w.min_p
-    )
     ctx = Context(prompt_len=0, pad_lengths=torch.zeros(1, dtype=torch.long), eos_ids=torch.zeros(0, dtype=torch.long))
-    procs = build_processors(cfg, ctx)
+    procs = build_processors(w.config(), ctx)
     return apply(procs, torch.zeros((1, 0), dtype=torch.long), scores)[0]
 
 

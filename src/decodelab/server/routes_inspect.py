@@ -16,12 +16,11 @@ from __future__ import annotations
 import json
 from typing import Any, AsyncIterator, Literal
 
-import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from .errors import ERROR_RESPONSES, exception_payload
 from .reshape import Warpers, before_after, logit_summary
 
@@ -104,14 +103,7 @@ class ScoreRequest(BaseModel):
 
 # --- blocking jobs (run in the runner's worker thread) -----------------------------------------------------------
 def _next_token_job(lm, body: NextTokenRequest, warpers: Warpers) -> dict:
-    ids = lm.encode(body.text)
-    window = lm.context_window
-    if window is not None and len(ids) > window:
-        raise InputError(f"text of {len(ids)} tokens exceeds the model's context window of {window} tokens",
-                         param="text")
-    batch = torch.tensor([ids])
-    logits, _ = lm.engine.prefill(batch, torch.ones_like(batch))  # (1, V) float32, last position only
-    last = logits[0]
+    ids, last = lm.next_logits(body.text)  # (V,) float32
     shown = before_after(last, warpers, body.top_k, lm.tokenizer)
     return {
         "model": lm.name,

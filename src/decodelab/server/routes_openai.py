@@ -45,8 +45,11 @@ from .schemas import (
 router = APIRouter(tags=["openai"])
 
 _STARTED = int(time.time())
+# One server-sent event: `data` is a JSON chunk (the object's `.chunk` type), an error object, or `[DONE]` last.
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}
 _STREAM_DOC = {200: {"description": "JSON, or with `stream: true` server-sent events ending with `data: [DONE]`",
-                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+                     "content": {"text/event-stream": {"schema": _SSE_EVENT}}}}
 # decodelab name -> OpenAI name, to report errors in the caller's terms
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens", "num_return_sequences": "n", "stop_strings": "stop",
                  "trace_top_k": "logprobs"}
@@ -174,7 +177,7 @@ async def completions(body: CompletionRequest, request: Request):
            f"invalid prompt: {len(prompts)} prompts, this server allows at most {settings.max_prompts}")
     _check(body.best_of is None or body.best_of == n, "best_of",
            f"invalid best_of={body.best_of}: only best_of == n (or null) is supported")
-    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    max_tokens = min(16, settings.max_tokens) if body.max_tokens is None else body.max_tokens  # OpenAI default
     job = _plan(request, body, prompts, max_tokens, n, body.logprobs,
                 echo_logprobs=bool(body.echo) and body.logprobs is not None)
     if body.stream:

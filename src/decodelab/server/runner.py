@@ -57,7 +57,7 @@ class Runner:
         self.max_concurrent = max_concurrent
         self.max_queue = max_queue
         self.timeout_s = timeout_s
-        self._executor = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="decodelab-model")
+        self._pool: ThreadPoolExecutor | None = None
         self._slots: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.admitted = 0
@@ -87,7 +87,6 @@ class Runner:
         """Wait for a slot until ``deadline`` (loop time). Raises RequestTimeoutError; on any failure the
         admission is given back."""
         sem = self._semaphore()
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout_at(deadline):
                 await sem.acquire()
@@ -118,6 +117,14 @@ class Runner:
 
         fut.add_done_callback(done)
 
+    def _submit_or_release(self, fn: Callable[[], Any]):
+        """Submit ``fn`` to the worker; if the executor is shut down, give the slot back and raise a 503."""
+        try:
+            return self._executor().submit(fn)
+        except RuntimeError:
+            self._release()
+            raise QueueFullError("server is shutting down") from None
+
     def _timeout_message(self, doing: str) -> str:
         return f"request timed out after {self.timeout_s:g} s {doing} (request_timeout_s={self.timeout_s:g})"
 
@@ -133,7 +140,7 @@ class Runner:
         deadline = loop.time() + self.timeout_s
         self._admit()
         await self._acquire(deadline)
-        fut = self._executor.submit(functools.partial(fn, *args, **kwargs))
+        fut = self._submit_or_release(functools.partial(fn, *args, **kwargs))
         self._release_when_done(fut)
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), max(deadline - loop.time(), 0.0))
@@ -154,14 +161,14 @@ class Runner:
         and the slot freed.
 
         Raises:
-            QueueFullError, RequestTimeoutError, asyncio.CancelledError (client gone), or what the generator raises.
+            QueueFullError, RequestTimeoutError, CancelledGeneration (client gone), or what the generator raises.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         self._admit()
         await self._acquire(deadline)
         stop = threading.Event()
-        fut = self._executor.submit(_drain, make_gen, stop)
+        fut = self._submit_or_release(functools.partial(_drain, make_gen, stop))
         self._release_when_done(fut)
         work = asyncio.ensure_future(asyncio.shield(asyncio.wrap_future(fut)))
         watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
@@ -174,7 +181,7 @@ class Runner:
             stop.set()
             if watcher is not None and watcher in done:
                 self.cancelled += 1
-                raise asyncio.CancelledError("client disconnected")
+                raise CancelledGeneration("client disconnected; generation stopped")
             self.timed_out += 1
             raise RequestTimeoutError(self._timeout_message("generating"))
         except asyncio.CancelledError:
@@ -202,11 +209,14 @@ class Runner:
         self._admit()
         await self._acquire(deadline)
         box: dict[str, Any] = {}
-        last = self._executor.submit(_start, make_iter, box)
+        last = self._submit_or_release(functools.partial(_start, make_iter, box))
         try:
             await _wait(last, deadline, loop)
             while True:
-                last = self._executor.submit(_next, box)
+                try:
+                    last = self._executor().submit(_next, box)
+                except RuntimeError:  # interpreter or app shutting down
+                    raise QueueFullError("server is shutting down") from None
                 try:
                     item = await _wait(last, deadline, loop)
                 except RequestTimeoutError:
@@ -220,12 +230,21 @@ class Runner:
             raise
         finally:
             # No awaiting here: a cancelled task's cleanup must not block. Close after the in-flight step.
-            closer = _after(last, self._executor, functools.partial(_close, box))
+            closer = _after(last, self._executor(), functools.partial(_close, box))
             self._release_when_done(closer)
 
+    def _executor(self) -> ThreadPoolExecutor:
+        """The worker threads (created on first use, and again after :meth:`shutdown` if the app restarts)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.max_concurrent, thread_name_prefix="decodelab-model")
+        return self._pool
+
     def shutdown(self) -> None:
-        """Stop the worker threads once queued work is done (called when the app shuts down)."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Let the worker threads end once their work is done (the app's lifespan calls this at shutdown; a later
+        request starts new ones)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=False)
 
 
 # --- worker-side helpers (run in the worker thread) ------------------------------------------------------------

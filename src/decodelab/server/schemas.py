@@ -72,7 +72,8 @@ class CompletionRequest(_Common):
     An empty prompt is a 400 (there is no token to continue from)."""
 
     prompt: str | list[str] = Field(..., description="Text to continue, or a list of texts.")
-    max_tokens: int | None = Field(16, ge=0, description="New tokens per completion (default 16).")
+    max_tokens: int | None = Field(None, ge=0, description="New tokens per completion (default 16, or the "
+                                                           "server's --max-tokens when smaller).")
     logprobs: int | None = Field(None, ge=0, le=5, description="Return this many alternatives per token (0..5).")
     echo: bool | None = Field(False, description="Return the prompt before the completion (with its logprobs; the "
                                                  "first token has none).")

@@ -14,6 +14,7 @@
     generation: null,    // last /api/generate(/stream) result of the generate panel
     compare: [],         // [{kwargs, generation, error}] per compare column
     requests: 0,         // inspection requests sent (tests read this)
+    deltas: 0,           // streamed delta events received by the generate panel
   };
 
   // --- errors ------------------------------------------------------------------------------------------------
@@ -32,6 +33,7 @@
   // --- 1 + 2: tokens, next-token distribution, step mode ----------------------------------------------------------
   const node = (id) => state.branches[id];
   let wanted = null, pumping = false, typingTimer = 0;
+  let refocus = false; // a keyboard user picked a candidate: put focus back on the new first candidate
 
   /** Analyse `text` for branch node `target` (null: a new root from what the user typed). Only one request pair
    *  is in flight; newer wishes replace older ones. */
@@ -61,6 +63,7 @@
         node(target).tokens = tokens;
         node(target).dist = dist;
         show(target);
+        if (refocus && target === state.current) focusFirstBar();
       } catch (err) {
         showError(err);
       }
@@ -114,17 +117,18 @@
     DL.views.bars($("bars"), n.dist.logits.candidates, shaped, BARS, pick);
     $("dist-stats").textContent = DL.t("entropy") + " " + shaped.entropy.toFixed(2) + " → " +
       shaped.entropyAfter.toFixed(2) + " " + DL.t("nats") + " · " +
-      DL.t("keptTokens", { n: shaped.keptCount.toLocaleString(), v: n.dist.vocab_size.toLocaleString() });
+      DL.t("keptTokens", { n: DL.num(shaped.keptCount), v: DL.num(n.dist.vocab_size) });
   }
 
   /** Step mode: append candidate `c` to the current text (a new branch, or the existing one for that token). */
   function pick(c) {
     const cur = node(state.current);
     if (!cur) return;
+    refocus = !!(document.activeElement && document.activeElement.classList.contains("cand"));
     let childId = cur.children.find((k) => node(k).tokenId === c.id);
     if (childId == null) childId = addNode(cur.id, cur.text + c.token, c.display, c.id);
     const child = node(childId);
-    if (child.dist) { show(childId); focusFirstBar(); return; }
+    if (child.dist) { show(childId); if (refocus) focusFirstBar(); return; }
     state.current = childId;
     $("prompt").value = child.text;
     renderBranches();
@@ -132,8 +136,9 @@
   }
 
   function focusFirstBar() {
+    refocus = false;
     const b = document.querySelector("#bars .cand");
-    if (b && document.activeElement && document.activeElement.classList.contains("cand")) b.focus();
+    if (b) b.focus();
   }
 
   function undo() {
@@ -246,6 +251,7 @@
     try {
       await DL.api.stream("/api/generate/stream", { prompt, ...kwargs }, (ev) => {
         if (ev.type === "delta") {
+          state.deltas += 1;
           streamed.textContent += ev.text;
           if (ev.best != null) { best.hidden = false; best.textContent = DL.t("bestSoFar") + ": " + ev.best; }
         } else if (ev.type === "done") {

@@ -16,7 +16,7 @@
       "prompt.label": "Prompt",
       analyse: "Tokenize and predict",
       "analyse.hint": "Updates as you type (Ctrl+Enter to run now).",
-      "tokens.count": "tokens",
+      "tokens.count": "Tokens",
       "tokens.explain":
         "<p>A model does not read letters or words: it reads <b>tokens</b>, pieces of text from a fixed vocabulary " +
         "(49,152 pieces for SmolLM2). Frequent words are one token; rare words are split into several. A leading " +
@@ -128,7 +128,7 @@
       "prompt.label": "Tekst początkowy (prompt)",
       analyse: "Podziel na tokeny i przewiduj",
       "analyse.hint": "Odświeża się podczas pisania (Ctrl+Enter: od razu).",
-      "tokens.count": "tokenów",
+      "tokens.count": "Tokeny",
       "tokens.explain":
         "<p>Model nie czyta liter ani słów, tylko <b>tokeny</b>: kawałki tekstu ze stałego słownika (SmolLM2 ma " +
         "ich 49 152). Częste słowa są jednym tokenem, rzadkie dzielą się na kilka. Spacja na początku należy do " +
@@ -265,5 +265,6 @@
   }
 
   window.DL = window.DL || {};
-  Object.assign(window.DL, { t, setLang, applyI18n: apply, lang: () => lang, initialLang, STRINGS });
+  const num = (x) => Number(x).toLocaleString(lang === "pl" ? "pl-PL" : "en-US");
+  Object.assign(window.DL, { t, num, setLang, applyI18n: apply, lang: () => lang, initialLang, STRINGS });
 })();

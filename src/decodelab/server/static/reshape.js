@@ -10,6 +10,9 @@
 (function () {
   "use strict";
 
+  // decodelab.config.MIN_TEMPERATURE: below it sampling is greedy (the server reports it as settings.min_temperature)
+  const MIN_TEMPERATURE = 1e-5;
+
   /** Reshape. settings: {temperature, top_k, top_p, min_p}. Returns
    *  {raw: [p] per candidate, probs: [p'] per candidate (0 = removed), kept: [bool], keptCount, entropy, entropyAfter}. */
   function reshape(summary, settings) {
@@ -27,7 +30,7 @@
     const T = settings.temperature == null ? 1 : Number(settings.temperature);
     const w = Float64Array.from(count); // kept weight of each item
     const score = new Float64Array(m);
-    if (T === 0) {                       // greedy: only the argmax survives
+    if (T < MIN_TEMPERATURE) {           // greedy: only the argmax survives
       w.fill(0); w[0] = 1;
       for (let i = 0; i < m; i++) score[i] = logit[i];
     } else {

@@ -33,6 +33,7 @@
   /** Token chips for a Tokens dict (ids, display, piece_bytes, special, offsets). */
   function chips(container, tokens, detail) {
     container.replaceChildren();
+    detail.textContent = "";
     tokens.ids.forEach((id, i) => {
       const special = tokens.special && tokens.special[i];
       const bytes = (tokens.piece_bytes && tokens.piece_bytes[i]) || [];

@@ -1,0 +1,97 @@
+"""Measurement helpers for bench/: the machine's memory-bandwidth ceiling, peak resident memory during a run,
+the load average, and robust summaries of repeated timings.
+
+The ceiling is measured, not assumed: a batch-1 decode step must read every weight once, so the best a decoder can
+do is ``bandwidth / weight_bytes`` tokens per second. Two probes:
+
+- ``copy``: ``dst.copy_(src)`` of a buffer much larger than the caches, GB/s counted as bytes read + written;
+- ``gemv``: ``torch.nn.functional.linear(x, W)`` with x (1, K) and a float32 W of ~256 MB: bytes of W read per
+  second. This is the access pattern of a decode step, so it is the ceiling the bench reports against.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+
+import torch
+
+
+def loadavg() -> list[float]:
+    """``os.getloadavg()`` (1, 5, 15 minutes) rounded to 2 decimals; the machine's other work while measuring."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def rss_mb() -> float:
+    """Resident set size of this process in MiB (``/proc/self/statm``; 0.0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return 0.0
+
+
+class PeakRSS:
+    """Context manager sampling :func:`rss_mb` every ``interval`` seconds in a thread; ``.peak`` (MiB) after exit.
+
+    Sampling misses spikes shorter than ``interval``; it measures the whole process (weights included)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval, self.peak = interval, 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mb())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = rss_mb()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, rss_mb())
+
+
+def summary(values: list[float]) -> dict:
+    """Median, min, max and relative spread ``(max - min) / median`` of repeated measurements."""
+    med = statistics.median(values)
+    return {"median": med, "min": min(values), "max": max(values),
+            "spread": (max(values) - min(values)) / med if med else 0.0, "runs": len(values)}
+
+
+@torch.inference_mode()
+def bandwidth(mbytes: int = 256, repeats: int = 7) -> dict:
+    """Measure memory bandwidth in GB/s (1e9 bytes): ``copy`` (read + write) and ``gemv`` (weight bytes read by a
+    float32 matrix-vector product), best of ``repeats`` after one warm-up. Uses torch's current thread count."""
+    n = mbytes * 2**20 // 4
+    src = torch.ones(n, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        dst.copy_(src)
+        if i:
+            best = min(best, time.perf_counter() - t)
+    copy_gbs = 2 * n * 4 / best / 1e9
+    del src, dst
+    k = 2048
+    w = torch.randn(n // k, k) * 0.01
+    x = torch.randn(1, k)
+    best = float("inf")
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        if i:
+            best = min(best, time.perf_counter() - t)
+    gemv_gbs = w.numel() * 4 / best / 1e9
+    return {"copy_gbs": round(copy_gbs, 2), "gemv_gbs": round(gemv_gbs, 2), "probe_mbytes": mbytes}

@@ -1,0 +1,133 @@
+"""A fixed-shape, single-token decode step as an ``nn.Module``: what ``torch.compile`` (and CUDA graphs) need.
+
+:class:`StaticStep` is built from a :class:`~decodelab.fastpath.decoder.FastDecoder` (float, packed or quantized
+projections) and holds the same weight tensors as buffers (no copy; oneDNN-packed bfloat16 weights are replaced by
+their plain originals, which Inductor's freezing pass packs itself). Its ``forward`` has no data-dependent Python:
+
+* the new key/value are written with ``index_copy_`` at a position given as a tensor;
+* attention always spans the whole preallocated cache, the (B, capacity) boolean mask hiding unwritten and padding
+  positions; the query heads are folded onto the key/value heads (transformers' ``pack_gqa``);
+
+so one compiled graph serves every step of a request whose batch size and cache capacity match. Inside the compiled
+graph, float arithmetic may be reordered: outputs are close to, not bit-for-bit, the eager fast path's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .decoder import Dense, FastDecoder, rms_norm, rope
+
+
+class _Linear(nn.Module):
+    def __init__(self, weight, bias) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class _Int8(nn.Module):
+    def __init__(self, proj) -> None:
+        super().__init__()
+        self.register_buffer("q", proj.q, persistent=False)
+        self.register_buffer("scale", proj.scale, persistent=False)
+        self.register_buffer("bias", proj.bias, persistent=False)
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.q, self.scale.to(x.dtype))
+        y = y.reshape(*lead, y.shape[-1])
+        return y if self.bias is None else y + self.bias
+
+
+class _Int4(nn.Module):
+    def __init__(self, proj) -> None:
+        super().__init__()
+        self.register_buffer("packed", proj.packed, persistent=False)
+        self.register_buffer("scale_zero", proj.scale_zero, persistent=False)
+        self.register_buffer("bias", proj.bias, persistent=False)
+        self.group_size, self.n = proj.group_size, proj.n
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, self.group_size,
+                                              self.scale_zero.to(x.dtype))
+        y = y.reshape(*lead, self.n)
+        return y if self.bias is None else y + self.bias
+
+
+def as_module(proj) -> nn.Module:
+    """The ``nn.Module`` form of a fast-path projection (:class:`Dense` and its packed variant, or a quantized
+    linear from :mod:`decodelab.quantize`)."""
+    from ..quantize import Int4Linear, Int8Linear
+
+    if isinstance(proj, Dense):
+        return _Linear(proj.weight, proj.bias)
+    if isinstance(proj, Int8Linear):
+        return _Int8(proj)
+    if isinstance(proj, Int4Linear):
+        return _Int4(proj)
+    raise TypeError(f"unknown projection type {type(proj).__name__}")
+
+
+class _Block(nn.Module):
+    def __init__(self, layer) -> None:
+        super().__init__()
+        self.register_buffer("ln1", layer.ln1.detach(), persistent=False)
+        self.register_buffer("ln2", layer.ln2.detach(), persistent=False)
+        self.eps1, self.eps2 = layer.eps1, layer.eps2
+        for name, proj in layer.projections().items():
+            setattr(self, name, as_module(proj))
+
+
+class StaticStep(nn.Module):
+    """Fixed-shape decode step over a :class:`~decodelab.fastpath.cache.StaticKVCache`'s buffers.
+
+    ``forward(ids, positions, index, kv, pad) -> logits``:
+
+    * ids (B, 1) int64, positions (B, 1) int64 rotary positions, index (1,) int64 cache slot to write;
+    * kv (n_layers, 2, B, H_kv, capacity, D), written in place at ``index``; pad (B, capacity) bool, True on the
+      positions to attend to (the new one included);
+    * returns (B, V) logits in the model's dtype.
+    """
+
+    def __init__(self, decoder: FastDecoder) -> None:
+        super().__init__()
+        self.n_kv, self.groups, self.head_dim, self.scaling = (decoder.n_kv, decoder.groups, decoder.head_dim,
+                                                               decoder.scaling)
+        self.register_buffer("embed", decoder.embed.detach(), persistent=False)
+        self.register_buffer("norm", decoder.norm.detach(), persistent=False)
+        self.norm_eps = decoder.norm_eps
+        self.rotary = decoder.rotary
+        self.blocks = nn.ModuleList([_Block(layer) for layer in decoder.layers])
+        self.lm_head = as_module(decoder.lm_head)
+
+    def forward(self, ids, positions, index, kv, pad):
+        b = ids.shape[0]
+        h = F.embedding(ids, self.embed)
+        cos, sin = self.rotary(h, positions)
+        half = self.head_dim // 2
+        cos, sin = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
+        mask = pad[:, None, None, :]
+        shape = (b, 1, -1, self.head_dim)
+        for i, blk in enumerate(self.blocks):
+            x = rms_norm(h, blk.ln1, blk.eps1)
+            q = blk.q(x).view(shape).transpose(1, 2)
+            k = blk.k(x).view(shape).transpose(1, 2)
+            v = blk.v(x).view(shape).transpose(1, 2)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            kv[i, 0].index_copy_(2, index, k)
+            kv[i, 1].index_copy_(2, index, v)
+            att = F.scaled_dot_product_attention(q.reshape(b, self.n_kv, self.groups, self.head_dim), kv[i, 0],
+                                                 kv[i, 1], attn_mask=mask, scale=self.scaling)
+            att = att.reshape(b, -1, 1, self.head_dim).transpose(1, 2).reshape(b, 1, -1)
+            h = h + blk.o(att)
+            x = rms_norm(h, blk.ln2, blk.eps2)
+            h = h + blk.down(F.silu(blk.gate(x)) * blk.up(x))
+        h = rms_norm(h, self.norm, self.norm_eps)
+        return self.lm_head(h)[:, -1]

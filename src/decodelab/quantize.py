@@ -1,0 +1,190 @@
+"""Weight-only quantization of the fast path's linear layers (int8 per output channel, int4 per group), and the
+quality figures that go with it: top-1 agreement with the float32 model and perplexity over a fixed text.
+
+Activations stay in the model's dtype (float32 or bfloat16); only the weights are stored in fewer bits and
+dequantized inside PyTorch's fused CPU kernels:
+
+- ``int8``: symmetric, one scale per output row: ``w ~= q * scale``, ``q`` in [-127, 127]
+  (``torch._weight_int8pack_mm``; the scheme of gpt-fast's ``WeightOnlyInt8QuantHandler``);
+- ``int4``: asymmetric, one (scale, zero) per group of ``group_size`` input columns:
+  ``w ~= (q - 8) * scale + zero``, ``q`` in [0, 15] (``torch._weight_int4pack_mm_for_cpu`` with weights packed by
+  ``torch._convert_weight_to_int4pack_for_cpu``; gpt-fast's / torchao's "tinygemm" convention).
+
+The tied embedding / output layer is left in the model's dtype unless ``lm_head=True`` (then int8 per row; the
+embedding lookup keeps the original rows either way, it reads one row per token).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import ConfigError
+from .fastpath.decoder import Dense, FastDecoder
+
+SCHEMES = ("int8", "int4")
+INT4_GROUP = 32  # input columns per (scale, zero) pair: GGUF Q4_0/Q4_1's block size
+
+
+class Int8Linear:
+    """``y = x @ (q * scale[:, None]).T + bias`` with ``q`` (N, K) int8 and ``scale`` (N,) in the activation dtype.
+
+    Built from a (N, K) float weight by :meth:`from_weight`; called on (..., K) activations -> (..., N).
+    """
+
+    __slots__ = ("q", "scale", "bias")
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.q, self.scale, self.bias = q, scale, bias
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
+        """Quantize a (N, K) weight: ``scale = max|w_row| / 127`` (float32 arithmetic), ``q = round(w / scale)``."""
+        w = weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scale.to(weight.dtype), bias)
+
+    def dequantized(self) -> torch.Tensor:
+        """The (N, K) float32 weight this layer multiplies by."""
+        return self.q.float() * self.scale.float()[:, None]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.q, self.scale.to(x.dtype))
+        y = y.reshape(*lead, y.shape[-1])
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear:
+    """``y = x @ W.T + bias`` with ``W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n]``, ``g = k // group_size``.
+
+    ``packed`` is the kernel's layout of the (N, K) 4-bit values; ``scale_zero`` is (K / group_size, N, 2) in the
+    activation dtype. Built by :meth:`from_weight`; (..., K) -> (..., N).
+    """
+
+    __slots__ = ("packed", "scale_zero", "group_size", "bias", "n")
+
+    def __init__(self, packed, scale_zero, group_size: int, bias, n: int) -> None:
+        self.packed, self.scale_zero, self.group_size, self.bias, self.n = packed, scale_zero, group_size, bias, n
+
+    @staticmethod
+    def fits(weight: torch.Tensor, group_size: int = INT4_GROUP) -> bool:
+        """Whether a (N, K) weight can be packed: K a multiple of ``group_size`` and of 16, N of 8."""
+        n, k = weight.shape
+        return k % group_size == 0 and k % 16 == 0 and n % 8 == 0
+
+    @staticmethod
+    def quantize(weight: torch.Tensor, group_size: int = INT4_GROUP):
+        """(N, K) float weight -> ((N, K) int32 values in [0, 15], (N, G) scale, (N, G) zero), G = K / group_size,
+        with ``scale = (max - min) / 15`` and ``zero = min + 8 * scale`` per group (float32)."""
+        n, k = weight.shape
+        w = weight.detach().float().reshape(n, k // group_size, group_size)
+        hi, lo = w.amax(dim=-1), w.amin(dim=-1)
+        scale = (hi - lo).clamp(min=1e-6) / 15.0
+        zero = lo + 8.0 * scale
+        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+        return q.reshape(n, k), scale, zero
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    group_size: int = INT4_GROUP) -> "Int4Linear":
+        """Quantize and pack a (N, K) weight (see :meth:`quantize`)."""
+        q, scale, zero = cls.quantize(weight, group_size)
+        packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+        scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(weight.dtype)
+        return cls(packed, scale_zero, group_size, bias, weight.shape[0])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, self.group_size,
+                                              self.scale_zero.to(x.dtype))
+        y = y.reshape(*lead, self.n)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_decoder(decoder: FastDecoder, scheme: str, *, lm_head: bool = False,
+                     group_size: int = INT4_GROUP) -> FastDecoder:
+    """Replace ``decoder``'s q/k/v/o/gate/up/down projections (and the output layer when ``lm_head``) by
+    weight-only quantized linears, in place; returns ``decoder``. The transformers model is not modified.
+
+    ``scheme``: ``"int8"`` or ``"int4"`` (int4 layers whose shape the kernel cannot pack stay int8; the output
+    layer is always int8 when quantized). CPU only: the kernels are PyTorch's CPU ones.
+
+    Raises:
+        ConfigError: unknown ``scheme``, or the model is not on the CPU.
+    """
+    if scheme not in SCHEMES:
+        raise ConfigError(f"invalid quantize={scheme!r}: expected one of {', '.join(SCHEMES)}", param="quantize")
+    if decoder.device.type != "cpu":
+        raise ConfigError(f"quantize={scheme!r} uses PyTorch's CPU kernels; the model is on {decoder.device}",
+                          param="quantize")
+
+    def convert(dense: Dense):
+        if scheme == "int4" and Int4Linear.fits(dense.weight, group_size):
+            return Int4Linear.from_weight(dense.weight, dense.bias, group_size)
+        return Int8Linear.from_weight(dense.weight, dense.bias)
+
+    with torch.inference_mode():
+        for layer in decoder.layers:
+            for name, proj in layer.projections().items():
+                if isinstance(proj, Dense):
+                    setattr(layer, name, convert(proj))
+        if lm_head and isinstance(decoder.lm_head, Dense):
+            decoder.lm_head = Int8Linear.from_weight(decoder.lm_head.weight, decoder.lm_head.bias)
+    decoder.quantized = scheme + ("+lm_head" if lm_head else "")
+    return decoder
+
+
+def weight_bytes(decoder: FastDecoder) -> int:
+    """Bytes of weights one decode step reads: every projection, the norms and the output layer (the embedding
+    lookup reads one row per token and is not counted, unless it is the output layer too)."""
+    total = 0
+
+    def size(obj) -> int:
+        if isinstance(obj, Dense):
+            tensors = [obj.weight, obj.bias]
+        elif isinstance(obj, Int8Linear):
+            tensors = [obj.q, obj.scale, obj.bias]
+        elif isinstance(obj, Int4Linear):
+            tensors = [obj.packed, obj.scale_zero, obj.bias]
+        else:
+            tensors = [obj]
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+    for layer in decoder.layers:
+        total += size(layer.ln1) + size(layer.ln2) + sum(size(p) for p in layer.projections().values())
+    return total + size(decoder.norm) + size(decoder.lm_head)
+
+
+@torch.inference_mode()
+def quality(reference, candidate, ids: list[int], window: int = 512) -> dict:
+    """Quality of ``candidate`` against ``reference`` (two :class:`decodelab.engine.Engine` on the same model and
+    tokenizer) over the token ids of a fixed text, in windows of ``window`` tokens.
+
+    Returns a dict: ``tokens`` (positions scored), ``top1_agreement`` (fraction of positions whose argmax next-token
+    prediction is the same, in [0, 1]), ``ppl_reference`` / ``ppl`` (perplexity ``exp(mean NLL)`` of the text's own
+    next tokens, nats per token before ``exp``), ``ppl_change`` (relative change ``ppl / ppl_reference - 1``).
+
+    Raises:
+        ValueError: fewer than 2 ids.
+    """
+    if len(ids) < 2:
+        raise ValueError("quality needs at least 2 token ids")
+    agree = scored = 0
+    nll_ref = nll = 0.0
+    for start in range(0, len(ids) - 1, window):
+        chunk = torch.tensor([ids[start : start + window + 1]], dtype=torch.long)
+        if chunk.shape[1] < 2:
+            break
+        inputs, targets = chunk[:, :-1], chunk[0, 1:]
+        ref = reference.full_logits(inputs)[0].float()
+        out = candidate.full_logits(inputs)[0].float()
+        agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
+        scored += targets.numel()
+        nll_ref -= float(torch.log_softmax(ref, -1).gather(1, targets[:, None]).sum())
+        nll -= float(torch.log_softmax(out, -1).gather(1, targets[:, None]).sum())
+    ppl_ref, ppl = math.exp(nll_ref / scored), math.exp(nll / scored)
+    return {"tokens": scored, "top1_agreement": agree / scored, "ppl_reference": ppl_ref, "ppl": ppl,
+            "ppl_change": ppl / ppl_ref - 1.0}

@@ -1,0 +1,179 @@
+"""The fast path (preallocated KV cache, module-free forward) computes exactly what the plain path computes.
+
+Bit-for-bit logits against the transformers model with a DynamicCache (prefill + decode steps, padded batches, beam
+reorders), and identical generations (greedy, beam, seeded sampling) against the plain engine and ``model.generate``
+on the real embedded SmolLM2-135M-Instruct and on tiny random Llama / Qwen2 models. No timings here: speed is
+measured by bench/.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import decodelab
+from decodelab.engine import DecodeState, Engine
+from decodelab.fastpath import StaticKVCache, unsupported_reason
+
+
+def lm_with(loaded, **engine_kw) -> decodelab.LM:
+    lm = decodelab.LM(loaded.model, loaded.tokenizer, loaded.name)
+    lm.engine = Engine(loaded.model, **engine_kw)
+    return lm
+
+
+def batch(loaded, texts):
+    return loaded.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+
+
+def run_steps(engine: Engine, ids, mask, steps: int, hint: int | None, reorder=None):
+    """Prefill then greedy-feed ``steps`` tokens; optionally reorder rows before each step. Returns all logits."""
+    logits, state = engine.prefill(ids, mask, hint)
+    out = [logits]
+    for s in range(steps):
+        if reorder is not None:
+            Engine.select(state, reorder(s, logits.shape[0]))
+            logits = logits.index_select(0, reorder(s, logits.shape[0]))
+        logits = engine.step(state, logits.argmax(-1))
+        out.append(logits)
+    return out, state
+
+
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2", "embedded"])
+def test_fast_logits_are_bitwise_equal_to_plain(which, request):
+    loaded = request.getfixturevalue(which)
+    fast, plain = Engine(loaded.model), Engine(loaded.model, fast=False)
+    assert fast.fast is not None and plain.fast is None
+    steps = 6 if which == "embedded" else 12
+    for texts in (["The capital of France is"], ["Hello there my good friend, how", "Hi", "a b"]):
+        enc = batch(loaded, texts)
+        a, sa = run_steps(fast, enc.input_ids, enc.attention_mask, steps, hint=steps)
+        b, sb = run_steps(plain, enc.input_ids, enc.attention_mask, steps, hint=steps)
+        assert isinstance(sa.cache, StaticKVCache) and not isinstance(sb.cache, StaticKVCache)
+        assert all(x.dtype == torch.float32 and x.shape == (len(texts), fast.vocab_size) for x in a)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+        assert torch.equal(sa.positions, sb.positions)
+        assert sa.cache.length == enc.input_ids.shape[1] + steps
+
+
+def test_cache_grows_without_a_length_hint_and_reorders_like_plain(tiny_llama):
+    fast, plain = Engine(tiny_llama.model), Engine(tiny_llama.model, fast=False)
+    enc = batch(tiny_llama, ["one two three four", "five"])
+
+    def reorder(step, rows):  # swap / duplicate rows like a beam search would
+        return torch.tensor([1, 1] if step % 3 == 0 else [1, 0])
+
+    a, sa = run_steps(fast, enc.input_ids, enc.attention_mask, 70, hint=None, reorder=reorder)
+    b, _ = run_steps(plain, enc.input_ids, enc.attention_mask, 70, hint=None, reorder=reorder)
+    assert sa.cache.capacity >= enc.input_ids.shape[1] + 70 > enc.input_ids.shape[1] + 64  # it had to grow
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_static_cache_select_repeats_rows():
+    cache = StaticKVCache(n_layers=2, n_kv_heads=1, head_dim=2, batch=2, capacity=4, dtype=torch.float32,
+                          device="cpu")
+    cache.start(torch.tensor([[0, 1], [1, 1]]))
+    cache.kv[:, :, 0, :, :2] = 1.0
+    cache.kv[:, :, 1, :, :2] = 2.0
+    cache.length = 2
+    assert cache.padded
+    cache.select(torch.tensor([1, 1, 0]))
+    assert cache.batch == 3 and cache.capacity == 4
+    assert cache.kv[:, :, :2, :, :2].eq(2.0).all() and cache.kv[:, :, 2, :, :2].eq(1.0).all()
+    assert cache.pad[:, :2].tolist() == [[True, True], [True, True], [False, True]]
+    cache.select(torch.tensor([0, 1]))
+    assert not cache.padded  # the padded row was dropped
+
+
+def test_full_logits_match_the_model(tiny_qwen2):
+    ids = tiny_qwen2.tokenizer(["a quick brown fox jumps"], return_tensors="pt").input_ids
+    ours = Engine(tiny_qwen2.model).full_logits(ids)
+    with torch.inference_mode():
+        ref = tiny_qwen2.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    assert ours.shape == ref.shape == (1, ids.shape[1], 151936)
+    assert torch.equal(ours, ref.float())
+
+
+GEN_CASES = [
+    dict(max_new_tokens=12),
+    dict(max_new_tokens=10, num_beams=4, num_return_sequences=2),
+    dict(max_new_tokens=10, num_beams=3, repetition_penalty=1.3, length_penalty=0.7),
+    dict(max_new_tokens=10, do_sample=True, seed=7, top_k=20, num_return_sequences=3),
+    dict(max_new_tokens=10, do_sample=True, seed=3, num_beams=2),
+]
+
+
+@pytest.mark.parametrize("kw", GEN_CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])
+def test_fast_generate_equals_plain_generate(which, kw, request):
+    loaded = request.getfixturevalue(which)
+    prompts = ["It was a dark and stormy", "1, 2, 3,"]
+    fast, plain = lm_with(loaded), lm_with(loaded, fast=False)
+    a, b = fast.generate(prompts, **kw), plain.generate(prompts, **kw)
+    assert [s.new_ids for s in a.sequences] == [s.new_ids for s in b.sequences]
+    assert [s.score for s in a.sequences] == [s.score for s in b.sequences]
+    assert all(len(s.new_ids) > 0 for s in a.sequences)
+
+
+def hf_ids(loaded, prompt, **kw):
+    enc = loaded.tokenizer(prompt, return_tensors="pt")
+    out = loaded.model.generate(**enc, pad_token_id=loaded.tokenizer.pad_token_id, **kw)
+    return out[0, enc.input_ids.shape[1]:].tolist()
+
+
+def test_fast_path_matches_model_generate_on_embedded(embedded):
+    lm = lm_with(embedded)
+    assert lm.engine.fast is not None
+    prompt = "The three primary colors are"
+    greedy = lm.generate(prompt, max_new_tokens=16)
+    assert greedy.sequences[0].new_ids == hf_ids(embedded, prompt, max_new_tokens=16, do_sample=False)
+    beam = lm.generate(prompt, max_new_tokens=8, num_beams=3)
+    assert beam.sequences[0].new_ids == hf_ids(embedded, prompt, max_new_tokens=8, num_beams=3, do_sample=False)
+    sampled = lm.generate(prompt, max_new_tokens=8, do_sample=True, seed=11, top_k=50, top_p=1.0, temperature=1.0)
+    torch.manual_seed(11)
+    ref = hf_ids(embedded, prompt, max_new_tokens=8, do_sample=True, top_k=50, top_p=1.0, temperature=1.0)
+    assert sampled.sequences[0].new_ids == ref
+
+
+def test_bfloat16_fast_path_equals_bfloat16_plain(tiny_llama):
+    import copy
+
+    from decodelab.fastpath.decoder import PackedDense, can_pack
+
+    model = copy.deepcopy(tiny_llama.model).to(torch.bfloat16)
+    fast, plain = Engine(model, pack=False), Engine(model, fast=False)
+    enc = batch(tiny_llama, ["It was a dark and stormy", "Hi"])
+    a, _ = run_steps(fast, enc.input_ids, enc.attention_mask, 8, hint=8)
+    b, _ = run_steps(plain, enc.input_ids, enc.attention_mask, 8, hint=8)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    packed = Engine(model)
+    assert isinstance(packed.fast.layers[0].q, PackedDense) == can_pack(torch.bfloat16, torch.device("cpu"))
+    c, _ = run_steps(packed, enc.input_ids, enc.attention_mask, 8, hint=8)
+    for x, y in zip(c, b):  # oneDNN computes the same products; allow bfloat16 rounding differences anyway
+        assert torch.allclose(x, y, atol=0.05, rtol=0.02)
+        assert torch.equal(x.argmax(-1), y.argmax(-1))
+
+
+def test_unsupported_models_use_the_plain_path(tiny_llama):
+    import copy
+
+    model = copy.deepcopy(tiny_llama.model)
+    model.config._attn_implementation = "eager"
+    assert "eager" in unsupported_reason(model)
+    engine = Engine(model)
+    assert engine.fast is None and "eager" in engine.fast_reason
+    logits, state = engine.prefill(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long), 4)
+    assert isinstance(state, DecodeState) and not isinstance(state.cache, StaticKVCache)
+    assert logits.shape == (1, engine.vocab_size)
+    with pytest.raises(decodelab.ConfigError, match="quantize") as err:
+        Engine(model, quantize="int8")
+    assert err.value.param == "quantize"
+
+
+def test_fastpath_can_be_switched_off_by_environment(tiny_llama, monkeypatch):
+    monkeypatch.setenv("DECODELAB_FASTPATH", "0")
+    assert Engine(tiny_llama.model).fast is None
+    assert Engine(tiny_llama.model, fast=True).fast is not None
