@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install dev bench serve clean browser
+.PHONY: demo test install dev bench bench-peers serve clean browser
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: $(STAMP) $(CHROMIUM)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# llama.cpp on the same weights (builds llama-cpp-python from source: minutes; never part of CI).
+bench-peers: $(STAMP)
+	$(PIP) install -q llama-cpp-python
+	$(PY) bench/peers.py
 
 serve: $(STAMP)
 	$(VENV)/bin/decodelab serve

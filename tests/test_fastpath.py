@@ -75,13 +75,16 @@ def test_static_cache_select_repeats_rows():
     cache = StaticKVCache(n_layers=2, n_kv_heads=1, head_dim=2, batch=2, capacity=4, dtype=torch.float32,
                           device="cpu")
     cache.start(torch.tensor([[0, 1], [1, 1]]))
-    cache.kv[:, :, 0, :, :2] = 1.0
-    cache.kv[:, :, 1, :, :2] = 2.0
+    for t in cache.keys + cache.values:
+        t[0, :, :2] = 1.0
+        t[1, :, :2] = 2.0
     cache.length = 2
     assert cache.padded
     cache.select(torch.tensor([1, 1, 0]))
     assert cache.batch == 3 and cache.capacity == 4
-    assert cache.kv[:, :, :2, :, :2].eq(2.0).all() and cache.kv[:, :, 2, :, :2].eq(1.0).all()
+    for t in cache.keys + cache.values:
+        assert t.shape == (3, 1, 4, 2)
+        assert t[:2, :, :2].eq(2.0).all() and t[2, :, :2].eq(1.0).all() and t[:, :, 2:].eq(0.0).all()
     assert cache.pad[:, :2].tolist() == [[True, True], [True, True], [False, True]]
     cache.select(torch.tensor([0, 1]))
     assert not cache.padded  # the padded row was dropped
@@ -177,3 +180,31 @@ def test_fastpath_can_be_switched_off_by_environment(tiny_llama, monkeypatch):
     monkeypatch.setenv("DECODELAB_FASTPATH", "0")
     assert Engine(tiny_llama.model).fast is None
     assert Engine(tiny_llama.model, fast=True).fast is not None
+
+
+def test_compiled_step_matches_eager_and_is_reused_from_disk(tiny_llama, tmp_path, monkeypatch):
+    """``compile=`` (default-mode Inductor + freezing here, to keep the test short): same greedy and beam ids as the
+    eager fast path; artifacts written under the cache dir and loaded by a second engine."""
+    from decodelab.compile_cache import artifact_dir, bucket
+
+    monkeypatch.setenv("DECODELAB_CACHE_DIR", str(tmp_path))
+    opts = {"options": {"freezing": True}, "fullgraph": True, "dynamic": False}
+    messages: list[str] = []
+    compiled = lm_with(tiny_llama, compile=opts)
+    compiled.engine.compiled.progress = messages.append
+    eager = lm_with(tiny_llama)
+    kw = dict(max_new_tokens=12)
+    a, b = compiled.generate("It was a dark and stormy", **kw), eager.generate("It was a dark and stormy", **kw)
+    assert a.sequences[0].new_ids == b.sequences[0].new_ids
+    stats = compiled.engine.compiled.stats
+    assert list(stats) == [(1, bucket(7 + 12))] and stats[(1, 256)]["ok"] and not stats[(1, 256)]["loaded"]
+    assert any("compiling" in m for m in messages)
+    assert len(list(artifact_dir().glob("*.bin"))) == 1
+    beam = dict(max_new_tokens=6, num_beams=3)
+    assert (compiled.generate("1, 2, 3,", **beam).sequences[0].new_ids
+            == eager.generate("1, 2, 3,", **beam).sequences[0].new_ids)
+
+    again = lm_with(tiny_llama, compile=opts)
+    again.engine.compiled.progress = messages.append
+    assert again.generate("It was a dark and stormy", **kw).sequences[0].new_ids == b.sequences[0].new_ids
+    assert again.engine.compiled.stats[(1, 256)]["loaded"]

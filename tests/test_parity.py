@@ -119,11 +119,10 @@ def test_embedded_notebook_walkthrough(embedded):
     """The notebook's settings: greedy 20 tokens starts with " night"; 5 beams, penalty 2.0, 38 tokens, all beams."""
     greedy = assert_same(embedded, PROMPTS[0], max_new_tokens=20)
     assert greedy.sequences[0].new_text.startswith(" night")
-    for n in (1, 5):
-        beams = assert_same(
-            embedded, PROMPTS[0], max_new_tokens=38, num_beams=5, repetition_penalty=2.0, num_return_sequences=n
-        )
-        assert_beams_well_formed(beams)
+    # num_return_sequences only cuts the finished list; 1..num_beams is covered on the tiny models
+    beams = assert_same(embedded, PROMPTS[0], max_new_tokens=38, num_beams=5, repetition_penalty=2.0, num_return_sequences=5)
+    assert_beams_well_formed(beams)
+    assert beams.sequences[0].new_text.startswith(" night")
 
 
 @pytest.mark.slow

@@ -37,6 +37,11 @@ Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, loc
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu (default) or cuda.")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32 (default), bfloat16 or float16.")]
+Quantize = Annotated[Optional[str], typer.Option("--quantize", help="Weight-only quantization of the engine's "
+                                                 "linear layers: int8 or int4 (implies --dtype bfloat16 unless "
+                                                 "given; no longer token-exact with transformers).")]
+Compile = Annotated[bool, typer.Option("--compile", help="Compile the decode step with Inductor (minutes the first "
+                                       "time, cached on disk for later runs).")]
 
 
 def _fail(message: str) -> "typer.Exit":
@@ -76,15 +81,16 @@ def _loading_note(name: str) -> str:
     return f"loading {name}{extra}..."
 
 
-def _load_lm(model: Optional[str], device: Optional[str], dtype: Optional[str], *, announce: bool = False):
+def _load_lm(model: Optional[str], device: Optional[str], dtype: Optional[str], *, announce: bool = False,
+             quantize: Optional[str] = None, compile: bool = False):
     """Load the model as :func:`decodelab.load` does; print a progress note on stderr when ``announce`` or when
-    stderr is a terminal. Raises ModelLoadError / ConfigError (bad device or dtype)."""
+    stderr is a terminal. Raises ModelLoadError / ConfigError (bad device, dtype or quantize)."""
     import decodelab
     from .models import default_model_name
 
     if announce or sys.stderr.isatty():
         typer.echo(_loading_note(model or default_model_name()), err=True)
-    return decodelab.load(model, device=device, dtype=dtype)
+    return decodelab.load(model, device=device, dtype=dtype, quantize=quantize, compile=compile)
 
 
 # --- tokens ------------------------------------------------------------------------------------------------------------
@@ -187,6 +193,8 @@ def generate(
     json_out: Json = False,
     device: Device = None,
     dtype: Dtype = None,
+    quantize: Quantize = None,
+    compile: Compile = False,
 ) -> None:
     """Continue PROMPT and show every returned sequence (with --trace: each step and the beam tree)."""
     from .config import GenerationConfig
@@ -203,7 +211,7 @@ def generate(
         raise typer.BadParameter("prints plain text; it cannot be combined with --json or --trace",
                                  param_hint="--stream")
     GenerationConfig.from_kwargs(**kwargs)  # fail fast on bad options, before the (slow) model load
-    lm = _load_lm(model, device, dtype)
+    lm = _load_lm(model, device, dtype, quantize=quantize, compile=compile)
     if stream:
         _stream(lm, prompt, kwargs)
         return
@@ -316,6 +324,8 @@ def serve(
     model: Model = None,
     device: Device = None,
     dtype: Dtype = None,
+    quantize: Quantize = None,
+    compile: Compile = False,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Largest max_tokens a request may ask "
                                                       "for (default 1024).")] = None,
     max_n: Annotated[Optional[int], typer.Option("--max-n", help="Largest n (and num_beams) per request "
@@ -334,7 +344,8 @@ def serve(
     run = getattr(server, "run", None) if server is not None else None
     if run is None:
         raise _fail("the server is not available in this installation (decodelab.server.run is missing)")
-    given = {"model": model, "host": host, "port": port, "device": device, "dtype": dtype, "max_tokens": max_tokens,
+    given = {"model": model, "host": host, "port": port, "device": device, "dtype": dtype, "quantize": quantize,
+             "compile": compile or None, "max_tokens": max_tokens,
              "max_n": max_n, "max_concurrent": max_concurrent, "max_queue": max_queue,
              "max_body_bytes": max_body_bytes, "request_timeout_s": request_timeout}
     given = {k: v for k, v in given.items() if v is not None or k in ("model", "device", "dtype")}

@@ -97,6 +97,7 @@ class CompiledStep:
             "weights": weights_fingerprint(decoder), "dtype": str(decoder.dtype), "quantized": decoder.quantized,
             "device": decoder.device.type, "capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__, "options": json.dumps(self.options, sort_keys=True, default=str),
+            "code": _code_version(),
         }
 
     def key(self, batch: int, capacity: int) -> str:
@@ -120,7 +121,7 @@ class CompiledStep:
         self.progress(f"decodelab: {'loading' if loaded else 'compiling'} the decode step for batch {shape[0]}, "
                       f"{shape[1]} cache positions" + ("" if loaded else " (minutes, once; cached on disk)"))
         # reference: the eager step on a copy of the cache
-        ref_cache = _clone(cache)
+        ref_cache = cache.clone()
         ref = self.decoder.forward(tokens, positions, ref_cache)
         start = time.perf_counter()
         out = self._call(tokens, positions, cache)
@@ -133,7 +134,7 @@ class CompiledStep:
             self.progress(f"decodelab: the compiled step differs from the eager one (max error {err:.2e}); "
                           f"using the eager step for this shape")
             return ref
-        if not loaded:
+        if not loaded or seconds > 60:  # new, or the stored artifacts did not cover this graph: (re)save
             try:
                 saved = torch.compiler.save_cache_artifacts()
                 if saved is not None:
@@ -144,8 +145,12 @@ class CompiledStep:
         return out
 
     def _call(self, tokens, positions, cache: StaticKVCache) -> torch.Tensor:
-        index = torch.tensor([cache.length], dtype=torch.long, device=cache.kv.device)
-        out = self.fn(tokens, positions, index, cache.kv, cache.pad)
+        # Dynamo guards on inference-mode-ness: make every input an inference tensor, as the cache buffers are
+        with torch.inference_mode():
+            tokens = tokens if tokens.is_inference() else tokens.clone()
+            positions = positions if positions.is_inference() else positions.clone()
+            index = torch.tensor([cache.length], dtype=torch.long, device=cache.pad.device)
+            out = self.fn(tokens, positions, index, cache.keys, cache.values, cache.pad)
         cache.length += 1
         return out
 
@@ -163,10 +168,14 @@ class CompiledStep:
         return self._call(tokens, positions, cache)
 
 
-def _clone(cache: StaticKVCache) -> StaticKVCache:
-    copy = StaticKVCache.__new__(StaticKVCache)
-    copy.kv, copy.pad, copy.length, copy.padded = cache.kv.clone(), cache.pad.clone(), cache.length, cache.padded
-    return copy
+def _code_version() -> str:
+    """sha256 (16 hex digits) of the modules whose code the compiled graph is traced from."""
+    from .fastpath import decoder, static
+
+    h = hashlib.sha256()
+    for mod in (decoder, static):
+        h.update(pathlib.Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:

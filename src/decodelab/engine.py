@@ -70,7 +70,8 @@ class Engine:
         quantize: ``None``, ``"int8"`` or ``"int4"``: weight-only quantization of the decoder's linear layers on
             the fast path (see :func:`decodelab.quantize.quantize_decoder`; the tied embedding / lm_head stays in
             the model's dtype unless ``quantize_lm_head``).
-        compile: compile the fast path's decode step with Inductor (see :mod:`decodelab.compile_cache`).
+        compile: compile the fast path's decode step with Inductor (see :mod:`decodelab.compile_cache`); a dict
+            gives the ``torch.compile`` keyword arguments instead of :func:`decodelab.compile_cache.compile_options`.
 
     Attributes:
         fast: the :class:`FastDecoder`, or ``None`` on the plain path. ``fast_reason``: why not, when ``None``.
@@ -81,13 +82,14 @@ class Engine:
     """
 
     def __init__(self, model, *, fast: bool | None = None, pack: bool | None = None, quantize: str | None = None,
-                 quantize_lm_head: bool = False, compile: bool = False) -> None:
+                 quantize_lm_head: bool = False, compile: bool | dict = False) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.fast: FastDecoder | None = None
         self.fast_reason = unsupported_reason(model) if _fast_enabled(fast) or quantize or compile else "disabled"
+        self.compiled = None
         if self.fast_reason is None:
             self.fast = FastDecoder(model, pack=pack)
         elif quantize or compile:
@@ -97,7 +99,6 @@ class Engine:
             raise ConfigError(f"{param} needs the fast path, which cannot run this model: {self.fast_reason}",
                               param=param)
         self.quantize = quantize
-        self.compiled = None
         if quantize:
             from .quantize import quantize_decoder
 
@@ -105,7 +106,7 @@ class Engine:
         if compile:
             from .compile_cache import CompiledStep
 
-            self.compiled = CompiledStep(self.fast, model)
+            self.compiled = CompiledStep(self.fast, model, options=compile if isinstance(compile, dict) else None)
 
     def _forward(self, input_ids, attention_mask, positions, cache, keep: int):
         out = self.model(

@@ -70,6 +70,13 @@ class LM:
             return ()
         return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
 
+    def stop_ids(self, cfg: GenerationConfig) -> tuple[int, ...]:
+        """The eos ids a request with settings ``cfg`` stops on: none with ``ignore_eos``, else ``cfg.eos_token_id``
+        when given, else the model's :attr:`eos_ids`."""
+        if cfg.ignore_eos:
+            return ()
+        return tuple(cfg.eos_token_id) if cfg.eos_token_id is not None else self.eos_ids
+
     @property
     def pad_id(self) -> int:
         """Padding id: the tokenizer's pad id, else the first eos id (transformers' "open-end generation")."""
@@ -263,7 +270,7 @@ class LM:
     def _search(self, cfg: GenerationConfig, prompt_ids: list[list[int]], per_prompt: int, trace: Trace | None,
                 start: float):
         """The search generator of :meth:`_run` (see :class:`~decodelab.search.common.Run`)."""
-        eos_ids = () if cfg.ignore_eos else (cfg.eos_token_id if cfg.eos_token_id is not None else self.eos_ids)
+        eos_ids = self.stop_ids(cfg)
         batch = PromptBatch.from_lists(prompt_ids, self.pad_id)
         rows = batch.repeat(per_prompt) if not cfg.is_beam else batch.repeat(cfg.num_beams)
         ctx = Context(batch.width, rows.pad_lengths.to(self.engine.device), eos_tensor(eos_ids, self.engine.device))

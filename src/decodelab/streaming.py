@@ -204,7 +204,7 @@ class Stream:
         prompts = run.prompt_ids
         per_prompt = run.per_prompt
         beam_n = cfg.num_return_sequences if cfg.is_beam else 1
-        eos = () if cfg.ignore_eos else tuple(cfg.eos_token_id if cfg.eos_token_id is not None else self.lm.eos_ids)
+        eos = self.lm.stop_ids(cfg)
         # sequence index -> detokenizer, for the sequences that are streamed while the search runs
         if cfg.is_beam:
             streamed = {b * beam_n: IncrementalDetokenizer(tok, prompts[b], stops, eos) for b in range(len(prompts))}

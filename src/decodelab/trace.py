@@ -105,10 +105,12 @@ class BeamNode(_Plain):
     """A node of the beam tree: a hypothesis extended by one token at ``step`` (0-based new-token index).
 
     ``parent`` is the node id of the hypothesis it extends (``None`` at step 0). ``cumulative`` is the running sum
-    of processed token log-probabilities; ``score`` the length-penalised score (``cumulative / new_len **
-    length_penalty``) for finished hypotheses. ``status``: ``kept`` (continued as a beam), ``pruned`` (among the
-    top candidates but not kept), ``finished`` (ended with eos / stop), ``returned`` (a finished hypothesis that is
-    one of the returned sequences).
+    of processed token log-probabilities; ``logprob`` this token's processed log-probability; ``score`` the
+    length-penalised score (``cumulative / new_len ** length_penalty``, new tokens only) of a candidate that ended
+    (eos, stop string or the length limit), else ``None``. ``status``: ``kept`` (continued as a running beam),
+    ``pruned`` (among the ``max(2, 1 + len(eos_ids)) * num_beams`` best candidates of its step but not continued,
+    or ended with a score that did not enter the ``num_beams`` best finished hypotheses), ``finished`` (ended and
+    entered them), ``returned`` (a finished hypothesis that is one of the returned sequences).
     """
 
     node: int
@@ -143,10 +145,12 @@ class Trace(_Plain):
 
 @dataclass
 class Sequence(_Plain):
-    """One returned sequence. ``ids`` = prompt ids (unpadded) + new ids; ``text`` decodes ``ids``; ``new_text``
-    decodes only the new ids (special tokens kept); ``score``: beam search's length-penalised sum of processed
-    log-probabilities (transformers' ``sequences_scores``), else the sum of the chosen tokens' processed
-    log-probabilities. ``finish_reason``: ``eos``, ``stop`` (a stop string) or ``length``."""
+    """One returned sequence. ``ids`` = prompt ids (unpadded) + new ids (the eos or stop-completing token
+    included); ``new_text`` is the text the new ids add after the prompt (special tokens skipped, the eos token left
+    out, cut right before a stop string; see :func:`decodelab.detokenize.continuation_text`); ``text`` = the decoded
+    prompt + ``new_text``; ``score``: beam search's length-penalised sum of processed log-probabilities
+    (transformers' ``sequences_scores``), else the sum of the chosen tokens' processed log-probabilities.
+    ``finish_reason``: ``eos``, ``stop`` (a stop string) or ``length``."""
 
     ids: list[int]
     text: str

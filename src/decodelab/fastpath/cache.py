@@ -1,7 +1,8 @@
-"""A preallocated key/value cache for the fast path: one buffer for every layer, sized to the request.
+"""A preallocated key/value cache for the fast path, sized to the request.
 
-Layout: ``kv`` is (n_layers, 2, B, H_kv, capacity, D) in the model's dtype (index 0 = keys, 1 = values), so a beam
-reorder is one ``index_select`` over all layers. ``length`` is the number of positions filled (the same for every
+Layout: ``keys[i]`` and ``values[i]`` are layer i's (B, H_kv, capacity, D) tensors in the model's dtype, each its
+own allocation (a compiled step writes into them in place; writing through views of one shared buffer would make
+the compiler copy the whole buffer every step). ``length`` is the number of positions filled (the same for every
 row: batches are left-padded, so row ``b`` starts with ``pad_lengths[b]`` padding positions, masked by ``pad``).
 ``pad`` is (B, capacity) bool, True on real tokens (the 2D attention mask of transformers, kept preallocated so a
 decode step appends nothing).
@@ -26,7 +27,9 @@ class StaticKVCache:
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, batch: int, capacity: int,
                  dtype: torch.dtype, device) -> None:
-        self.kv = torch.zeros((n_layers, 2, batch, n_kv_heads, capacity, head_dim), dtype=dtype, device=device)
+        shape = (batch, n_kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.pad = torch.zeros((batch, capacity), dtype=torch.bool, device=device)
         self.length = 0
         self.padded = False  # True when some row has left padding: attention then needs the explicit mask
@@ -34,23 +37,32 @@ class StaticKVCache:
     @property
     def capacity(self) -> int:
         """Positions the buffers hold without growing."""
-        return self.kv.shape[4]
+        return self.pad.shape[1]
 
     @property
     def batch(self) -> int:
         """Rows B."""
-        return self.kv.shape[2]
+        return self.pad.shape[0]
+
+    def _remake(self, fn) -> None:
+        self.keys = [fn(t) for t in self.keys]
+        self.values = [fn(t) for t in self.values]
 
     def reserve(self, total: int) -> None:
         """Make room for ``total`` positions (grows to max(total, 2 * capacity), copying the filled part)."""
         if total <= self.capacity:
             return
-        new_cap = max(total, 2 * self.capacity)
-        kv = self.kv.new_zeros((*self.kv.shape[:4], new_cap, self.kv.shape[5]))
-        kv[:, :, :, :, : self.length] = self.kv[:, :, :, :, : self.length]
+        new_cap, n = max(total, 2 * self.capacity), self.length
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros((t.shape[0], t.shape[1], new_cap, t.shape[3]))
+            out[:, :, :n] = t[:, :, :n]
+            return out
+
+        self._remake(grow)
         pad = self.pad.new_zeros((self.pad.shape[0], new_cap))
-        pad[:, : self.length] = self.pad[:, : self.length]
-        self.kv, self.pad = kv, pad
+        pad[:, :n] = self.pad[:, :n]
+        self.pad = pad
 
     def start(self, mask: torch.Tensor) -> None:
         """Record the prompt's (B, T) attention mask (1 = real token) before the prefill writes T positions."""
@@ -66,15 +78,26 @@ class StaticKVCache:
 
     def select(self, rows: torch.Tensor) -> None:
         """Reorder / repeat rows in place: new row i is old row ``rows[i]`` (beam search). (n,) int64 ``rows``."""
-        n = rows.shape[0]
+        n, filled = rows.shape[0], self.length
         if n == self.batch and bool(torch.equal(rows.cpu(), torch.arange(n))):
             return
-        filled = self.kv[:, :, :, :, : self.length].index_select(2, rows)
         if n == self.batch:
-            self.kv[:, :, :, :, : self.length] = filled
+            def pick(t: torch.Tensor) -> torch.Tensor:
+                t[:, :, :filled] = t[:, :, :filled].index_select(0, rows)
+                return t
         else:
-            kv = self.kv.new_zeros((*self.kv.shape[:2], n, *self.kv.shape[3:]))
-            kv[:, :, :, :, : self.length] = filled
-            self.kv = kv
+            def pick(t: torch.Tensor) -> torch.Tensor:
+                out = t.new_zeros((n, *t.shape[1:]))
+                out[:, :, :filled] = t[:, :, :filled].index_select(0, rows)
+                return out
+        self._remake(pick)
         self.pad = self.pad.index_select(0, rows)
-        self.padded = not bool(self.pad[:, : self.length].all())
+        self.padded = not bool(self.pad[:, :filled].all())
+
+    def clone(self) -> "StaticKVCache":
+        """An independent copy (buffers cloned)."""
+        copy = StaticKVCache.__new__(StaticKVCache)
+        copy.keys = [t.clone() for t in self.keys]
+        copy.values = [t.clone() for t in self.values]
+        copy.pad, copy.length, copy.padded = self.pad.clone(), self.length, self.padded
+        return copy

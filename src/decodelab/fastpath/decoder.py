@@ -213,7 +213,7 @@ class FastDecoder:
                 mask = causal[None, None] & pad[:, None, None, :]
             else:
                 mask = pad[:, None, None, :]
-        kv = cache.kv
+        keys, values = cache.keys, cache.values
         shape = (b, t, -1, self.head_dim)
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.ln1, layer.eps1)
@@ -221,10 +221,10 @@ class FastDecoder:
             k = layer.k(x).view(shape).transpose(1, 2)
             v = layer.v(x).view(shape).transpose(1, 2)
             q, k = rope(q, cos, sin), rope(k, cos, sin)
-            kv[i, 0, :, :, past:total] = k
-            kv[i, 1, :, :, past:total] = v
+            keys[i][:, :, past:total] = k
+            values[i][:, :, past:total] = v
             if past:
-                k, v = kv[i, 0, :, :, :total], kv[i, 1, :, :, :total]
+                k, v = keys[i][:, :, :total], values[i][:, :, :total]
             h = h + layer.o(self._attention(q, k, v, mask, t))
             x = rms_norm(h, layer.ln2, layer.eps2)
             h = h + layer.down(F.silu(layer.gate(x)) * layer.up(x))

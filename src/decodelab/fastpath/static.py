@@ -88,11 +88,11 @@ class _Block(nn.Module):
 class StaticStep(nn.Module):
     """Fixed-shape decode step over a :class:`~decodelab.fastpath.cache.StaticKVCache`'s buffers.
 
-    ``forward(ids, positions, index, kv, pad) -> logits``:
+    ``forward(ids, positions, index, keys, values, pad) -> logits``:
 
     * ids (B, 1) int64, positions (B, 1) int64 rotary positions, index (1,) int64 cache slot to write;
-    * kv (n_layers, 2, B, H_kv, capacity, D), written in place at ``index``; pad (B, capacity) bool, True on the
-      positions to attend to (the new one included);
+    * keys / values: per layer (B, H_kv, capacity, D), written in place at ``index``; pad (B, capacity) bool, True
+      on the positions to attend to (the new one included);
     * returns (B, V) logits in the model's dtype.
     """
 
@@ -107,7 +107,7 @@ class StaticStep(nn.Module):
         self.blocks = nn.ModuleList([_Block(layer) for layer in decoder.layers])
         self.lm_head = as_module(decoder.lm_head)
 
-    def forward(self, ids, positions, index, kv, pad):
+    def forward(self, ids, positions, index, keys, values, pad):
         b = ids.shape[0]
         h = F.embedding(ids, self.embed)
         cos, sin = self.rotary(h, positions)
@@ -121,10 +121,10 @@ class StaticStep(nn.Module):
             k = blk.k(x).view(shape).transpose(1, 2)
             v = blk.v(x).view(shape).transpose(1, 2)
             q, k = rope(q, cos, sin), rope(k, cos, sin)
-            kv[i, 0].index_copy_(2, index, k)
-            kv[i, 1].index_copy_(2, index, v)
-            att = F.scaled_dot_product_attention(q.reshape(b, self.n_kv, self.groups, self.head_dim), kv[i, 0],
-                                                 kv[i, 1], attn_mask=mask, scale=self.scaling)
+            keys[i].index_copy_(2, index, k)
+            values[i].index_copy_(2, index, v)
+            att = F.scaled_dot_product_attention(q.reshape(b, self.n_kv, self.groups, self.head_dim), keys[i],
+                                                 values[i], attn_mask=mask, scale=self.scaling)
             att = att.reshape(b, -1, 1, self.head_dim).transpose(1, 2).reshape(b, 1, -1)
             h = h + blk.o(att)
             x = rms_norm(h, blk.ln2, blk.eps2)

@@ -153,10 +153,10 @@ def _valid_len(text: str) -> int:
 class _Row:
     """One generated row: its ids, the start offset of each token, the streamed text so far."""
 
-    def __init__(self, lm, prompt_ids: list[int], stops: tuple[str, ...], stream: bool, want_offsets: bool):
+    def __init__(self, lm, prompt_ids: list[int], cfg, stream: bool, want_offsets: bool):
         self.tok = lm.tokenizer
         self.context = prompt_context(prompt_ids)
-        self.detok = IncrementalDetokenizer(self.tok, prompt_ids, stops) if stream else None
+        self.detok = IncrementalDetokenizer(self.tok, prompt_ids, cfg.stop_strings, lm.stop_ids(cfg)) if stream else None
         self.want_offsets = want_offsets
         self.ids: list[int] = []
         self.starts: list[int] = []
@@ -219,7 +219,7 @@ def run_job(lm, job: Job) -> Generator[Any, None, list[ChoiceResult]]:
         job.prompt_tokens_info = [prompt_logprobs(lm, p, ids, job.logprobs or 0, infos)
                                   for p, ids in zip(job.prompts, job.prompt_ids)]
     yield READY
-    eos_ids = set(cfg.eos_token_id if cfg.eos_token_id is not None else lm.eos_ids)
+    eos_ids = set(lm.stop_ids(cfg))
     results: list[ChoiceResult] = []
     stream_rows = job.stream and not cfg.is_beam
     for p, prompt in enumerate(job.prompts):
@@ -242,7 +242,7 @@ def run_job(lm, job: Job) -> Generator[Any, None, list[ChoiceResult]]:
                 continue
             tokens, running = event
             if not rows:
-                rows = [_Row(lm, job.prompt_ids[p], cfg.stop_strings, stream_rows, job.logprobs is not None)
+                rows = [_Row(lm, job.prompt_ids[p], cfg, stream_rows, job.logprobs is not None)
                         for _ in tokens]
             steps: dict[int, Any] = {}
             trace = get_trace()
@@ -271,7 +271,7 @@ def run_job(lm, job: Job) -> Generator[Any, None, list[ChoiceResult]]:
             if j < len(rows):
                 row = rows[j]
             else:  # beam search: build the row from the result
-                row = _Row(lm, job.prompt_ids[p], cfg.stop_strings, False, job.logprobs is not None)
+                row = _Row(lm, job.prompt_ids[p], cfg, False, job.logprobs is not None)
                 row.ids = list(seq.new_ids)
             if job.logprobs is not None and row.detok is None:
                 row.compute_starts()

@@ -1,0 +1,84 @@
+"""``make bench-peers``: llama.cpp (through llama-cpp-python) on the same weights, for comparison with bench/run.py.
+
+The embedded model ships as ``SmolLM2-135M-Instruct.Q4_1.gguf``; decodelab's float32 weights are that file
+dequantized. This script requantizes the same file with ``llama_model_quantize`` (``allow_requantize``) to F32,
+BF16 and Q8_0, so every llama.cpp figure is on the very weights decodelab runs, then times greedy decoding of 128
+tokens (``--runs`` times, median) with ``n_threads`` threads. llama-cpp-python builds llama.cpp from source (minutes):
+``make bench-peers`` installs it; CI never does. Results go to ``bench/results/peers-<stamp>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from probes import loadavg  # noqa: E402
+
+PROMPT = "It was a dark and stormy night, and the old lighthouse keeper"
+FTYPES = {"f32": 0, "bf16": 32, "q8_0": 7, "q4_1": 3}  # llama_ftype values (llama.h)
+
+
+def requantize(llama_cpp, src: pathlib.Path, dst: pathlib.Path, ftype: int) -> None:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed ({rc}) for ftype {ftype}")
+
+
+def time_greedy(llama_cpp, path: pathlib.Path, threads: int, runs: int, tokens: int) -> dict:
+    llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_ctx=512, verbose=False, seed=0)
+    llm(PROMPT, max_tokens=4, temperature=0.0, top_k=1)  # warm-up
+    speeds, loads = [], []
+    for _ in range(runs):
+        loads.append(loadavg()[0])
+        start = time.perf_counter()
+        out = llm(PROMPT, max_tokens=tokens, temperature=0.0, top_k=1)
+        seconds = time.perf_counter() - start
+        speeds.append(out["usage"]["completion_tokens"] / seconds)
+    return {"tok_s_median": statistics.median(speeds), "tok_s_min": min(speeds), "tok_s_max": max(speeds),
+            "load": loads}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=128)
+    args = ap.parse_args(argv)
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama-cpp-python is not installed: `make bench-peers` installs it (builds llama.cpp, minutes)")
+        return 1
+    from decodelab.models import embedded_gguf_path
+
+    src = embedded_gguf_path()
+    report = {"llama_cpp_python": getattr(llama_cpp, "__version__", "?"), "threads": args.threads, "results": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, ftype in FTYPES.items():
+            path = src if name == "q4_1" else pathlib.Path(tmp) / f"model-{name}.gguf"
+            if name != "q4_1":
+                requantize(llama_cpp, src, path, ftype)
+            res = time_greedy(llama_cpp, path, args.threads, args.runs, args.tokens)
+            report["results"][name] = res
+            print(f"llama.cpp {name:5s} {res['tok_s_median']:6.1f} tok/s ({res['tok_s_min']:.1f}-{res['tok_s_max']:.1f})",
+                  flush=True)
+    out = HERE / "results" / f"peers-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=1))
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
