@@ -32,7 +32,7 @@ def decodelab_side(lm, prompt: str, **kw) -> Side:
 def generate_side(model, tokenizer, prompt: str, seed: int | None = None, **kw) -> Side:
     """``model.generate`` with the attention mask and pad id set; returns the new ids of every row, cut after the
     first eos (what decodelab returns), and their total count. ``seed``: ``torch.manual_seed`` before sampling."""
-    enc = tokenizer(prompt, return_tensors="pt")
+    enc = tokenizer(prompt, return_tensors="pt").to(model.device)
     width = enc.input_ids.shape[1]
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
@@ -55,12 +55,21 @@ def generate_side(model, tokenizer, prompt: str, seed: int | None = None, **kw) 
 def timed(fn: Side) -> dict:
     """One run of ``fn`` under :class:`PeakRSS`: seconds, tokens, tokens/s, peak RSS (MiB), load average."""
     load = loadavg()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as peak:
         start = time.perf_counter()
         ids, n = fn()
+        if cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens": n, "tok_s": n / seconds, "peak_rss_mb": round(peak.peak, 1),
-            "load": load, "ids": ids}
+    out = {"seconds": seconds, "tokens": n, "tok_s": n / seconds, "peak_rss_mb": round(peak.peak, 1),
+           "load": load, "ids": ids}
+    if cuda:
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
 
 
 def side_by_side(sides: dict[str, Side], runs: int, warmup: int = 1) -> dict:
@@ -85,6 +94,7 @@ def side_by_side(sides: dict[str, Side], runs: int, warmup: int = 1) -> dict:
             "seconds": summary([x["seconds"] for x in rs]),
             "tokens": rs[-1]["tokens"],
             "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
+            "peak_cuda_mb": max((x.get("peak_cuda_mb", 0.0) for x in rs), default=0.0) or None,
             "load": [x["load"][0] for x in rs],
             "ids": rs[-1]["ids"],
         }

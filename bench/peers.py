@@ -72,8 +72,8 @@ def main(argv=None) -> int:
                 requantize(llama_cpp, src, path, ftype)
             res = time_greedy(llama_cpp, path, args.threads, args.runs, args.tokens)
             report["results"][name] = res
-            print(f"llama.cpp {name:5s} {res['tok_s_median']:6.1f} tok/s ({res['tok_s_min']:.1f}-{res['tok_s_max']:.1f})",
-                  flush=True)
+            print(f"llama.cpp {name:5s} {res['tok_s_median']:6.1f} tok/s "
+                  f"({res['tok_s_min']:.1f}-{res['tok_s_max']:.1f})", flush=True)
     out = HERE / "results" / f"peers-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=1))
     print(f"written {out}")

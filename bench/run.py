@@ -60,7 +60,8 @@ def strip_ids(res: dict) -> dict:
 def case_pair(name, ours, theirs, runs, extra=None) -> dict:
     print(f"  {name} ...", flush=True)
     res = side_by_side({"decodelab": ours, "generate": theirs}, runs)
-    res = strip_ids(res) | {"case": name, "speedup": res["decodelab"]["tok_s"]["median"] / res["generate"]["tok_s"]["median"]}
+    speedup = res["decodelab"]["tok_s"]["median"] / res["generate"]["tok_s"]["median"]
+    res = strip_ids(res) | {"case": name, "speedup": speedup}
     return res | (extra or {})
 
 
@@ -88,10 +89,13 @@ def run_dtypes(lm32, model_name, runs, gemv_gbs, quality_ids) -> list[dict]:
     out = []
     ref_engine = lm32.engine
     greedy32 = lm32.generate(PROMPT, **GREEDY).sequences[0].new_ids
-    lm16 = decodelab.load(model_name, dtype="bfloat16")
+    device = lm32.engine.device
+    lm16 = decodelab.load(model_name, dtype="bfloat16", device=device)
     variants = [("bfloat16", None, False), ("bfloat16+int8", "int8", False), ("bfloat16+int4", "int4", False),
                 ("bfloat16+int4, int8 lm_head", "int4", True)]
     for label, scheme, head in variants:
+        if scheme and device.type != "cpu":
+            continue  # the int8 / int4 kernels are PyTorch's CPU ones
         lm = lm_on(lm16, quantize=scheme, quantize_lm_head=head) if scheme else lm16
         ours = decodelab_side(lm, PROMPT, **GREEDY)
         theirs = generate_side(lm16.model, lm16.tokenizer, PROMPT, **GREEDY)
@@ -110,18 +114,33 @@ def run_dtypes(lm32, model_name, runs, gemv_gbs, quality_ids) -> list[dict]:
     return out
 
 
-def run_compile(lm32, runs, gemv_gbs) -> list[dict]:
-    """Compiled decode step (float32 and bfloat16+int8), against the eager fast path."""
+def run_compile(lm32, model_name, runs) -> list[dict]:
+    """The compiled decode step (``compile=True``: Inductor max-autotune + freezing, artifacts cached on disk)
+    against the eager fast path, float32 and bfloat16+int4. ``first_call_s``: the first generate of the process
+    (compiling, or loading the cached artifacts when an earlier run left them)."""
     out = []
-    for label, kw in (("float32", {}),):
-        start = time.perf_counter()
-        clm = lm_on(lm32, compile=True, **kw)
-        clm.generate(PROMPT, max_new_tokens=2)
-        first = time.perf_counter() - start
-        res = side_by_side({"compiled": decodelab_side(clm, PROMPT, **GREEDY),
-                            "eager": decodelab_side(lm32, PROMPT, **GREEDY)}, runs)
-        res = strip_ids(res) | {"case": f"greedy128 compiled {label}", "compile_s": first}
-        out.append(res)
+    lm16 = None
+    device = lm32.engine.device
+    for label, scheme in (("float32", None), ("bfloat16+int4", "int4")):
+        if scheme and device.type != "cpu":
+            continue
+        if scheme:
+            lm16 = lm16 or decodelab.load(model_name, dtype="bfloat16")
+        base = lm16 if scheme else lm32
+        print(f"  compiled {label} ...", flush=True)
+        try:
+            start = time.perf_counter()
+            clm = lm_on(base, compile=True, quantize=scheme)
+            clm.generate(PROMPT, max_new_tokens=2)
+            first = time.perf_counter() - start
+            eager = lm_on(base, quantize=scheme) if scheme else base
+            res = side_by_side({"compiled": decodelab_side(clm, PROMPT, **GREEDY),
+                                "eager": decodelab_side(eager, PROMPT, **GREEDY)}, runs)
+            stats = {f"{b}x{c}": v for (b, c), v in clm.engine.compiled.stats.items()}
+            out.append(strip_ids(res) | {"case": f"greedy128 compiled {label}", "first_call_s": first,
+                                         "compile_stats": stats})
+        except Exception as err:  # report, do not lose the rest of the bench
+            out.append({"case": f"greedy128 compiled {label}", "error": f"{type(err).__name__}: {err}"[:500]})
     return out
 
 
@@ -152,10 +171,15 @@ def print_table(report: dict) -> None:
                   f"{r['prefix_match_generate']}; {r['weight_bytes'] / 1e6:.0f} MB/token, ceiling "
                   f"{r['ceiling_tok_s']:.0f} tok/s")
     for r in report.get("kernels", []):
-        print(f"  kernel {r['kernel']:30s} {r['ms_median']:8.1f} ms per step's weights  (<= {r['tok_s_bound']:.1f} tok/s)")
+        print(f"  kernel {r['kernel']:30s} {r['ms_median']:8.1f} ms per step's weights  "
+              f"(<= {r['tok_s_bound']:.1f} tok/s)")
     for r in report.get("compiled", []):
+        if "error" in r:
+            print(f"  {r['case']}: failed: {r['error']}")
+            continue
         print(f"  {r['case']}: compiled {r['compiled']['tok_s']['median']:.1f} tok/s vs eager "
-              f"{r['eager']['tok_s']['median']:.1f}; first call {r['compile_s']:.1f} s")
+              f"{r['eager']['tok_s']['median']:.1f} (same ids: {r['same_ids']}); first call of the process "
+              f"{r['first_call_s']:.1f} s")
 
 
 def main(argv=None) -> int:
@@ -164,6 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--cases", default="greedy,beam,sample,latency,dtypes,kernels", help="comma-separated case names")
     ap.add_argument("--model", default=None, help="model for decodelab.load (default: the embedded one)")
+    ap.add_argument("--device", default=None, help="cpu (default) or cuda (quantized cases are CPU-only)")
     ap.add_argument("--compile", action="store_true", help="also bench the compiled decode step")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<stamp>.json)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 16 new tokens per case, 1 run")
@@ -188,7 +213,7 @@ def main(argv=None) -> int:
     report["bandwidth"] = bandwidth()
     gemv = report["bandwidth"]["gemv_gbs"]
     start = time.perf_counter()
-    lm = decodelab.load(args.model, dtype="float32")
+    lm = decodelab.load(args.model, dtype="float32", device=args.device)
     report["load_s"] = time.perf_counter() - start
     model, tok = lm.model, lm.tokenizer
     wb = weight_bytes(lm.engine.fast)
@@ -220,7 +245,7 @@ def main(argv=None) -> int:
         print("  kernels ...", flush=True)
         report["kernels"] = kernels.run(rounds=args.runs)
     if args.compile:
-        report["compiled"] = run_compile(lm, args.runs, gemv)
+        report["compiled"] = run_compile(lm, args.model, args.runs)
     report["load_end"] = loadavg()
     report["finished"] = dt.datetime.now().isoformat(timespec="seconds")
     out = pathlib.Path(args.out) if args.out else HERE / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"

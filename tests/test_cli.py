@@ -49,7 +49,7 @@ class SpyLM:
 @pytest.fixture
 def spy(lm, monkeypatch):
     s = SpyLM(lm)
-    monkeypatch.setattr(cli, "_load_lm", lambda model, device, dtype, announce=False: s)
+    monkeypatch.setattr(cli, "_load_lm", lambda model, device, dtype, announce=False, **engine_options: s)
     return s
 
 
@@ -139,7 +139,7 @@ class RecordingLM:
 
 def test_generate_passes_given_options_as_given_and_nothing_else(monkeypatch):
     rec = RecordingLM()
-    monkeypatch.setattr(cli, "_load_lm", lambda model, device, dtype, announce=False: rec)
+    monkeypatch.setattr(cli, "_load_lm", lambda model, device, dtype, announce=False, **engine_options: rec)
     data = json.loads(ok("generate", PROMPT, "--json").stdout)
     assert rec.calls[-1] == {} and data["sequences"][0]["text"] == PROMPT + "!"
     ok("generate", PROMPT, "--json", "--num-beams", "2", "--max-new-tokens", "3", "--length-penalty", "0.5",

@@ -208,3 +208,21 @@ def test_compiled_step_matches_eager_and_is_reused_from_disk(tiny_llama, tmp_pat
     again.engine.compiled.progress = messages.append
     assert again.generate("It was a dark and stormy", **kw).sequences[0].new_ids == b.sequences[0].new_ids
     assert again.engine.compiled.stats[(1, 256)]["loaded"]
+
+
+def test_batch1_float32_steps_use_half_matrix_products_bit_exactly(tiny_qwen2):
+    """With >= 2 threads a batch-1 float32 step splits every projection into two half-matrix products (one
+    ``bmm``); the logits stay bit-for-bit those of plain ``F.linear`` (Qwen2: biases included)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        split, plain = Engine(tiny_qwen2.model), Engine(tiny_qwen2.model)
+        plain.fast.halves = False
+        assert split.fast._halves_for(1) and not split.fast._halves_for(2) and not plain.fast._halves_for(1)
+        enc = batch(tiny_qwen2, ["The capital of France is"])
+        a, _ = run_steps(split, enc.input_ids, enc.attention_mask, 10, hint=10)
+        b, _ = run_steps(plain, enc.input_ids, enc.attention_mask, 10, hint=10)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    finally:
+        torch.set_num_threads(threads)

@@ -169,12 +169,15 @@ class CompiledStep:
 
 
 def _code_version() -> str:
-    """sha256 (16 hex digits) of the modules whose code the compiled graph is traced from."""
+    """sha256 (16 hex digits) of the code the compiled graph is traced from: :mod:`decodelab.fastpath.static`
+    and the functions it calls."""
+    import inspect
+
     from .fastpath import decoder, static
 
-    h = hashlib.sha256()
-    for mod in (decoder, static):
-        h.update(pathlib.Path(mod.__file__).read_bytes())
+    h = hashlib.sha256(pathlib.Path(static.__file__).read_bytes())
+    for fn in (decoder.rms_norm, decoder.rope):
+        h.update(inspect.getsource(fn).encode())
     return h.hexdigest()[:16]
 
 

@@ -108,6 +108,20 @@ class Layer:
         return {name: getattr(self, name) for name in ("q", "k", "v", "o", "gate", "up", "down")}
 
 
+def half_linear(dense: Dense, x: torch.Tensor) -> torch.Tensor:
+    """``dense(x)`` for one row x (1, 1, K) -> (1, 1, N), as one ``torch.bmm`` over the two halves of the weight's
+    output rows (a view, no copy). PyTorch runs a float32 ``F.linear`` of one row as a single-threaded
+    matrix-vector product, leaving the other cores idle while it streams the weight; ``bmm`` hands the halves to
+    two OpenMP threads. Each output element is still the same dot product by the same kernel, so the result is
+    bit-for-bit ``F.linear``'s (tests/test_fastpath.py compares against transformers); a bias is added after."""
+    w = dense.weight
+    n, k = w.shape
+    if n % 2:
+        return dense(x)
+    y = torch.bmm(x.reshape(1, 1, k).expand(2, 1, k), w.view(2, n // 2, k).transpose(1, 2)).reshape(1, 1, n)
+    return y if dense.bias is None else y + dense.bias
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``LlamaRMSNorm``: ``weight * (x / sqrt(mean(x**2) + eps))``, the statistics in float32. (..., H) -> (..., H)."""
     dtype = x.dtype
@@ -140,7 +154,7 @@ class FastDecoder:
     weight-only quantized linears); ``lm_head`` likewise.
     """
 
-    def __init__(self, model, pack: bool | None = None) -> None:
+    def __init__(self, model, pack: bool | None = None, halves: bool | None = None) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"fast path unsupported: {reason}")
@@ -163,6 +177,13 @@ class FastDecoder:
         self.norm, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
         self.lm_head = dense(model.lm_head.weight, model.lm_head.bias)
         self.quantized: str | None = None
+        self.halves = (self.device.type == "cpu" and self.dtype == torch.float32) if halves is None else halves
+
+    def _halves_for(self, rows: int) -> bool:
+        """Whether this step's float32 projections run as two half-matrix products in one ``bmm`` (see
+        :func:`half_linear`): one row, plain ``F.linear`` projections, at least 2 torch threads."""
+        return (rows == 1 and self.halves and not self.packed and self.quantized is None
+                and torch.get_num_threads() >= 2)
 
     def new_cache(self, batch: int, capacity: int) -> StaticKVCache:
         """An empty cache of ``capacity`` positions for ``batch`` rows in the model's dtype and device."""
@@ -189,8 +210,9 @@ class FastDecoder:
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
                 keep_all: bool = False) -> torch.Tensor:
         """Feed (B, T) ``ids`` at (B, T) int64 ``positions``; returns the (B, V) logits of the last position in the
-        model's dtype (``keep_all``: the (B, T, V) logits of every position). Either a prefill (empty cache, any T; call ``cache.start(mask)`` first) or a decode step
-        (T == 1; call ``cache.append_mask()`` first). Writes the keys/values into ``cache`` and advances it.
+        model's dtype (``keep_all``: the (B, T, V) logits of every position). Either a prefill (empty cache, any
+        T; call ``cache.start(mask)`` first) or a decode step (T == 1; call ``cache.append_mask()`` first).
+        Writes the keys/values into ``cache`` and advances it.
 
         Raises:
             ValueError: T > 1 on a non-empty cache (chunked prefill is not supported).
@@ -214,22 +236,32 @@ class FastDecoder:
             else:
                 mask = pad[:, None, None, :]
         keys, values = cache.keys, cache.values
+        halves = self._halves_for(b * t)
         shape = (b, t, -1, self.head_dim)
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.ln1, layer.eps1)
-            q = layer.q(x).view(shape).transpose(1, 2)
-            k = layer.k(x).view(shape).transpose(1, 2)
-            v = layer.v(x).view(shape).transpose(1, 2)
+            if halves:
+                q, k, v = half_linear(layer.q, x), half_linear(layer.k, x), half_linear(layer.v, x)
+            else:
+                q, k, v = layer.q(x), layer.k(x), layer.v(x)
+            q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
             q, k = rope(q, cos, sin), rope(k, cos, sin)
             keys[i][:, :, past:total] = k
             values[i][:, :, past:total] = v
             if past:
                 k, v = keys[i][:, :, :total], values[i][:, :, :total]
-            h = h + layer.o(self._attention(q, k, v, mask, t))
+            att = self._attention(q, k, v, mask, t)
+            h = h + (half_linear(layer.o, att) if halves else layer.o(att))
             x = rms_norm(h, layer.ln2, layer.eps2)
-            h = h + layer.down(F.silu(layer.gate(x)) * layer.up(x))
+            if halves:
+                act = F.silu(half_linear(layer.gate, x)) * half_linear(layer.up, x)
+                h = h + half_linear(layer.down, act)
+            else:
+                h = h + layer.down(F.silu(layer.gate(x)) * layer.up(x))
         cache.length = total
         h = rms_norm(h, self.norm, self.norm_eps)
         if keep_all:
             return self.lm_head(h)
+        if halves:
+            return half_linear(self.lm_head, h[:, -1:, :])[:, -1]
         return self.lm_head(h[:, -1:, :])[:, -1]
