@@ -2,8 +2,10 @@
 
 What is compiled is :class:`decodelab.fastpath.static.StaticStep` (one token per row, fixed batch and cache
 capacity), on CPU with ``max_autotune`` + ``coordinate_descent_tuning`` (``mode="max-autotune-no-cudagraphs"``)
-and ``freezing`` (weights become constants that Inductor can prepack); on CUDA with CUDA graphs
-(``mode="reduce-overhead"``; untested here: this project's machines have no GPU). The prefill stays eager.
+and ``freezing`` (weights become constants that Inductor can prepack); on CUDA with ``mode="reduce-overhead"``
+(CUDA graphs; untested: this project's machines have no GPU. The KV cache is a fresh input per request and is
+mutated in place, so Inductor may skip the graphs and run the compiled kernels without them; pooling caches per
+shape and marking them static would be the next step). The prefill stays eager.
 
 Compiling costs minutes on a small CPU. To pay that once per machine rather than once per process, the first
 process saves PyTorch's portable cache artifacts (``torch.compiler.save_cache_artifacts``: Inductor's FX graph
