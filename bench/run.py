@@ -9,7 +9,8 @@ tokens, seeded), ``latency`` (time to first token: ``max_new_tokens=1`` on the s
 a 512-token prompt), ``dtypes`` (greedy 128 in bfloat16, and weight-only int8 / int4 with float32 and bfloat16
 activations, each with its quality figure: top-1 agreement with float32 and perplexity on bench/quality_text.txt).
 ``kernels``: the matrix-vector kernels alone on a decode step's worth of weights (bench/kernels.py).
-``--compile`` adds the Inductor-compiled decode step (see decodelab.compile_cache).
+Float32 cases run once per ``--kernels`` value (default ``exact,fast``: bit-exact and weight-first products, see
+decodelab.fastpath.decoder.WeightMajorDense). ``--compile`` adds the Inductor-compiled decode step (see decodelab.compile_cache).
 
 The bandwidth ceiling is measured first (bench/probes.py): tokens/s can at best be ``gemv GB/s / weight bytes``.
 Results go to ``bench/results/<stamp>.json``; the table is printed. Timings on a shared machine are noisy: read the
@@ -65,7 +66,7 @@ def case_pair(name, ours, theirs, runs, extra=None) -> dict:
     return res | (extra or {})
 
 
-def run_latency(lm, model, tok, runs) -> list[dict]:
+def run_latency(lm, model, tok, runs, suffix: str = "") -> list[dict]:
     """Time to first token (short prompt) and prefill tokens/s (512-token prompt), both ``max_new_tokens=1``."""
     out = []
     text = (HERE / "quality_text.txt").read_text()
@@ -74,7 +75,7 @@ def run_latency(lm, model, tok, runs) -> list[dict]:
     for label, prompt in (("ttft", PROMPT), ("prefill512", long_prompt)):
         n = len(tok(prompt).input_ids)
         kw = dict(max_new_tokens=1, do_sample=False)
-        res = case_pair(label, decodelab_side(lm, prompt, **kw), generate_side(model, tok, prompt, **kw), runs)
+        res = case_pair(label + suffix, decodelab_side(lm, prompt, **kw), generate_side(model, tok, prompt, **kw), runs)
         for side in ("decodelab", "generate"):
             secs = res[side]["seconds"]
             res[side]["prompt_tokens"] = n
@@ -153,7 +154,7 @@ def print_table(report: dict) -> None:
     print(f"\nmachine: {report['machine']['cpu']} ({report['machine']['threads']} threads), torch "
           f"{report['machine']['torch']}; gemv {bw['gemv_gbs']} GB/s, copy {bw['copy_gbs']} GB/s; "
           f"load before/after {report['load_start']} / {report['load_end']}")
-    widths = [26, 22, 22, 8, 6, 10, 9]
+    widths = [34, 22, 22, 8, 6, 10, 9]
     print(fmt_row(["case", "decodelab tok/s", "generate tok/s", "speedup", "same", "RSS MiB", "ceiling"], widths))
     for r in report["cases"]:
         d, g = r["decodelab"], r["generate"]
@@ -189,6 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="greedy,beam,sample,latency,dtypes,kernels", help="comma-separated case names")
     ap.add_argument("--model", default=None, help="model for decodelab.load (default: the embedded one)")
     ap.add_argument("--device", default=None, help="cpu (default) or cuda (quantized cases are CPU-only)")
+    ap.add_argument("--kernels", default="exact,fast",
+                    help="float32 greedy/beam/sample/latency with these engine kernels (comma-separated)")
     ap.add_argument("--compile", action="store_true", help="also bench the compiled decode step")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<stamp>.json)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 16 new tokens per case, 1 run")
@@ -220,21 +223,24 @@ def main(argv=None) -> int:
     report["model"] = {"name": lm.name, "weight_bytes_f32": wb, "ceiling_tok_s_f32": gemv * 1e9 / wb}
     frac = lambda r: r["decodelab"]["tok_s"]["median"] * wb / (gemv * 1e9)
     print(f"model {lm.name}: {wb / 1e6:.0f} MB of weights per token, ceiling {gemv * 1e9 / wb:.1f} tok/s", flush=True)
-    if "greedy" in cases:
-        r = case_pair("greedy128 float32", decodelab_side(lm, PROMPT, **GREEDY),
-                      generate_side(model, tok, PROMPT, **GREEDY), args.runs)
-        report["cases"].append(r | {"bandwidth_fraction": frac(r)})
-    if "beam" in cases:
-        r = case_pair("beam5x64 float32", decodelab_side(lm, PROMPT, **BEAM),
-                      generate_side(model, tok, PROMPT, **BEAM), args.runs)
-        report["cases"].append(r)
-    if "sample" in cases:
-        r = case_pair("sample8x64 float32", decodelab_side(lm, PROMPT, seed=1, **SAMPLE),
-                      generate_side(model, tok, PROMPT, seed=1, **SAMPLE), args.runs)
-        r["same_ids"] = None  # different RNG streams per row: not comparable token for token
-        report["cases"].append(r)
-    if "latency" in cases:
-        report["cases"].extend(run_latency(lm, model, tok, args.runs))
+    for kernels in args.kernels.split(","):
+        klm = lm if kernels == "exact" else lm_on(lm, kernels=kernels)
+        suffix = "" if kernels == "exact" else f" kernels={kernels}"
+        if "greedy" in cases:
+            r = case_pair(f"greedy128 float32{suffix}", decodelab_side(klm, PROMPT, **GREEDY),
+                          generate_side(model, tok, PROMPT, **GREEDY), args.runs)
+            report["cases"].append(r | {"bandwidth_fraction": frac(r), "kernels": kernels})
+        if "beam" in cases:
+            r = case_pair(f"beam5x64 float32{suffix}", decodelab_side(klm, PROMPT, **BEAM),
+                          generate_side(model, tok, PROMPT, **BEAM), args.runs)
+            report["cases"].append(r | {"kernels": kernels})
+        if "sample" in cases:
+            r = case_pair(f"sample8x64 float32{suffix}", decodelab_side(klm, PROMPT, seed=1, **SAMPLE),
+                          generate_side(model, tok, PROMPT, seed=1, **SAMPLE), args.runs)
+            r["same_ids"] = None  # different RNG streams per row: not comparable token for token
+            report["cases"].append(r | {"kernels": kernels})
+        if "latency" in cases:
+            report["cases"].extend(r | {"kernels": kernels} for r in run_latency(klm, model, tok, args.runs, suffix))
     if "dtypes" in cases:
         ids = tok((HERE / "quality_text.txt").read_text()).input_ids
         report["quality_text_tokens"] = len(ids)

@@ -226,3 +226,61 @@ def test_batch1_float32_steps_use_half_matrix_products_bit_exactly(tiny_qwen2):
             assert torch.equal(x, y)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_weight_major_dense_matches_f_linear(rows, bias):
+    """``kernels="fast"`` projections: every row count's kernel (bmm of halves, mm, oneDNN packed) gives F.linear's
+    result to float32 rounding, in the shape F.linear gives."""
+    from decodelab.fastpath.decoder import WeightMajorDense
+
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 64, generator=gen)
+    b = torch.randn(96, generator=gen) if bias else None
+    x = torch.randn(rows, 1, 64, generator=gen)
+    ref = torch.nn.functional.linear(x, weight, b)
+    out = WeightMajorDense(weight, b)(x)
+    assert out.shape == ref.shape == (rows, 1, 96)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=24), dict(max_new_tokens=12, num_beams=5),
+                                dict(max_new_tokens=10, num_beams=5, num_return_sequences=3, repetition_penalty=2.0),
+                                dict(max_new_tokens=10, do_sample=True, seed=5, top_k=50, num_return_sequences=4)],
+                         ids=["greedy", "beam5", "beam5-rp2-n3", "sample4"])
+def test_fast_kernels_return_the_plain_paths_tokens_on_embedded(embedded, kw):
+    """On the real SmolLM2 model, ``kernels="fast"`` (not bit-exact) returns the same tokens as transformers'
+    own forward (the plain path) for greedy, beam search and seeded sampling, with scores within 1e-3."""
+    fast, plain = lm_with(embedded, kernels="fast"), lm_with(embedded, fast=False)
+    from decodelab.fastpath.decoder import WeightMajorDense
+
+    assert isinstance(fast.engine.fast.layers[0].q, WeightMajorDense)
+    prompt = "It was a dark and stormy"
+    a, b = fast.generate(prompt, **kw), plain.generate(prompt, **kw)
+    assert [s.new_ids for s in a.sequences] == [s.new_ids for s in b.sequences]
+    assert [s.score for s in a.sequences] == pytest.approx([s.score for s in b.sequences], abs=1e-3)
+    assert len(a.sequences[0].new_ids) == kw["max_new_tokens"]
+
+
+def test_fast_kernel_logits_stay_within_rounding_of_the_model(tiny_qwen2):
+    fast, plain = Engine(tiny_qwen2.model, kernels="fast"), Engine(tiny_qwen2.model, fast=False)
+    enc = batch(tiny_qwen2, ["Hello there my good friend, how", "Hi"])
+    a, _ = run_steps(fast, enc.input_ids, enc.attention_mask, 8, hint=8)
+    b, _ = run_steps(plain, enc.input_ids, enc.attention_mask, 8, hint=8)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_kernels_value_is_a_config_error(tiny_llama):
+    with pytest.raises(decodelab.ConfigError, match="kernels='turbo'") as info:
+        Engine(tiny_llama.model, kernels="turbo")
+    assert info.value.param == "kernels"
+    with pytest.raises(decodelab.ConfigError, match="kernels"):
+        decodelab.load("/nonexistent/model/dir", kernels="turbo")  # checked before the (slow) model load
+    import copy
+
+    eager_attention = copy.deepcopy(tiny_llama.model)
+    eager_attention.config._attn_implementation = "eager"
+    with pytest.raises(decodelab.ConfigError, match="kernels needs the fast path"):
+        Engine(eager_attention, kernels="fast")

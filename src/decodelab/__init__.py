@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 
 def load(model: str | None = None, *, device=None, dtype=None, quantize: str | None = None,
-         compile: bool = False) -> LM:
+         compile: bool = False, kernels: str = "exact") -> LM:
     """Load a model and its tokenizer into an :class:`LM`.
 
     Args:
@@ -41,11 +41,14 @@ def load(model: str | None = None, *, device=None, dtype=None, quantize: str | N
             measured quality.
         compile: compile the engine's decode step with Inductor, caching the compiled code on disk
             (:mod:`decodelab.compile_cache`): the first process pays the compilation, later ones load it.
+        kernels: ``"exact"`` (default; float32 logits bit-for-bit transformers') or ``"fast"`` (weight-first
+            matrix products for decode steps: faster on CPU, logits equal to ~1e-6 relative, so outputs may differ
+            from ``model.generate`` where two candidates tie to within rounding). See :class:`decodelab.engine.Engine`.
 
     Raises:
         ModelLoadError: the model cannot be found or read (one line naming it and how to point at local weights).
-        ConfigError: a bad ``device``, ``dtype`` or ``quantize``, or ``quantize`` / ``compile`` for a model the
-            fast path does not support.
+        ConfigError: a bad ``device``, ``dtype``, ``quantize`` or ``kernels``, or ``quantize`` / ``compile`` /
+            ``kernels="fast"`` for a model the fast path does not support.
     """
     from .models import load_model
 
@@ -55,13 +58,13 @@ def load(model: str | None = None, *, device=None, dtype=None, quantize: str | N
         raise ConfigError(f"invalid quantize={quantize!r}: expected 'int8', 'int4' or None", param="quantize")
     if quantize is not None and dtype is None:
         dtype = "bfloat16"
-    loaded = load_model(model, device=device, dtype=dtype)
-    lm = LM(loaded.model, loaded.tokenizer, loaded.name, loaded.source)
-    if quantize is not None or compile:
-        from .engine import Engine
+    from .engine import Engine, check_kernels
 
-        lm.engine = Engine(loaded.model, quantize=quantize, compile=bool(compile))
-    return lm
+    kernels = check_kernels(kernels)  # before the (slow) model load
+    loaded = load_model(model, device=device, dtype=dtype)
+
+    engine = Engine(loaded.model, quantize=quantize, compile=bool(compile), kernels=kernels)
+    return LM(loaded.model, loaded.tokenizer, loaded.name, loaded.source, engine=engine)
 
 
 __all__ = [

@@ -42,6 +42,9 @@ Quantize = Annotated[Optional[str], typer.Option("--quantize", help="Weight-only
                                                  "given; no longer token-exact with transformers).")]
 Compile = Annotated[bool, typer.Option("--compile", help="Compile the decode step with Inductor (minutes the first "
                                        "time, cached on disk for later runs).")]
+Kernels = Annotated[Optional[str], typer.Option("--kernels", help="exact (default: float32 logits bit-for-bit "
+                                                "transformers') or fast (weight-first matrix products: faster on "
+                                                "CPU, equal to ~1e-6, may differ from transformers at near-ties).")]
 
 
 def _fail(message: str) -> "typer.Exit":
@@ -82,7 +85,7 @@ def _loading_note(name: str) -> str:
 
 
 def _load_lm(model: Optional[str], device: Optional[str], dtype: Optional[str], *, announce: bool = False,
-             quantize: Optional[str] = None, compile: bool = False):
+             quantize: Optional[str] = None, compile: bool = False, kernels: Optional[str] = None):
     """Load the model as :func:`decodelab.load` does; print a progress note on stderr when ``announce`` or when
     stderr is a terminal. Raises ModelLoadError / ConfigError (bad device, dtype or quantize)."""
     import decodelab
@@ -90,7 +93,8 @@ def _load_lm(model: Optional[str], device: Optional[str], dtype: Optional[str], 
 
     if announce or sys.stderr.isatty():
         typer.echo(_loading_note(model or default_model_name()), err=True)
-    return decodelab.load(model, device=device, dtype=dtype, quantize=quantize, compile=compile)
+    options = {"kernels": kernels} if kernels is not None else {}
+    return decodelab.load(model, device=device, dtype=dtype, quantize=quantize, compile=compile, **options)
 
 
 # --- tokens ------------------------------------------------------------------------------------------------------------
@@ -195,6 +199,7 @@ def generate(
     dtype: Dtype = None,
     quantize: Quantize = None,
     compile: Compile = False,
+    kernels: Kernels = None,
 ) -> None:
     """Continue PROMPT and show every returned sequence (with --trace: each step and the beam tree)."""
     from .config import GenerationConfig
@@ -211,7 +216,7 @@ def generate(
         raise typer.BadParameter("prints plain text; it cannot be combined with --json or --trace",
                                  param_hint="--stream")
     GenerationConfig.from_kwargs(**kwargs)  # fail fast on bad options, before the (slow) model load
-    lm = _load_lm(model, device, dtype, quantize=quantize, compile=compile)
+    lm = _load_lm(model, device, dtype, quantize=quantize, compile=compile, kernels=kernels)
     if stream:
         _stream(lm, prompt, kwargs)
         return
@@ -326,6 +331,7 @@ def serve(
     dtype: Dtype = None,
     quantize: Quantize = None,
     compile: Compile = False,
+    kernels: Kernels = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Largest max_tokens a request may ask "
                                                       "for (default 1024).")] = None,
     max_n: Annotated[Optional[int], typer.Option("--max-n", help="Largest n (and num_beams) per request "
@@ -345,7 +351,7 @@ def serve(
     if run is None:
         raise _fail("the server is not available in this installation (decodelab.server.run is missing)")
     given = {"model": model, "host": host, "port": port, "device": device, "dtype": dtype, "quantize": quantize,
-             "compile": compile or None, "max_tokens": max_tokens,
+             "compile": compile or None, "kernels": kernels, "max_tokens": max_tokens,
              "max_n": max_n, "max_concurrent": max_concurrent, "max_queue": max_queue,
              "max_body_bytes": max_body_bytes, "request_timeout_s": request_timeout}
     given = {k: v for k, v in given.items() if v is not None or k in ("model", "device", "dtype")}

@@ -57,6 +57,21 @@ def _fast_enabled(fast: bool | None) -> bool:
     return os.environ.get("DECODELAB_FASTPATH", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
+def check_kernels(kernels) -> str:
+    """``kernels`` normalised (``"exact"`` or ``"fast"``, case and spaces ignored; ``None`` means ``"exact"``).
+
+    Raises:
+        ConfigError: any other value.
+    """
+    from .errors import ConfigError
+    from .fastpath.decoder import KERNELS
+
+    value = "exact" if kernels is None else str(kernels).strip().lower()
+    if value not in KERNELS:
+        raise ConfigError(f"invalid kernels={kernels!r}: expected one of {', '.join(KERNELS)}", param="kernels")
+    return value
+
+
 class Engine:
     """Runs a transformers causal LM (Llama, Qwen2, ... any ``*ForCausalLM`` that accepts ``cache`` and
     ``logits_to_keep``) under ``torch.inference_mode``.
@@ -70,6 +85,10 @@ class Engine:
         quantize: ``None``, ``"int8"`` or ``"int4"``: weight-only quantization of the decoder's linear layers on
             the fast path (see :func:`decodelab.quantize.quantize_decoder`; the tied embedding / lm_head stays in
             the model's dtype unless ``quantize_lm_head``).
+        kernels: ``"exact"`` (default): the fast path's float32 logits are bit-for-bit the model's; ``"fast"``:
+            weight-first matrix products for decode steps (:class:`decodelab.fastpath.decoder.WeightMajorDense`),
+            faster on CPU and equal to the model's logits only to ~1e-6 relative (outputs can then differ from
+            ``model.generate`` where two candidates tie to within rounding).
         compile: compile the fast path's decode step with Inductor (see :mod:`decodelab.compile_cache`); a dict
             gives the ``torch.compile`` keyword arguments instead of :func:`decodelab.compile_cache.compile_options`.
 
@@ -77,25 +96,28 @@ class Engine:
         fast: the :class:`FastDecoder`, or ``None`` on the plain path. ``fast_reason``: why not, when ``None``.
 
     Raises:
-        ConfigError: ``quantize`` or ``compile`` requested for a model the fast path does not support, or an unknown
-            ``quantize`` value.
+        ConfigError: ``quantize``, ``compile`` or ``kernels="fast"`` requested for a model the fast path does not
+            support, or an unknown ``kernels`` value.
     """
 
     def __init__(self, model, *, fast: bool | None = None, pack: bool | None = None, quantize: str | None = None,
-                 quantize_lm_head: bool = False, compile: bool | dict = False) -> None:
+                 quantize_lm_head: bool = False, compile: bool | dict = False, kernels: str = "exact") -> None:
+        from .errors import ConfigError
+
+        kernels = check_kernels(kernels)
         self.model = model
         self.device = next(model.parameters()).device
         self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.fast: FastDecoder | None = None
-        self.fast_reason = unsupported_reason(model) if _fast_enabled(fast) or quantize or compile else "disabled"
+        wants_fast = bool(quantize or compile or kernels != "exact")
+        self.fast_reason = unsupported_reason(model) if _fast_enabled(fast) or wants_fast else "disabled"
         self.compiled = None
+        self.kernels = kernels
         if self.fast_reason is None:
-            self.fast = FastDecoder(model, pack=pack)
-        elif quantize or compile:
-            from .errors import ConfigError
-
-            param = "quantize" if quantize else "compile"
+            self.fast = FastDecoder(model, pack=pack, kernels=kernels)
+        elif wants_fast:
+            param = "quantize" if quantize else "compile" if compile else "kernels"
             raise ConfigError(f"{param} needs the fast path, which cannot run this model: {self.fast_reason}",
                               param=param)
         self.quantize = quantize

@@ -36,15 +36,15 @@ class LM:
     """A causal language model with its tokenizer and decodelab's decoding engine.
 
     Build it with :func:`decodelab.load`. Attributes: ``name`` (shown to users), ``model`` (transformers
-    ``PreTrainedModel``), ``tokenizer``, ``engine`` (:class:`decodelab.engine.Engine`).
+    ``PreTrainedModel``), ``tokenizer``, ``engine`` (:class:`decodelab.engine.Engine`; default: ``Engine(model)``).
     """
 
-    def __init__(self, model, tokenizer, name: str, source: str = "") -> None:
+    def __init__(self, model, tokenizer, name: str, source: str = "", engine: Engine | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.source = source
-        self.engine = Engine(model)
+        self.engine = Engine(model) if engine is None else engine
 
     def __repr__(self) -> str:
         return f"LM({self.name!r}, vocab={self.vocab_size}, context={self.context_window})"
