@@ -255,7 +255,7 @@ def test_fast_kernels_return_the_plain_paths_tokens_on_embedded(embedded, kw):
     fast, plain = lm_with(embedded, kernels="fast"), lm_with(embedded, fast=False)
     from decodelab.fastpath.decoder import WeightMajorDense
 
-    assert isinstance(fast.engine.fast.layers[0].q, WeightMajorDense)
+    assert isinstance(fast.engine.fast.layers[0].qkv, WeightMajorDense) and fast.engine.fast.layers[0].q is None
     prompt = "It was a dark and stormy"
     a, b = fast.generate(prompt, **kw), plain.generate(prompt, **kw)
     assert [s.new_ids for s in a.sequences] == [s.new_ids for s in b.sequences]
@@ -284,3 +284,27 @@ def test_bad_kernels_value_is_a_config_error(tiny_llama):
     eager_attention.config._attn_implementation = "eager"
     with pytest.raises(decodelab.ConfigError, match="kernels needs the fast path"):
         Engine(eager_attention, kernels="fast")
+
+
+def test_fused_projections_share_the_models_weights(tiny_qwen2):
+    """``kernels="fast"`` stacks q/k/v (with Qwen2's biases) and gate/up into one tensor each and rebinds the
+    model's parameters to views of it: same values, one copy, and the model's own forward is unchanged."""
+    model = tiny_qwen2.model
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    before = {name: t.detach().clone() for name, t in (("q", attn.q_proj.weight), ("k", attn.k_proj.weight),
+                                                       ("qb", attn.q_proj.bias), ("up", mlp.up_proj.weight))}
+    ids = torch.tensor([[5, 17, 42, 8]])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    engine = Engine(model, kernels="fast")
+    layer = engine.fast.layers[0]
+    assert layer.qkv_sizes == [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+    assert layer.qkv.weight.shape == (sum(layer.qkv_sizes), attn.q_proj.in_features)
+    assert attn.q_proj.weight.data_ptr() == layer.qkv.weight.data_ptr()
+    assert attn.k_proj.weight.data_ptr() == layer.qkv.weight[layer.qkv_sizes[0]:].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == layer.gate_up.weight[mlp.gate_proj.out_features:].data_ptr()
+    assert torch.equal(attn.q_proj.weight, before["q"]) and torch.equal(attn.k_proj.weight, before["k"])
+    assert torch.equal(attn.q_proj.bias, before["qb"]) and torch.equal(mlp.up_proj.weight, before["up"])
+    assert set(layer.projections()) == {"qkv", "o", "gate_up", "down"}
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref)

@@ -86,9 +86,11 @@ class Engine:
             the fast path (see :func:`decodelab.quantize.quantize_decoder`; the tied embedding / lm_head stays in
             the model's dtype unless ``quantize_lm_head``).
         kernels: ``"exact"`` (default): the fast path's float32 logits are bit-for-bit the model's; ``"fast"``:
-            weight-first matrix products for decode steps (:class:`decodelab.fastpath.decoder.WeightMajorDense`),
-            faster on CPU and equal to the model's logits only to ~1e-6 relative (outputs can then differ from
-            ``model.generate`` where two candidates tie to within rounding).
+            q/k/v and gate/up fused into one product each, fused RMSNorm and one rotary call per layer
+            (:class:`decodelab.fastpath.decoder.Layer`), and weight-first float32 products
+            (:class:`decodelab.fastpath.decoder.WeightMajorDense`): faster on CPU, logits equal to the model's only
+            to ~1e-6 relative (outputs can then differ from ``model.generate`` where two candidates tie to within
+            rounding). ``quantize`` also fuses the projections.
         compile: compile the fast path's decode step with Inductor (see :mod:`decodelab.compile_cache`); a dict
             gives the ``torch.compile`` keyword arguments instead of :func:`decodelab.compile_cache.compile_options`.
 
@@ -115,7 +117,7 @@ class Engine:
         self.compiled = None
         self.kernels = kernels
         if self.fast_reason is None:
-            self.fast = FastDecoder(model, pack=pack, kernels=kernels)
+            self.fast = FastDecoder(model, pack=pack, kernels=kernels, fuse=kernels == "fast" or bool(quantize))
         elif wants_fast:
             param = "quantize" if quantize else "compile" if compile else "kernels"
             raise ConfigError(f"{param} needs the fast path, which cannot run this model: {self.fast_reason}",

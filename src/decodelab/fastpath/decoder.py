@@ -142,22 +142,63 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 class Layer:
-    """One decoder layer's tensors: two RMSNorm weights (eps), q/k/v/o and gate/up/down projections (callables
-    ``(..., in) -> (..., out)``: :class:`Dense`, or a quantized linear from :mod:`decodelab.quantize`)."""
+    """One decoder layer's tensors: two RMSNorm weights (eps) and its projections (callables
+    ``(..., in) -> (..., out)``: :class:`Dense` and its variants, or a quantized linear from :mod:`decodelab.quantize`).
 
-    __slots__ = ("ln1", "eps1", "q", "k", "v", "o", "ln2", "eps2", "gate", "up", "down")
+    Unfused (the exact mode): ``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``. Fused (``fuse=True``): ``qkv``
+    (the q, k and v weights stacked: one product instead of three, split after) and ``gate_up`` (gate over up), with
+    ``o`` and ``down`` as they are; the unfused names are then ``None``. Fusing stacks the weights into new tensors
+    and rebinds the model's own q/k/v/gate/up parameters to views of them (same values, no second copy).
+    """
 
-    def __init__(self, block, dense: type[Dense] = Dense) -> None:
+    __slots__ = ("ln1", "eps1", "q", "k", "v", "o", "ln2", "eps2", "gate", "up", "down", "qkv", "qkv_sizes",
+                 "gate_up")
+
+    def __init__(self, block, dense: type[Dense] = Dense, fuse: bool = False) -> None:
         attn, mlp = block.self_attn, block.mlp
         self.ln1, self.eps1 = block.input_layernorm.weight, block.input_layernorm.variance_epsilon
         self.ln2, self.eps2 = block.post_attention_layernorm.weight, block.post_attention_layernorm.variance_epsilon
-        self.q, self.k, self.v, self.o = (dense(m.weight, m.bias) for m in
-                                          (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
-        self.gate, self.up, self.down = (dense(m.weight, m.bias) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        self.o, self.down = dense(attn.o_proj.weight, attn.o_proj.bias), dense(mlp.down_proj.weight, mlp.down_proj.bias)
+        self.qkv = self.gate_up = self.qkv_sizes = None
+        if fuse:
+            qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+            self.qkv_sizes = [m.weight.shape[0] for m in qkv]
+            self.qkv = dense(*_stack_weights(qkv))
+            self.gate_up = dense(*_stack_weights((mlp.gate_proj, mlp.up_proj)))
+            self.q = self.k = self.v = self.gate = self.up = None
+        else:
+            self.q, self.k, self.v = (dense(m.weight, m.bias) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+            self.gate, self.up = (dense(m.weight, m.bias) for m in (mlp.gate_proj, mlp.up_proj))
 
     def projections(self) -> dict[str, object]:
-        """The seven projections by name (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``)."""
-        return {name: getattr(self, name) for name in ("q", "k", "v", "o", "gate", "up", "down")}
+        """The projections by name: ``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``, or when fused ``qkv``,
+        ``o``, ``gate_up``, ``down``."""
+        names = ("qkv", "o", "gate_up", "down") if self.qkv is not None else ("q", "k", "v", "o", "gate", "up",
+                                                                               "down")
+        return {name: getattr(self, name) for name in names}
+
+
+@torch.no_grad()
+def _stack_weights(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack ``nn.Linear`` weights (and biases) along the output dimension into one new tensor, and rebind each
+    module's weight / bias to its rows of it (a view: the model keeps working, with the same values, and the
+    weights are stored once). Returns (weight (sum N, K), bias (sum N,) or None)."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    has_bias = [m.bias is not None for m in linears]
+    bias = None
+    if all(has_bias):
+        bias = torch.cat([m.bias.detach() for m in linears])
+    elif any(has_bias):
+        bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.weight.shape[0])
+                          for m in linears])
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight.data = weight[start : start + n]
+        if m.bias is not None and bias is not None:
+            m.bias.data = bias[start : start + n]
+        start += n
+    return weight, bias
 
 
 def half_linear(dense: Dense, x: torch.Tensor) -> torch.Tensor:
@@ -184,6 +225,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x if dtype == torch.float32 else x.to(dtype))
 
 
+def fast_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as one fused ATen call (``torch.nn.functional.rms_norm``), used by the fused (``kernels="fast"``)
+    layers: same formula as :func:`rms_norm`, one operation instead of six, rounding not guaranteed identical in
+    16-bit dtypes. (..., H) -> (..., H)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding, ``apply_rotary_pos_emb``'s ``x * cos + rotate_half(x) * sin`` computed as
     ``x * cos + roll(x, D/2) * signed_sin`` with ``signed_sin = [-sin[:D/2], sin[D/2:]]``: the same products bit for
@@ -205,11 +253,12 @@ class FastDecoder:
     where :func:`can_pack`). ``kernels="fast"`` runs the unpacked projections as :class:`WeightMajorDense`
     (faster, no longer bit-for-bit ``F.linear``); ``"exact"`` (default) keeps transformers' numbers. ``layers``
     may be rewritten by :mod:`decodelab.quantize` (projections replaced by weight-only quantized linears);
-    ``lm_head`` likewise.
+    ``lm_head`` likewise. ``fuse`` (default: with ``kernels="fast"``) stacks q/k/v and gate/up into one product
+    each (see :class:`Layer`).
     """
 
     def __init__(self, model, pack: bool | None = None, halves: bool | None = None,
-                 kernels: str = "exact") -> None:
+                 kernels: str = "exact", fuse: bool | None = None) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"fast path unsupported: {reason}")
@@ -230,9 +279,12 @@ class FastDecoder:
         self.packed = can_pack(self.dtype, self.device) if pack is None else bool(pack)
         self.kernels = kernels
         weight_major = kernels == "fast" and not self.packed and self.device.type == "cpu"
+        if fuse is None:
+            fuse = kernels == "fast"
         dense = PackedDense if self.packed else WeightMajorDense if weight_major else Dense
         self.rotary = inner.rotary_emb
-        self.layers = [Layer(block, dense) for block in inner.layers[: cfg.num_hidden_layers]]
+        self.fused = bool(fuse)
+        self.layers = [Layer(block, dense, fuse=self.fused) for block in inner.layers[: cfg.num_hidden_layers]]
         self.norm, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
         self.lm_head = dense(model.lm_head.weight, model.lm_head.bias)
         self.quantized: str | None = None
@@ -298,28 +350,39 @@ class FastDecoder:
         keys, values = cache.keys, cache.values
         halves = self._halves_for(b * t)
         shape = (b, t, -1, self.head_dim)
+        fused = self.fused
+        norm = fast_rms_norm if fused else rms_norm
+        n_qk = self.n_heads + self.n_kv
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.ln1, layer.eps1)
-            if halves:
-                q, k, v = half_linear(layer.q, x), half_linear(layer.k, x), half_linear(layer.v, x)
+            x = norm(h, layer.ln1, layer.eps1)
+            if fused:  # one product for q, k, v; one rotary call for q and k together
+                heads = layer.qkv(x).view(shape).transpose(1, 2)
+                qk = rope(heads[:, :n_qk], cos, sin)
+                q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], heads[:, n_qk:]
             else:
-                q, k, v = layer.q(x), layer.k(x), layer.v(x)
-            q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
-            q, k = rope(q, cos, sin), rope(k, cos, sin)
+                if halves:
+                    q, k, v = half_linear(layer.q, x), half_linear(layer.k, x), half_linear(layer.v, x)
+                else:
+                    q, k, v = layer.q(x), layer.k(x), layer.v(x)
+                q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+                q, k = rope(q, cos, sin), rope(k, cos, sin)
             keys[i][:, :, past:total] = k
             values[i][:, :, past:total] = v
             if past:
                 k, v = keys[i][:, :, :total], values[i][:, :, :total]
             att = self._attention(q, k, v, mask, t)
             h = h + (half_linear(layer.o, att) if halves else layer.o(att))
-            x = rms_norm(h, layer.ln2, layer.eps2)
-            if halves:
+            x = norm(h, layer.ln2, layer.eps2)
+            if fused:
+                gate, up = layer.gate_up(x).chunk(2, -1)
+                h = h + layer.down(F.silu(gate) * up)
+            elif halves:
                 act = F.silu(half_linear(layer.gate, x)) * half_linear(layer.up, x)
                 h = h + half_linear(layer.down, act)
             else:
                 h = h + layer.down(F.silu(layer.gate(x)) * layer.up(x))
         cache.length = total
-        h = rms_norm(h, self.norm, self.norm_eps)
+        h = norm(h, self.norm, self.norm_eps)
         if keep_all:
             return self.lm_head(h)
         if halves:

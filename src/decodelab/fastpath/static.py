@@ -81,6 +81,7 @@ class _Block(nn.Module):
         self.register_buffer("ln1", layer.ln1.detach(), persistent=False)
         self.register_buffer("ln2", layer.ln2.detach(), persistent=False)
         self.eps1, self.eps2 = layer.eps1, layer.eps2
+        self.qkv_sizes = layer.qkv_sizes
         for name, proj in layer.projections().items():
             setattr(self, name, as_module(proj))
 
@@ -117,9 +118,11 @@ class StaticStep(nn.Module):
         shape = (b, 1, -1, self.head_dim)
         for i, blk in enumerate(self.blocks):
             x = rms_norm(h, blk.ln1, blk.eps1)
-            q = blk.q(x).view(shape).transpose(1, 2)
-            k = blk.k(x).view(shape).transpose(1, 2)
-            v = blk.v(x).view(shape).transpose(1, 2)
+            if blk.qkv_sizes is not None:
+                q, k, v = blk.qkv(x).split(blk.qkv_sizes, -1)
+            else:
+                q, k, v = blk.q(x), blk.k(x), blk.v(x)
+            q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
             q, k = rope(q, cos, sin), rope(k, cos, sin)
             keys[i].index_copy_(2, index, k)
             values[i].index_copy_(2, index, v)
@@ -128,6 +131,10 @@ class StaticStep(nn.Module):
             att = att.reshape(b, -1, 1, self.head_dim).transpose(1, 2).reshape(b, 1, -1)
             h = h + blk.o(att)
             x = rms_norm(h, blk.ln2, blk.eps2)
-            h = h + blk.down(F.silu(blk.gate(x)) * blk.up(x))
+            if blk.qkv_sizes is not None:
+                gate, up = blk.gate_up(x).chunk(2, -1)
+            else:
+                gate, up = blk.gate(x), blk.up(x)
+            h = h + blk.down(F.silu(gate) * up)
         h = rms_norm(h, self.norm, self.norm_eps)
         return self.lm_head(h)[:, -1]
