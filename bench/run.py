@@ -92,12 +92,16 @@ def run_dtypes(lm32, model_name, runs, gemv_gbs, quality_ids) -> list[dict]:
     greedy32 = lm32.generate(PROMPT, **GREEDY).sequences[0].new_ids
     device = lm32.engine.device
     lm16 = decodelab.load(model_name, dtype="bfloat16", device=device)
-    variants = [("bfloat16", None, False), ("bfloat16+int8", "int8", False), ("bfloat16+int4", "int4", False),
+    variants = [("bfloat16", None, False), ("bfloat16 kernels=fast", "fast", False),
+                ("bfloat16+int8", "int8", False), ("bfloat16+int4", "int4", False),
                 ("bfloat16+int4, int8 lm_head", "int4", True)]
     for label, scheme, head in variants:
         if scheme and device.type != "cpu":
             continue  # the int8 / int4 kernels are PyTorch's CPU ones
-        lm = lm_on(lm16, quantize=scheme, quantize_lm_head=head) if scheme else lm16
+        if scheme == "fast":
+            lm, scheme = lm_on(lm16, kernels="fast"), None
+        else:
+            lm = lm_on(lm16, quantize=scheme, quantize_lm_head=head) if scheme else lm16
         ours = decodelab_side(lm, PROMPT, **GREEDY)
         theirs = generate_side(lm16.model, lm16.tokenizer, PROMPT, **GREEDY)
         res = case_pair(f"greedy128 {label}", ours, theirs, runs)

@@ -308,3 +308,28 @@ def test_fused_projections_share_the_models_weights(tiny_qwen2):
     assert set(layer.projections()) == {"qkv", "o", "gate_up", "down"}
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, ref)
+
+
+def test_bfloat16_fused_engine_keeps_float32_activations(tiny_llama):
+    """A bfloat16 model with ``kernels="fast"``: the matrix products run in bfloat16 but the activations, norms,
+    attention and KV cache stay float32, so its logits are at least as close to the float32 model's as the plain
+    bfloat16 forward's are, and the greedy tokens match it."""
+    import copy
+
+    model16 = copy.deepcopy(tiny_llama.model).to(torch.bfloat16)
+    fast = Engine(model16, kernels="fast")
+    assert fast.fast.act32 and fast.fast.act_dtype == torch.float32
+    plain16, plain32 = Engine(model16, fast=False), Engine(tiny_llama.model, fast=False)
+    enc = batch(tiny_llama, ["It was a dark and stormy", "Hi"])
+    a, state = run_steps(fast, enc.input_ids, enc.attention_mask, 6, hint=6)
+    assert state.cache.keys[0].dtype == torch.float32
+    b, _ = run_steps(plain16, enc.input_ids, enc.attention_mask, 6, hint=6)
+    ref, _ = run_steps(plain32, enc.input_ids, enc.attention_mask, 6, hint=6)
+    err_fast = max(float((x - r).abs().max()) for x, r in zip(a, ref))
+    err_plain = max(float((y - r).abs().max()) for y, r in zip(b, ref))
+    assert err_fast <= err_plain * 1.5
+    lm16 = lm_with(tiny_llama, fast=False)
+    lm16.model, lm16.engine = model16, plain16
+    fast_lm = decodelab.LM(model16, tiny_llama.tokenizer, tiny_llama.name, engine=fast)
+    assert fast_lm.generate("1, 2, 3,", max_new_tokens=8).sequences[0].new_ids == \
+        lm16.generate("1, 2, 3,", max_new_tokens=8).sequences[0].new_ids

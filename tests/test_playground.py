@@ -77,11 +77,24 @@ def bar_ids(pg) -> list[int]:
 
 
 def wait_current_node(pg, text: str) -> None:
-    """Wait until the step-mode node shown is ``text`` with its distribution loaded."""
-    pg.wait_for_function(
-        "t => { const n = DL.state.branches[DL.state.current]; return n && n.text === t && n.dist && n.tokens &&"
-        " document.querySelectorAll('#bars .cand').length && DL.state.branches[DL.state.current].dist.text === t; }",
-        arg=text)
+    """Wait until the step-mode node shown is ``text`` with its distribution loaded; on a timeout, fail with what
+    the page was showing (current node, its text, the error banner, the busy flag, the API requests made)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        pg.wait_for_function(
+            "t => { const n = DL.state.branches[DL.state.current]; return n && n.text === t && n.dist && n.tokens &&"
+            " document.querySelectorAll('#bars .cand').length && DL.state.branches[DL.state.current].dist.text === t;"
+            " }", arg=text)
+    except PlaywrightTimeout:
+        seen = pg.evaluate(
+            "() => { const n = (DL.state.branches || [])[DL.state.current];"
+            " const err = document.getElementById('error');"
+            " return {current: DL.state.current, nodes: (DL.state.branches || []).length,"
+            " text: n ? n.text : null, has_dist: !!(n && n.dist), dist_text: n && n.dist ? n.dist.text : null,"
+            " has_tokens: !!(n && n.tokens), bars: document.querySelectorAll('#bars .cand').length,"
+            " busy: !document.getElementById('busy-tokens').hidden, error: err && !err.hidden ? err.innerText : null}; }")
+        pytest.fail(f"page never showed {text!r}: {seen}; API requests: {pg.api_requests[-6:]}")
 
 
 def type_prompt(pg, text: str) -> None:

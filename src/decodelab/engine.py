@@ -117,7 +117,9 @@ class Engine:
         self.compiled = None
         self.kernels = kernels
         if self.fast_reason is None:
-            self.fast = FastDecoder(model, pack=pack, kernels=kernels, fuse=kernels == "fast" or bool(quantize))
+            # the compiled step (fastpath/static.py) runs in the model's dtype throughout: no float32 activations
+            self.fast = FastDecoder(model, pack=pack, kernels=kernels, fuse=kernels == "fast" or bool(quantize),
+                                    act32=None if not compile else False)
         elif wants_fast:
             param = "quantize" if quantize else "compile" if compile else "kernels"
             raise ConfigError(f"{param} needs the fast path, which cannot run this model: {self.fast_reason}",

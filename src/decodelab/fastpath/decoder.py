@@ -254,11 +254,14 @@ class FastDecoder:
     (faster, no longer bit-for-bit ``F.linear``); ``"exact"`` (default) keeps transformers' numbers. ``layers``
     may be rewritten by :mod:`decodelab.quantize` (projections replaced by weight-only quantized linears);
     ``lm_head`` likewise. ``fuse`` (default: with ``kernels="fast"``) stacks q/k/v and gate/up into one product
-    each (see :class:`Layer`).
+    each (see :class:`Layer`). ``act32`` (default: fused layers of a 16-bit model on CPU) keeps the activations,
+    norms, rotary embedding, attention and KV cache in float32 and casts to the model's dtype only for the matrix
+    products (bfloat16 element-wise operations and attention are several times slower than float32 ones on CPU;
+    precision can only improve). ``act_dtype`` is the activations' / cache's dtype.
     """
 
     def __init__(self, model, pack: bool | None = None, halves: bool | None = None,
-                 kernels: str = "exact", fuse: bool | None = None) -> None:
+                 kernels: str = "exact", fuse: bool | None = None, act32: bool | None = None) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"fast path unsupported: {reason}")
@@ -288,6 +291,14 @@ class FastDecoder:
         self.norm, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
         self.lm_head = dense(model.lm_head.weight, model.lm_head.bias)
         self.quantized: str | None = None
+        if act32 is None:
+            act32 = self.fused and self.dtype != torch.float32 and self.device.type == "cpu"
+        self.act32 = bool(act32) and self.fused and self.dtype != torch.float32
+        self.act_dtype = torch.float32 if self.act32 else self.dtype
+        if self.act32:  # float32 copies of the (small) norm weights
+            for layer in self.layers:
+                layer.ln1, layer.ln2 = layer.ln1.detach().float(), layer.ln2.detach().float()
+            self.norm = self.norm.detach().float()
         self.halves = ((self.device.type == "cpu" and self.dtype == torch.float32 and not weight_major)
                        if halves is None else halves)
 
@@ -298,8 +309,9 @@ class FastDecoder:
                 and torch.get_num_threads() >= 2)
 
     def new_cache(self, batch: int, capacity: int) -> StaticKVCache:
-        """An empty cache of ``capacity`` positions for ``batch`` rows in the model's dtype and device."""
-        return StaticKVCache(self.n_layers, self.n_kv, self.head_dim, batch, capacity, self.dtype, self.device)
+        """An empty cache of ``capacity`` positions for ``batch`` rows in ``act_dtype`` on the model's device."""
+        return StaticKVCache(self.n_layers, self.n_kv, self.head_dim, batch, capacity, self.act_dtype,
+                             self.device)
 
     def _attention(self, q, k, v, mask, t: int) -> torch.Tensor:
         """SDPA as ``sdpa_attention_forward`` calls it. q (B, H, T, D), k/v (B, H_kv, L, D) -> (B, T, H * D)."""
@@ -336,6 +348,9 @@ class FastDecoder:
         total = past + t
         cache.reserve(total)
         h = F.embedding(ids, self.embed)
+        act32, mm_dtype = self.act32, self.dtype
+        if act32:
+            h = h.float()
         cos, sin = self.rotary(h, positions)
         half = self.head_dim // 2
         cos, sin = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
@@ -356,7 +371,8 @@ class FastDecoder:
         for i, layer in enumerate(self.layers):
             x = norm(h, layer.ln1, layer.eps1)
             if fused:  # one product for q, k, v; one rotary call for q and k together
-                heads = layer.qkv(x).view(shape).transpose(1, 2)
+                qkv = layer.qkv(x.to(mm_dtype)).float() if act32 else layer.qkv(x)
+                heads = qkv.view(shape).transpose(1, 2)
                 qk = rope(heads[:, :n_qk], cos, sin)
                 q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], heads[:, n_qk:]
             else:
@@ -371,10 +387,12 @@ class FastDecoder:
             if past:
                 k, v = keys[i][:, :, :total], values[i][:, :, :total]
             att = self._attention(q, k, v, mask, t)
+            if act32:
+                att = att.to(mm_dtype)
             h = h + (half_linear(layer.o, att) if halves else layer.o(att))
             x = norm(h, layer.ln2, layer.eps2)
             if fused:
-                gate, up = layer.gate_up(x).chunk(2, -1)
+                gate, up = layer.gate_up(x.to(mm_dtype) if act32 else x).chunk(2, -1)
                 h = h + layer.down(F.silu(gate) * up)
             elif halves:
                 act = F.silu(half_linear(layer.gate, x)) * half_linear(layer.up, x)
@@ -383,6 +401,8 @@ class FastDecoder:
                 h = h + layer.down(F.silu(layer.gate(x)) * layer.up(x))
         cache.length = total
         h = norm(h, self.norm, self.norm_eps)
+        if act32:
+            h = h.to(mm_dtype)
         if keep_all:
             return self.lm_head(h)
         if halves:
