@@ -22,7 +22,7 @@ SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 57
 
 
 def _variants(layers: int):
-    from decodelab.fastpath.decoder import Dense, PackedDense, can_pack
+    from decodelab.fastpath.decoder import Dense, PackedDense, WeightMajorDense, can_pack
     from decodelab.quantize import Int4Linear, Int8Linear
 
     gen = torch.Generator().manual_seed(0)
@@ -40,6 +40,8 @@ def _variants(layers: int):
     out = {
         "float32 F.linear": ([Dense(w) for w in mats] + [Dense(head)], torch.float32),
         "float32 bmm halves": ([Halves(w) for w in mats] + [Halves(head)], torch.float32),
+        "float32 weight-major (fast)": ([WeightMajorDense(w) for w in mats] + [WeightMajorDense(head)],
+                                        torch.float32),
         "bfloat16 F.linear": ([Dense(w) for w in w16] + [Dense(h16)], torch.bfloat16),
         "bfloat16 oneDNN prepacked": ([dense16(w) for w in w16] + [dense16(h16)], torch.bfloat16),
         "int8, bfloat16 act.": ([Int8Linear.from_weight(w) for w in w16] + [dense16(h16)], torch.bfloat16),
