@@ -183,12 +183,13 @@ def test_fastpath_can_be_switched_off_by_environment(tiny_llama, monkeypatch):
 
 
 def test_compiled_step_matches_eager_and_is_reused_from_disk(tiny_llama, tmp_path, monkeypatch):
-    """``compile=`` (default-mode Inductor + freezing here, to keep the test short): same greedy and beam ids as the
-    eager fast path; artifacts written under the cache dir and loaded by a second engine."""
+    """``compile=`` (AOTInductor with freezing and without autotuning here, to keep the test short): same greedy and
+    beam ids as the eager fast path; one ``.pt2`` package written under the cache dir (no temporary left) and
+    loaded, not recompiled, by a second engine."""
     from decodelab.compile_cache import artifact_dir, bucket
 
     monkeypatch.setenv("DECODELAB_CACHE_DIR", str(tmp_path))
-    opts = {"options": {"freezing": True}, "fullgraph": True, "dynamic": False}
+    opts = {"freezing": True}
     messages: list[str] = []
     compiled = lm_with(tiny_llama, compile=opts)
     compiled.engine.compiled.progress = messages.append
@@ -199,15 +200,17 @@ def test_compiled_step_matches_eager_and_is_reused_from_disk(tiny_llama, tmp_pat
     stats = compiled.engine.compiled.stats
     assert list(stats) == [(1, bucket(7 + 12))] and stats[(1, 256)]["ok"] and not stats[(1, 256)]["loaded"]
     assert any("compiling" in m for m in messages)
-    assert len(list(artifact_dir().glob("*.bin"))) == 1
+    assert [p.suffix for p in artifact_dir().iterdir()] == [".pt2"]
     beam = dict(max_new_tokens=6, num_beams=3)
     assert (compiled.generate("1, 2, 3,", **beam).sequences[0].new_ids
             == eager.generate("1, 2, 3,", **beam).sequences[0].new_ids)
 
+    len_before = len(messages)
     again = lm_with(tiny_llama, compile=opts)
     again.engine.compiled.progress = messages.append
     assert again.generate("It was a dark and stormy", **kw).sequences[0].new_ids == b.sequences[0].new_ids
-    assert again.engine.compiled.stats[(1, 256)]["loaded"]
+    assert again.engine.compiled.stats[(1, 256)]["loaded"] and again.engine.compiled.stats[(1, 256)]["ok"]
+    assert not any("compiling" in m for m in messages[len_before:])
 
 
 def test_batch1_float32_steps_use_half_matrix_products_bit_exactly(tiny_qwen2):
@@ -333,3 +336,22 @@ def test_bfloat16_fused_engine_keeps_float32_activations(tiny_llama):
     fast_lm = decodelab.LM(model16, tiny_llama.tokenizer, tiny_llama.name, engine=fast)
     assert fast_lm.generate("1, 2, 3,", max_new_tokens=8).sequences[0].new_ids == \
         lm16.generate("1, 2, 3,", max_new_tokens=8).sequences[0].new_ids
+
+
+def test_compiled_quantized_bfloat16_step_keeps_float32_activations(tiny_llama, tmp_path, monkeypatch):
+    """A bfloat16 model with int8 weights, compiled: the traced step keeps the eager engine's float32 activations
+    and cache (``act32``), passes the first-use check against the eager step and returns its greedy ids."""
+    import copy
+
+    monkeypatch.setenv("DECODELAB_CACHE_DIR", str(tmp_path))
+    model16 = copy.deepcopy(tiny_llama.model).to(torch.bfloat16)
+    compiled = decodelab.LM(model16, tiny_llama.tokenizer, tiny_llama.name,
+                            engine=Engine(model16, quantize="int8", compile={"freezing": True}))
+    eager = decodelab.LM(model16, tiny_llama.tokenizer, tiny_llama.name, engine=Engine(model16, quantize="int8"))
+    compiled.engine.compiled.progress = lambda msg: None
+    assert compiled.engine.fast.act32 and compiled.engine.compiled.module.act32
+    kw = dict(max_new_tokens=10)
+    a, b = compiled.generate("It was a dark and stormy", **kw), eager.generate("It was a dark and stormy", **kw)
+    stat = compiled.engine.compiled.stats[(1, 256)]
+    assert stat["ok"] and stat["max_rel_err"] < 1e-2
+    assert a.sequences[0].new_ids == b.sequences[0].new_ids

@@ -91,8 +91,9 @@ class Engine:
             (:class:`decodelab.fastpath.decoder.WeightMajorDense`): faster on CPU, logits equal to the model's only
             to ~1e-6 relative (outputs can then differ from ``model.generate`` where two candidates tie to within
             rounding). ``quantize`` also fuses the projections.
-        compile: compile the fast path's decode step with Inductor (see :mod:`decodelab.compile_cache`); a dict
-            gives the ``torch.compile`` keyword arguments instead of :func:`decodelab.compile_cache.compile_options`.
+        compile: compile the fast path's decode step ahead of time with AOTInductor, packages kept on disk (see
+            :mod:`decodelab.compile_cache`); a dict gives the Inductor options instead of
+            :func:`decodelab.compile_cache.compile_options`.
 
     Attributes:
         fast: the :class:`FastDecoder`, or ``None`` on the plain path. ``fast_reason``: why not, when ``None``.
@@ -117,9 +118,7 @@ class Engine:
         self.compiled = None
         self.kernels = kernels
         if self.fast_reason is None:
-            # the compiled step (fastpath/static.py) runs in the model's dtype throughout: no float32 activations
-            self.fast = FastDecoder(model, pack=pack, kernels=kernels, fuse=kernels == "fast" or bool(quantize),
-                                    act32=None if not compile else False)
+            self.fast = FastDecoder(model, pack=pack, kernels=kernels, fuse=kernels == "fast" or bool(quantize))
         elif wants_fast:
             param = "quantize" if quantize else "compile" if compile else "kernels"
             raise ConfigError(f"{param} needs the fast path, which cannot run this model: {self.fast_reason}",
@@ -153,7 +152,8 @@ class Engine:
             cache = self.fast.new_cache(ids.shape[0], ids.shape[1])
             cache.start(torch.ones_like(ids))
             positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
-            return self.fast.forward(ids, positions, cache, keep_all=True).float()
+            # contiguous: kernels="fast" multiplies 2-3 rows weight-first (mm(W, x.T).T), a transposed layout
+            return self.fast.forward(ids, positions, cache, keep_all=True).float().contiguous()
         out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         return out.logits.float()
 
@@ -176,7 +176,8 @@ class Engine:
             cache = self.fast.new_cache(ids.shape[0], capacity)
             cache.start(mask)
             logits = self.fast.forward(ids, positions, cache)
-            return logits.to(copy=True, dtype=torch.float32), DecodeState(cache, None, positions[:, -1:])
+            return (logits.to(copy=True, dtype=torch.float32, memory_format=torch.contiguous_format),
+                    DecodeState(cache, None, positions[:, -1:]))
         out = self._forward(ids, mask, positions, None, keep=1)
         logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
         return logits, DecodeState(out.cache, mask, positions[:, -1:])
@@ -192,7 +193,8 @@ class Engine:
                 logits = self.compiled.step(tokens, state.positions, state.cache)
             else:
                 logits = self.fast.forward(tokens, state.positions, state.cache)
-            return logits.to(copy=True, dtype=torch.float32)
+            # contiguous: kernels="fast" multiplies 2-3 rows weight-first (mm(W, x.T).T), a transposed layout
+            return logits.to(copy=True, dtype=torch.float32, memory_format=torch.contiguous_format)
         state.attention_mask = torch.cat(
             [state.attention_mask, state.attention_mask.new_ones((state.attention_mask.shape[0], 1))], dim=-1
         )

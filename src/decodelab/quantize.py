@@ -107,7 +107,8 @@ class Int4Linear:
 def quantize_decoder(decoder: FastDecoder, scheme: str, *, lm_head: bool = False,
                      group_size: int = INT4_GROUP) -> FastDecoder:
     """Replace ``decoder``'s q/k/v/o/gate/up/down projections (and the output layer when ``lm_head``) by
-    weight-only quantized linears, in place; returns ``decoder``. The transformers model is not modified.
+    weight-only quantized linears, in place; returns ``decoder``. The transformers model's weight values are not
+    modified (a fused decoder has already rebound its q/k/v and gate/up parameters to views of stacked tensors).
 
     ``scheme``: ``"int8"`` or ``"int4"`` (int4 layers whose shape the kernel cannot pack stay int8; the output
     layer is always int8 when quantized). CPU only: the kernels are PyTorch's CPU ones.

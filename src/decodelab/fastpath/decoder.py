@@ -114,7 +114,7 @@ class WeightMajorDense(Dense):
         n, k = weight.shape
         self.halves = weight.view(2, n // 2, k) if n % 2 == 0 and weight.is_contiguous() else None
         self.packed = (torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 5)
-                       if torch.backends.mkldnn.is_available() else None)
+                       if _onednn_packs(weight.dtype, weight.device) else None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -135,6 +135,21 @@ class WeightMajorDense(Dense):
 KERNELS = ("exact", "fast")
 
 
+def _onednn_packs(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether oneDNN can prepack a ``dtype`` weight on ``device`` for :class:`WeightMajorDense`: float32 on any
+    CPU with oneDNN, 16-bit types only where the CPU has the instructions (``_reorder_linear_weight`` raises
+    otherwise, e.g. float16 without AVX512-FP16 / AVX-NE-CONVERT); elsewhere ``F.linear`` is used instead."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return False
+
+
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether :class:`PackedDense` applies: bfloat16 weights on a CPU whose oneDNN supports bfloat16."""
     return (dtype == torch.bfloat16 and device.type == "cpu" and torch.backends.mkldnn.is_available()
@@ -148,7 +163,8 @@ class Layer:
     Unfused (the exact mode): ``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``. Fused (``fuse=True``): ``qkv``
     (the q, k and v weights stacked: one product instead of three, split after) and ``gate_up`` (gate over up), with
     ``o`` and ``down`` as they are; the unfused names are then ``None``. Fusing stacks the weights into new tensors
-    and rebinds the model's own q/k/v/gate/up parameters to views of them (same values, no second copy).
+    and rebinds the model's own q/k/v/gate/up parameters to views of them (same values, no second copy; a second
+    fused engine on the same model re-stacks, leaving the first with its own copy).
     """
 
     __slots__ = ("ln1", "eps1", "q", "k", "v", "o", "ln2", "eps2", "gate", "up", "down", "qkv", "qkv_sizes",
@@ -178,26 +194,33 @@ class Layer:
         return {name: getattr(self, name) for name in names}
 
 
-@torch.no_grad()
 def _stack_weights(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stack ``nn.Linear`` weights (and biases) along the output dimension into one new tensor, and rebind each
     module's weight / bias to its rows of it (a view: the model keeps working, with the same values, and the
-    weights are stored once). Returns (weight (sum N, K), bias (sum N,) or None)."""
-    weight = torch.cat([m.weight.detach() for m in linears])
-    has_bias = [m.bias is not None for m in linears]
-    bias = None
-    if all(has_bias):
-        bias = torch.cat([m.bias.detach() for m in linears])
-    elif any(has_bias):
-        bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.weight.shape[0])
-                          for m in linears])
-    start = 0
-    for m in linears:
-        n = m.weight.shape[0]
-        m.weight.data = weight[start : start + n]
-        if m.bias is not None and bias is not None:
-            m.bias.data = bias[start : start + n]
-        start += n
+    weights are stored once). Returns (weight (sum N, K), bias (sum N,) or None).
+
+    The new tensors are inference tensors exactly when the parameters were, whatever mode the engine is built in:
+    normal parameters rebound to inference tensors (an engine built inside ``torch.inference_mode()``) would break
+    the model's forward pass with autograd ("Inference tensors cannot be saved for backward"); inference parameters
+    (a model created inside ``torch.inference_mode()``) rebound to normal tensors would break its forward pass in
+    inference mode ("Inference tensors do not track version counter")."""
+    inference = linears[0].weight.is_inference()
+    with torch.inference_mode(inference), torch.no_grad():
+        weight = torch.cat([m.weight.detach() for m in linears])
+        has_bias = [m.bias is not None for m in linears]
+        bias = None
+        if all(has_bias):
+            bias = torch.cat([m.bias.detach() for m in linears])
+        elif any(has_bias):
+            bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.weight.shape[0])
+                              for m in linears])
+        start = 0
+        for m in linears:
+            n = m.weight.shape[0]
+            m.weight.data = weight[start : start + n]
+            if m.bias is not None and bias is not None:
+                m.bias.data = bias[start : start + n]
+            start += n
     return weight, bias
 
 
@@ -254,10 +277,11 @@ class FastDecoder:
     (faster, no longer bit-for-bit ``F.linear``); ``"exact"`` (default) keeps transformers' numbers. ``layers``
     may be rewritten by :mod:`decodelab.quantize` (projections replaced by weight-only quantized linears);
     ``lm_head`` likewise. ``fuse`` (default: with ``kernels="fast"``) stacks q/k/v and gate/up into one product
-    each (see :class:`Layer`). ``act32`` (default: fused layers of a 16-bit model on CPU) keeps the activations,
-    norms, rotary embedding, attention and KV cache in float32 and casts to the model's dtype only for the matrix
-    products (bfloat16 element-wise operations and attention are several times slower than float32 ones on CPU;
-    precision can only improve). ``act_dtype`` is the activations' / cache's dtype.
+    each (see :class:`Layer`). ``act32`` (default: fused layers of a 16-bit model on CPU) keeps the residual
+    stream, norms, rotary embedding, attention and KV cache in float32 and casts to the model's dtype only for the
+    matrix products; the MLP's ``silu(gate) * up`` between two products stays in the model's dtype. bfloat16
+    element-wise operations and attention are several times slower than float32 ones on CPU, and precision can only
+    improve. ``act_dtype`` is the activations' / cache's dtype.
     """
 
     def __init__(self, model, pack: bool | None = None, halves: bool | None = None,

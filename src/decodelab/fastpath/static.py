@@ -31,6 +31,32 @@ class _Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class _WeightMajor(nn.Module):
+    """:class:`~decodelab.fastpath.decoder.WeightMajorDense`'s products in traceable form: one row as ``bmm`` of
+    the weight's two halves with ``x.T``, 2-3 rows as ``mm(weight, x.T).T``, more as ``F.linear`` (which Inductor's
+    freezing turns into a prepacked GEMM)."""
+
+    def __init__(self, weight, bias) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
+        self.n, self.k = weight.shape
+        self.split = self.n % 2 == 0
+
+    def forward(self, x):
+        rows = x.reshape(-1, self.k)
+        m = rows.shape[0]
+        if m > 3:
+            return F.linear(x, self.weight, self.bias)
+        if m == 1 and self.split:
+            y = torch.bmm(self.weight.view(2, self.n // 2, self.k), rows.t().expand(2, -1, -1)).reshape(1, self.n)
+        else:
+            y = torch.mm(self.weight, rows.t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.n)
+
+
 class _Int8(nn.Module):
     def __init__(self, proj) -> None:
         super().__init__()
@@ -65,8 +91,11 @@ def as_module(proj) -> nn.Module:
     """The ``nn.Module`` form of a fast-path projection (:class:`Dense` and its packed variant, or a quantized
     linear from :mod:`decodelab.quantize`)."""
     from ..quantize import Int4Linear, Int8Linear
+    from .decoder import PackedDense, WeightMajorDense
 
-    if isinstance(proj, Dense):
+    if isinstance(proj, WeightMajorDense):
+        return _WeightMajor(proj.weight, proj.bias)
+    if isinstance(proj, (Dense, PackedDense)):
         return _Linear(proj.weight, proj.bias)
     if isinstance(proj, Int8Linear):
         return _Int8(proj)
@@ -95,6 +124,9 @@ class StaticStep(nn.Module):
     * keys / values: per layer (B, H_kv, capacity, D), written in place at ``index``; pad (B, capacity) bool, True
       on the positions to attend to (the new one included);
     * returns (B, V) logits in the model's dtype.
+
+    Like the eager decoder with ``act32`` (a 16-bit model's fused or quantized engine), the activations, norms,
+    attention and cache are float32 and only the products' inputs are cast to the model's dtype.
     """
 
     def __init__(self, decoder: FastDecoder) -> None:
@@ -107,21 +139,30 @@ class StaticStep(nn.Module):
         self.rotary = decoder.rotary
         self.blocks = nn.ModuleList([_Block(layer) for layer in decoder.layers])
         self.lm_head = as_module(decoder.lm_head)
+        self.act32, self.mm_dtype = decoder.act32, decoder.dtype
+
+    def _in(self, x):
+        return x.to(self.mm_dtype) if self.act32 else x
+
+    def _out(self, y):
+        return y.float() if self.act32 else y
 
     def forward(self, ids, positions, index, keys, values, pad):
         b = ids.shape[0]
         h = F.embedding(ids, self.embed)
+        if self.act32:
+            h = h.float()
         cos, sin = self.rotary(h, positions)
         half = self.head_dim // 2
         cos, sin = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
         mask = pad[:, None, None, :]
         shape = (b, 1, -1, self.head_dim)
         for i, blk in enumerate(self.blocks):
-            x = rms_norm(h, blk.ln1, blk.eps1)
+            x = self._in(rms_norm(h, blk.ln1, blk.eps1))
             if blk.qkv_sizes is not None:
-                q, k, v = blk.qkv(x).split(blk.qkv_sizes, -1)
+                q, k, v = self._out(blk.qkv(x)).split(blk.qkv_sizes, -1)
             else:
-                q, k, v = blk.q(x), blk.k(x), blk.v(x)
+                q, k, v = self._out(blk.q(x)), self._out(blk.k(x)), self._out(blk.v(x))
             q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
             q, k = rope(q, cos, sin), rope(k, cos, sin)
             keys[i].index_copy_(2, index, k)
@@ -129,12 +170,12 @@ class StaticStep(nn.Module):
             att = F.scaled_dot_product_attention(q.reshape(b, self.n_kv, self.groups, self.head_dim), keys[i],
                                                  values[i], attn_mask=mask, scale=self.scaling)
             att = att.reshape(b, -1, 1, self.head_dim).transpose(1, 2).reshape(b, 1, -1)
-            h = h + blk.o(att)
-            x = rms_norm(h, blk.ln2, blk.eps2)
+            h = h + blk.o(self._in(att))
+            x = self._in(rms_norm(h, blk.ln2, blk.eps2))
             if blk.qkv_sizes is not None:
                 gate, up = blk.gate_up(x).chunk(2, -1)
             else:
                 gate, up = blk.gate(x), blk.up(x)
             h = h + blk.down(F.silu(gate) * up)
-        h = rms_norm(h, self.norm, self.norm_eps)
+        h = self._in(rms_norm(h, self.norm, self.norm_eps))
         return self.lm_head(h)[:, -1]
