@@ -204,6 +204,8 @@ def test_compiled_step_matches_eager_and_is_reused_from_disk(tiny_llama, tmp_pat
     beam = dict(max_new_tokens=6, num_beams=3)
     assert (compiled.generate("1, 2, 3,", **beam).sequences[0].new_ids
             == eager.generate("1, 2, 3,", **beam).sequences[0].new_ids)
+    # beam search feeds a strided column of its token matrix: the package must read it right, not fall back
+    assert compiled.engine.compiled.stats[(3, 256)]["ok"]
 
     len_before = len(messages)
     again = lm_with(tiny_llama, compile=opts)

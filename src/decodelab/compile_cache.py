@@ -175,8 +175,12 @@ class CompiledStep:
 
     @staticmethod
     def _call(runner, tokens, positions, cache: StaticKVCache) -> torch.Tensor:
+        # An AOTInductor package reads its inputs with the strides of the example inputs it was compiled for
+        # (contiguous) and does not check them: a strided view (beam search's tokens are a column of a larger
+        # tensor) would be read as garbage. The cache buffers are contiguous by construction.
         index = torch.tensor([cache.length], dtype=torch.long, device=cache.pad.device)
-        out = runner(tokens, positions, index, cache.keys, cache.values, cache.pad)
+        out = runner(tokens.contiguous(), positions.contiguous(), index, cache.keys, cache.values,
+                     cache.pad.contiguous())
         cache.length += 1
         return out
 
