@@ -39,8 +39,9 @@ def load(model: str | None = None, *, device=None, dtype=None, quantize: str | N
             layers in decodelab's engine (:mod:`decodelab.quantize`; the embedding / lm_head stay unquantized).
             Generation then no longer matches ``model.generate`` token for token; see BENCHMARKS.md for the
             measured quality.
-        compile: compile the engine's decode step with Inductor, caching the compiled code on disk
-            (:mod:`decodelab.compile_cache`): the first process pays the compilation, later ones load it.
+        compile: compile the engine's decode step ahead of time with AOTInductor, one package per batch size kept
+            on disk (:mod:`decodelab.compile_cache`): the first process pays the compilation (about a minute per
+            batch size on a small CPU), later ones load the package in seconds.
         kernels: ``"exact"`` (default; float32 logits bit-for-bit transformers') or ``"fast"`` (weight-first
             matrix products for decode steps: faster on CPU, logits equal to ~1e-6 relative, so outputs may differ
             from ``model.generate`` where two candidates tie to within rounding). See :class:`decodelab.engine.Engine`.

@@ -40,8 +40,9 @@ Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32 (default)
 Quantize = Annotated[Optional[str], typer.Option("--quantize", help="Weight-only quantization of the engine's "
                                                  "linear layers: int8 or int4 (implies --dtype bfloat16 unless "
                                                  "given; no longer token-exact with transformers).")]
-Compile = Annotated[bool, typer.Option("--compile", help="Compile the decode step with Inductor (minutes the first "
-                                       "time, cached on disk for later runs).")]
+Compile = Annotated[bool, typer.Option("--compile", help="Compile the decode step ahead of time with AOTInductor "
+                                       "(about a minute per batch size the first time; the package is kept on "
+                                       "disk and loads in seconds later).")]
 Kernels = Annotated[Optional[str], typer.Option("--kernels", help="exact (default: float32 logits bit-for-bit "
                                                 "transformers') or fast (weight-first matrix products: faster on "
                                                 "CPU, equal to ~1e-6, may differ from transformers at near-ties).")]
