@@ -7,8 +7,8 @@ capacity): ``torch.export`` traces it, ``torch._inductor.aoti_compile_and_packag
 interrupted compilation leaves nothing half-written. A later process loads the package with
 ``torch._inductor.aoti_load_package`` (about a second) instead of compiling again (a minute or more on a small
 CPU). The key hashes everything the compiled code depends on: the model's config and a fingerprint of its
-weights, dtype, quantization, batch size, cache capacity, device, CPU capability, torch version, the Inductor
-options and the traced code. The prefill stays eager. Packages hold their own copy of the (frozen) weights:
+weights, dtype, quantization, kernel mode (fusion, float32 activations), batch size, cache capacity, device, CPU
+capability, torch version, the Inductor options and the traced code. The prefill stays eager. Packages hold their own copy of the (frozen) weights:
 disk and memory grow by the model's size per compiled shape.
 
 Compiled graphs reorder float arithmetic: their logits are close to the eager path's, not bit-for-bit. Each newly
@@ -104,7 +104,8 @@ class CompiledStep:
             "weights": weights_fingerprint(decoder), "dtype": str(decoder.dtype), "quantized": decoder.quantized,
             "device": decoder.device.type, "capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__, "options": json.dumps(self.options, sort_keys=True, default=str),
-            "code": _code_version(), "backend": "aoti",
+            "code": _code_version(), "backend": "aoti", "kernels": decoder.kernels, "fused": decoder.fused,
+            "act32": decoder.act32,
         }
 
     def key(self, batch: int, capacity: int) -> str:
