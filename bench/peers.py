@@ -54,8 +54,8 @@ def time_greedy(llama_cpp, path: pathlib.Path, threads: int, runs: int, tokens: 
 DECODELAB_VARIANTS = {  # llama.cpp type -> decodelab.load() options of the closest decodelab engine
     "f32": dict(kernels="fast", compile=True),
     "bf16": dict(dtype="bfloat16", kernels="fast", compile=True),
-    "q8_0": dict(quantize="int8", compile=True),
-    "q4_1": dict(quantize="int4", compile=True),
+    "q8_0": dict(quantize="int8", quantize_lm_head=True, compile=True),  # Q8_0 quantizes the output layer too
+    "q4_1": dict(quantize="int4", quantize_lm_head=True, compile=True),  # the embedded Q4_1 file's output is Q8_0
 }
 
 
@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--types", default=",".join(FTYPES), help="llama.cpp weight types to run (comma-separated)")
     ap.add_argument("--interleave", action="store_true",
                     help="alternate each llama.cpp run with decodelab's closest compiled engine in this process")
     args = ap.parse_args(argv)
@@ -110,6 +111,8 @@ def main(argv=None) -> int:
     report = {"llama_cpp_python": getattr(llama_cpp, "__version__", "?"), "threads": args.threads, "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, ftype in FTYPES.items():
+            if name not in args.types.split(","):
+                continue
             path = src if name == "q4_1" else pathlib.Path(tmp) / f"model-{name}.gguf"
             if name != "q4_1":
                 requantize(llama_cpp, src, path, ftype)

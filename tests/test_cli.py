@@ -252,6 +252,7 @@ def test_bad_input_exits_2_with_one_line(spy, args, needle):
     (("next", PROMPT, "--device", "tpu"), "device"),
     (("next", PROMPT, "--dtype", "int3"), "dtype"),
     (("generate", PROMPT, "--kernels", "turbo"), "invalid kernels='turbo'"),
+    (("generate", PROMPT, "--quantize-lm-head"), "quantize_lm_head needs quantize"),
 ])
 def test_bad_model_or_device_exits_2(args, needle):
     result = run(*args)  # the real loader: these fail before any weights are read
@@ -287,9 +288,10 @@ def test_serve_passes_options_to_server_run(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(decodelab.server, "run", lambda **kw: seen.update(kw))
-    ok("serve", "--host", "0.0.0.0", "--port", "9001", "--model", "some/model", "--kernels", "fast")
+    ok("serve", "--host", "0.0.0.0", "--port", "9001", "--model", "some/model", "--kernels", "fast", "--quantize",
+       "int8", "--quantize-lm-head")
     assert seen["host"] == "0.0.0.0" and seen["port"] == 9001 and seen["model"] == "some/model"
-    assert seen["kernels"] == "fast"
+    assert seen["kernels"] == "fast" and seen["quantize"] == "int8" and seen["quantize_lm_head"] is True
     assert seen["device"] is None and seen["dtype"] is None
 
 

@@ -115,3 +115,17 @@ def test_embedded_quantized_quality_floor(embedded, scheme, floor):
     assert abs(q["ppl_change"]) < 0.02, q
     out = lm.generate("The capital of France is", max_new_tokens=8)
     assert len(out.sequences[0].new_ids) > 0
+
+
+def test_load_quantize_lm_head_option(embedded):
+    """``decodelab.load(quantize=..., quantize_lm_head=True)`` quantizes the output layer to int8 (the decoder to the
+    scheme asked); without ``quantize`` it is a one-line ConfigError raised before any weights are read."""
+    with pytest.raises(decodelab.ConfigError, match="quantize_lm_head needs quantize") as info:
+        decodelab.load("/nonexistent/model/dir", quantize_lm_head=True)
+    assert info.value.param == "quantize_lm_head"
+    lm = decodelab.load(quantize="int4", quantize_lm_head=True)
+    assert isinstance(lm.engine.fast.lm_head, Int8Linear)
+    assert isinstance(lm.engine.fast.layers[0].qkv, Int4Linear)
+    assert lm.engine.fast.quantized == "int4+lm_head"
+    out = lm.generate("It was a dark and stormy", max_new_tokens=4)
+    assert len(out.sequences[0].new_ids) == 4

@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 
 def load(model: str | None = None, *, device=None, dtype=None, quantize: str | None = None,
-         compile: bool = False, kernels: str = "exact") -> LM:
+         compile: bool = False, kernels: str = "exact", quantize_lm_head: bool = False) -> LM:
     """Load a model and its tokenizer into an :class:`LM`.
 
     Args:
@@ -36,7 +36,8 @@ def load(model: str | None = None, *, device=None, dtype=None, quantize: str | N
             default is ``"bfloat16"``: PyTorch's int8/int4 CPU kernels are many times slower with float32
             activations.
         quantize: ``None`` (default), ``"int8"`` or ``"int4"``: weight-only quantization of the decoder's linear
-            layers in decodelab's engine (:mod:`decodelab.quantize`; the embedding / lm_head stay unquantized).
+            layers in decodelab's engine (:mod:`decodelab.quantize`; the embedding / lm_head stay unquantized
+            unless ``quantize_lm_head``).
             Generation then no longer matches ``model.generate`` token for token; see BENCHMARKS.md for the
             measured quality.
         compile: compile the engine's decode step ahead of time with AOTInductor, one package per batch size kept
@@ -45,6 +46,10 @@ def load(model: str | None = None, *, device=None, dtype=None, quantize: str | N
         kernels: ``"exact"`` (default; float32 logits bit-for-bit transformers') or ``"fast"`` (weight-first
             matrix products for decode steps: faster on CPU, logits equal to ~1e-6 relative, so outputs may differ
             from ``model.generate`` where two candidates tie to within rounding). See :class:`decodelab.engine.Engine`.
+
+        quantize_lm_head: with ``quantize``, also quantize the output layer (the tied embedding's product) to int8
+            per row: fewer bytes per step (SmolLM2-135M in bfloat16: 56 of 163 MB for int8), a small quality cost
+            (BENCHMARKS.md).
 
     Raises:
         ModelLoadError: the model cannot be found or read (one line naming it and how to point at local weights).
@@ -57,6 +62,8 @@ def load(model: str | None = None, *, device=None, dtype=None, quantize: str | N
         quantize = None
     if quantize is not None and quantize not in ("int8", "int4"):
         raise ConfigError(f"invalid quantize={quantize!r}: expected 'int8', 'int4' or None", param="quantize")
+    if quantize_lm_head and quantize is None:
+        raise ConfigError("quantize_lm_head needs quantize='int8' or 'int4'", param="quantize_lm_head")
     if quantize is not None and dtype is None:
         dtype = "bfloat16"
     from .engine import Engine, check_kernels
@@ -64,7 +71,8 @@ def load(model: str | None = None, *, device=None, dtype=None, quantize: str | N
     kernels = check_kernels(kernels)  # before the (slow) model load
     loaded = load_model(model, device=device, dtype=dtype)
 
-    engine = Engine(loaded.model, quantize=quantize, compile=bool(compile), kernels=kernels)
+    engine = Engine(loaded.model, quantize=quantize, compile=bool(compile), kernels=kernels,
+                    quantize_lm_head=bool(quantize_lm_head))
     return LM(loaded.model, loaded.tokenizer, loaded.name, loaded.source, engine=engine)
 
 
