@@ -42,9 +42,7 @@ def _load_error(model, **kwargs) -> ModelLoadError:
 
 # ------------------------------------------------------------------------------------------------------ Qwen2 tokenizer
 def test_qwen2_tokenizer_ids_and_pieces():
-    start = time.perf_counter()
     tok = models.qwen2_tokenizer()
-    assert time.perf_counter() - start < 30
     ids = tok(PROMPT).input_ids
     assert ids == QWEN_IDS
     assert [tok.decode([i]) for i in ids] == QWEN_PIECES
@@ -74,9 +72,7 @@ def test_qwen2_tokenizer_is_cached(session_cache_dir):
 
 def test_load_tokenizer_qwen_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.perf_counter()
     tok = models.load_tokenizer(models.DEFAULT_QWEN)
-    assert time.perf_counter() - start < 30
     assert tok(PROMPT).input_ids == QWEN_IDS
     assert models.load_tokenizer("qwen/QWEN2.5-0.5B-Instruct")(PROMPT).input_ids == QWEN_IDS
 
@@ -131,13 +127,23 @@ def test_embedded_first_load_builds_cache(embedded, embedded_cache_entry, embedd
     print(f"embedded first load: {embedded_load_seconds['first']:.1f}s (built={embedded_load_seconds['built']})")
 
 
+@pytest.fixture
+def no_cache_rebuild(monkeypatch):
+    """Fail the test if a load builds or removes a cache entry (a cached load must read the entry as it is)."""
+    from decodelab import modelcache
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the load rebuilt or removed a cache entry")
+
+    monkeypatch.setattr(modelcache, "build_entry", refuse)
+    monkeypatch.setattr(modelcache, "remove", refuse)
+
+
 @pytest.mark.slow
-def test_embedded_cached_load_is_fast_and_identical(embedded):
-    start = time.perf_counter()
+def test_embedded_cached_load_reuses_the_cache_and_is_identical(embedded, no_cache_rebuild):
+    """A second load reads the cache entry as it is: no GGUF conversion, no rebuild (its speed is measured by
+    bench/, not here)."""
     again = models.load_model(models.EMBEDDED_MODEL)
-    seconds = time.perf_counter() - start
-    print(f"embedded cached load: {seconds:.2f}s")
-    assert seconds < 10
     reference = _logits(embedded)
     assert torch.equal(_logits(again), reference)
     assert embedded.tokenizer(PROMPT).input_ids == SMOL_IDS
@@ -160,11 +166,9 @@ def test_embedded_alias_loads_the_same_model(embedded):
 
 
 @pytest.mark.slow
-def test_gguf_path_reuses_the_cache(embedded):
+def test_gguf_path_reuses_the_cache(embedded, no_cache_rebuild):
     path = models.embedded_gguf_path()
-    start = time.perf_counter()
-    loaded = models.load_model(str(path))
-    assert time.perf_counter() - start < 10  # same content key: no second conversion
+    loaded = models.load_model(str(path))  # same content key: no second conversion
     assert (loaded.name, loaded.source) == (str(path), "gguf")
     assert torch.equal(_logits(loaded), _logits(embedded))
 
@@ -240,10 +244,8 @@ def test_damaged_cache_is_rebuilt(damage, embedded, embedded_cache_entry, tmp_pa
 
 
 @pytest.mark.slow
-def test_load_tokenizer_embedded_uses_cache(embedded):
-    start = time.perf_counter()
+def test_load_tokenizer_embedded_uses_cache(embedded, no_cache_rebuild):
     tok = models.load_tokenizer()
-    assert time.perf_counter() - start < 10
     assert tok(PROMPT).input_ids == SMOL_IDS
     assert tok.eos_token == "<|im_end|>" and tok.pad_token_id == 2
 
@@ -374,10 +376,16 @@ def test_hub_id_from_the_local_hub_cache(repo, tiny_llama, tmp_path, monkeypatch
 # ------------------------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("repo", [models.DEFAULT_QWEN, "nobody-at-all/not-a-model-xyz"])
 def test_hub_id_offline_fails_fast(repo, monkeypatch):
+    """Offline, a hub id that is not cached fails at once: no connection is even attempted."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the loader tried to open a network connection")
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.perf_counter()
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
     err = _load_error(repo)
-    assert time.perf_counter() - start < 5
     assert str(err) == (f"model '{repo}' is not in the local Hugging Face cache and the hub is unreachable; pass a "
                         f"local directory or .gguf file (--model PATH) or set DECODELAB_MODEL")
 
