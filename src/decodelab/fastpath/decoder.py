@@ -117,19 +117,26 @@ class WeightMajorDense(Dense):
                        if _onednn_packs(weight.dtype, weight.device) else None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        m = rows.shape[0]
-        if m > MV_ROWS:
+        if x.numel() > MV_ROWS * x.shape[-1]:
             if self.packed is None:
                 return F.linear(x, self.weight, self.bias)
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        if m == 1 and self.halves is not None:
-            y = torch.bmm(self.halves, rows.t().expand(2, -1, -1)).view(1, -1)
-        else:
-            y = torch.mm(self.weight, rows.t()).t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return weight_first(x, self.weight, self.halves, self.bias)
+
+
+def weight_first(x: torch.Tensor, weight: torch.Tensor, halves: torch.Tensor | None,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for at most :data:`MV_ROWS` rows, weight-first (see :class:`WeightMajorDense`):
+    one row and ``halves`` (the (2, N/2, K) view of the (N, K) weight) -> one ``bmm`` with a half per thread;
+    otherwise ``mm(weight, x.T).T``. (..., K) -> (..., N). Shared by the eager decoder and the compiled step."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] == 1 and halves is not None:
+        y = torch.bmm(halves, rows.t().expand(2, -1, -1)).view(1, -1)
+    else:
+        y = torch.mm(weight, rows.t()).t()
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 KERNELS = ("exact", "fast")
@@ -152,8 +159,7 @@ def _onednn_packs(dtype: torch.dtype, device: torch.device) -> bool:
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether :class:`PackedDense` applies: bfloat16 weights on a CPU whose oneDNN supports bfloat16."""
-    return (dtype == torch.bfloat16 and device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.bfloat16 and _onednn_packs(dtype, device)
 
 
 class Layer:

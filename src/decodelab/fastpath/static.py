@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import Dense, FastDecoder, rms_norm, rope
+from .decoder import MV_ROWS, Dense, FastDecoder, rms_norm, rope, weight_first
 
 
 class _Linear(nn.Module):
@@ -32,29 +32,21 @@ class _Linear(nn.Module):
 
 
 class _WeightMajor(nn.Module):
-    """:class:`~decodelab.fastpath.decoder.WeightMajorDense`'s products in traceable form: one row as ``bmm`` of
-    the weight's two halves with ``x.T``, 2-3 rows as ``mm(weight, x.T).T``, more as ``F.linear`` (which Inductor's
-    freezing turns into a prepacked GEMM)."""
+    """:class:`~decodelab.fastpath.decoder.WeightMajorDense` in traceable form: up to ``MV_ROWS`` rows through
+    :func:`~decodelab.fastpath.decoder.weight_first`, more through ``F.linear`` (which Inductor's freezing turns
+    into a prepacked GEMM, as the eager path's oneDNN copy)."""
 
     def __init__(self, weight, bias) -> None:
         super().__init__()
         self.register_buffer("weight", weight.detach(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
-        self.n, self.k = weight.shape
-        self.split = self.n % 2 == 0
 
     def forward(self, x):
-        rows = x.reshape(-1, self.k)
-        m = rows.shape[0]
-        if m > 3:
+        if x.numel() > MV_ROWS * x.shape[-1]:
             return F.linear(x, self.weight, self.bias)
-        if m == 1 and self.split:
-            y = torch.bmm(self.weight.view(2, self.n // 2, self.k), rows.t().expand(2, -1, -1)).reshape(1, self.n)
-        else:
-            y = torch.mm(self.weight, rows.t()).t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.n)
+        n, k = self.weight.shape
+        halves = self.weight.view(2, n // 2, k) if n % 2 == 0 else None
+        return weight_first(x, self.weight, halves, self.bias)
 
 
 class _Int8(nn.Module):
