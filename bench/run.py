@@ -214,6 +214,9 @@ def main(argv=None) -> int:
         args.runs = 1
         for kw in (GREEDY, BEAM, SAMPLE):
             kw["max_new_tokens"] = 16
+    from decodelab.engine import check_kernels
+
+    args.kernels = ",".join(check_kernels(k) for k in args.kernels.split(","))  # bad values fail before any work
     torch.set_num_threads(args.threads)
     cases = set(args.cases.split(","))
     report = {"started": dt.datetime.now().isoformat(timespec="seconds"), "load_start": loadavg(),
