@@ -54,6 +54,9 @@
           call("/api/next-token", { text: job.text, top_k: BARS, logits_k: 200, ...warperSettings() }),
         ]);
         if (wanted) continue; // superseded while waiting
+        // the prompt was edited while this analysis was in flight: showing it would overwrite the new text
+        // (show() writes the node's text into the prompt); the edit's own analysis is already scheduled
+        if (job.target == null && $("prompt").value !== job.text) continue;
         clearError();
         let target = job.target;
         if (target == null) {
