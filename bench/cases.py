@@ -7,6 +7,7 @@ deterministic settings) and how many tokens were generated (for tokens/s).
 
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 from typing import Callable
@@ -72,25 +73,34 @@ def timed(fn: Side) -> dict:
     return out
 
 
-def side_by_side(sides: dict[str, Side], runs: int, warmup: int = 1) -> dict:
+def side_by_side(sides: dict[str, Side], runs: int, warmup: int = 1,
+                 probe: Callable[[], float] | None = None) -> dict:
     """Run every side ``warmup`` times, then ``runs`` rounds, rotating the order each round so that every side sees
-    the same machine load. Returns per side: a tok/s :func:`summary`, seconds, peak RSS, the loads seen, the ids
-    of the last run; and ``same_ids`` (True when every run of every side returned the same ids)."""
+    the same machine load. Returns per side: a tok/s :func:`summary`, the tok/s of each round (``per_round``),
+    seconds, peak RSS, the loads seen, the ids of the last run; ``same_ids`` (True when every run of every side
+    returned the same ids); with ``probe`` (a bandwidth probe returning GB/s, ``probes.GemvProbe``), also
+    ``probe_gbs``: its value measured at the end of each round."""
     names = list(sides)
     for _ in range(warmup):
         for name in names:
             sides[name]()
     results: dict[str, list[dict]] = {name: [] for name in names}
+    probed: list[float] = []
     for r in range(runs):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             results[name].append(timed(sides[name]))
+        if probe is not None:
+            probed.append(probe())
     all_ids = [run["ids"] for name in names for run in results[name]]
     out = {"same_ids": all(ids == all_ids[0] for ids in all_ids)}
+    if probe is not None:
+        out["probe_gbs"] = probed
     for name in names:
         rs = results[name]
         out[name] = {
             "tok_s": summary([x["tok_s"] for x in rs]),
+            "per_round": [x["tok_s"] for x in rs],
             "seconds": summary([x["seconds"] for x in rs]),
             "tokens": rs[-1]["tokens"],
             "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
@@ -109,3 +119,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def round_fraction(res: dict, side: str, weight_bytes: int) -> float | None:
+    """Median over rounds of ``tok/s x weight_bytes / probe bandwidth`` for ``side`` of a :func:`side_by_side`
+    result run with a probe (``None`` without): the fraction of the bandwidth ceiling, each run set against the
+    bandwidth measured in its own round."""
+    gbs = res.get("probe_gbs")
+    if not gbs:
+        return None
+    return statistics.median(t * weight_bytes / (g * 1e9) for t, g in zip(res[side]["per_round"], gbs))

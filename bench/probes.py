@@ -104,3 +104,31 @@ def bandwidth(mbytes: int = 256, repeats: int = 7) -> dict:
         gbs[name] = w.numel() * 4 / best / 1e9
     return {"copy_gbs": round(copy_gbs, 2), "gemv_gbs": round(max(gbs.values()), 2),
             "gemv_linear_gbs": round(gbs["linear"], 2), "gemv_bmm_gbs": round(gbs["bmm"], 2), "probe_mbytes": mbytes}
+
+
+class GemvProbe:
+    """The ``gemv`` probe of :func:`bandwidth` kept ready to rerun between timed runs: the machine's bandwidth
+    drifts (on this project's VM by up to 2x within minutes), so a case's fraction of the ceiling is computed
+    against the probe taken in the same round (see ``cases.side_by_side``). Holds a ``mbytes`` float32 weight.
+
+    Calling it returns GB/s (1e9 bytes of the weight read per second), best of ``repeats`` ``bmm`` products over
+    one slice of rows per thread (the faster of the two variants :func:`bandwidth` tries, on more than one thread)."""
+
+    def __init__(self, mbytes: int = 256, repeats: int = 3) -> None:
+        k, parts = 2048, max(1, torch.get_num_threads())
+        rows = mbytes * 2**20 // 4 // k // parts * parts
+        with torch.inference_mode():
+            self.weight = torch.randn(rows, k) * 0.01
+            self.sliced = self.weight.view(parts, rows // parts, k).transpose(1, 2)
+            self.x = torch.randn(1, 1, k).expand(parts, 1, k)
+        self.repeats = repeats
+
+    @torch.inference_mode()
+    def __call__(self) -> float:
+        best = float("inf")
+        for i in range(self.repeats + 1):
+            t = time.perf_counter()
+            torch.bmm(self.x, self.sliced)
+            if i:
+                best = min(best, time.perf_counter() - t)
+        return self.weight.numel() * 4 / best / 1e9

@@ -13,6 +13,8 @@ Float32 cases run once per ``--kernels`` value (default ``exact,fast``: bit-exac
 decodelab.fastpath.decoder.WeightMajorDense). ``--compile`` adds the Inductor-compiled decode step (see decodelab.compile_cache).
 
 The bandwidth ceiling is measured first (bench/probes.py): tokens/s can at best be ``gemv GB/s / weight bytes``.
+The greedy cases rerun the gemv probe after every round and report their fraction of the ceiling against the
+bandwidth of their own round (the median over rounds): this machine's bandwidth drifts by up to 2x in minutes.
 Results go to ``bench/results/<stamp>.json``; the table is printed. Timings on a shared machine are noisy: read the
 load averages stored with every run.
 """
@@ -35,10 +37,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import decodelab  # noqa: E402
-from cases import common_prefix, decodelab_side, generate_side, side_by_side  # noqa: E402
+from cases import common_prefix, decodelab_side, generate_side, round_fraction, side_by_side  # noqa: E402
 from decodelab.engine import Engine  # noqa: E402
 from decodelab.quantize import quality, weight_bytes  # noqa: E402
-from probes import bandwidth, loadavg  # noqa: E402
+from probes import GemvProbe, bandwidth, loadavg  # noqa: E402
 
 PROMPT = "It was a dark and stormy night, and the old lighthouse keeper"
 GREEDY = dict(max_new_tokens=128, do_sample=False, num_beams=1)
@@ -58,9 +60,9 @@ def strip_ids(res: dict) -> dict:
     return {k: ({kk: vv for kk, vv in v.items() if kk != "ids"} if isinstance(v, dict) else v) for k, v in res.items()}
 
 
-def case_pair(name, ours, theirs, runs, extra=None) -> dict:
+def case_pair(name, ours, theirs, runs, extra=None, probe=None) -> dict:
     print(f"  {name} ...", flush=True)
-    res = side_by_side({"decodelab": ours, "generate": theirs}, runs)
+    res = side_by_side({"decodelab": ours, "generate": theirs}, runs, probe=probe)
     speedup = res["decodelab"]["tok_s"]["median"] / res["generate"]["tok_s"]["median"]
     res = strip_ids(res) | {"case": name, "speedup": speedup}
     return res | (extra or {})
@@ -84,9 +86,10 @@ def run_latency(lm, model, tok, runs, suffix: str = "") -> list[dict]:
     return out
 
 
-def run_dtypes(lm32, model_name, runs, gemv_gbs, quality_ids) -> list[dict]:
+def run_dtypes(lm32, model_name, runs, gemv_gbs, quality_ids, probe=None) -> list[dict]:
     """bfloat16, and weight-only int8 / int4 (bfloat16 activations), greedy 128 tokens, against
-    ``model.generate`` on the bfloat16 model. Quality: against the float32 engine on bench/quality_text.txt."""
+    ``model.generate`` on the bfloat16 model. Quality: against the float32 engine on bench/quality_text.txt.
+    ``bandwidth_fraction``: against ``probe`` run in each round (else against ``gemv_gbs``)."""
     out = []
     ref_engine = lm32.engine
     greedy32 = lm32.generate(PROMPT, **GREEDY).sequences[0].new_ids
@@ -104,7 +107,7 @@ def run_dtypes(lm32, model_name, runs, gemv_gbs, quality_ids) -> list[dict]:
             lm = lm_on(lm16, quantize=scheme, quantize_lm_head=head) if scheme else lm16
         ours = decodelab_side(lm, PROMPT, **GREEDY)
         theirs = generate_side(lm16.model, lm16.tokenizer, PROMPT, **GREEDY)
-        res = case_pair(f"greedy128 {label}", ours, theirs, runs)
+        res = case_pair(f"greedy128 {label}", ours, theirs, runs, probe=probe)
         ids = lm.generate(PROMPT, **GREEDY).sequences[0].new_ids
         ref16 = theirs()[0][0]
         if scheme:
@@ -112,18 +115,21 @@ def run_dtypes(lm32, model_name, runs, gemv_gbs, quality_ids) -> list[dict]:
         wb = weight_bytes(lm.engine.fast)
         res.update(variant=label, quality=quality(ref_engine, lm.engine, quality_ids), weight_bytes=wb,
                    ceiling_tok_s=gemv_gbs * 1e9 / wb,
-                   bandwidth_fraction=res["decodelab"]["tok_s"]["median"] * wb / (gemv_gbs * 1e9),
+                   bandwidth_fraction=round_fraction(res, "decodelab", wb)
+                   or res["decodelab"]["tok_s"]["median"] * wb / (gemv_gbs * 1e9),
                    prefix_match_f32=common_prefix(ids, greedy32), prefix_match_generate=common_prefix(ids, ref16),
                    greedy_tokens=len(ids))
         out.append(res)
     return out
 
 
-def run_compile(lm32, model_name, runs) -> list[dict]:
+def run_compile(lm32, model_name, runs, probe=None) -> list[dict]:
     """The AOT-compiled decode step (``compile=True``: Inductor freezing + max-autotune, packages cached on disk)
     against the eager fast path with the same options and against ``model.generate`` in the same dtype: greedy 128
-    for float32 / bfloat16 with ``kernels="fast"`` and for int8 / int4 weights, and beam search 5 x 64 in float32.
-    ``first_call_s``: the first generate of the engine (compiling, or loading a package an earlier run left)."""
+    for float32 / bfloat16 with ``kernels="fast"`` and for int8 / int4 weights (also with the int8 output layer
+    llama.cpp's Q8_0 / Q4_1 files have), and beam search 5 x 64 in float32.
+    ``first_call_s``: the first generate of the engine (compiling, or loading a package an earlier run left).
+    Greedy cases: ``bandwidth_fraction`` of the compiled engine, against ``probe`` run in each round."""
     out = []
     device = lm32.engine.device
     lm16 = None
@@ -131,7 +137,11 @@ def run_compile(lm32, model_name, runs) -> list[dict]:
                 ("beam5x64 float32 fast", None, dict(kernels="fast"), BEAM),
                 ("greedy128 bfloat16 fast", "bfloat16", dict(kernels="fast"), GREEDY),
                 ("greedy128 bfloat16+int8", "bfloat16", dict(quantize="int8"), GREEDY),
-                ("greedy128 bfloat16+int4", "bfloat16", dict(quantize="int4"), GREEDY)]
+                ("greedy128 bfloat16+int4", "bfloat16", dict(quantize="int4"), GREEDY),
+                ("greedy128 bfloat16+int8, int8 lm_head", "bfloat16", dict(quantize="int8", quantize_lm_head=True),
+                 GREEDY),
+                ("greedy128 bfloat16+int4, int8 lm_head", "bfloat16", dict(quantize="int4", quantize_lm_head=True),
+                 GREEDY)]
     for label, dtype, engine_kw, gen_kw in variants:
         if "quantize" in engine_kw and device.type != "cpu":
             continue
@@ -147,8 +157,11 @@ def run_compile(lm32, model_name, runs) -> list[dict]:
             eager = lm_on(base, **engine_kw)
             res = side_by_side({"compiled": decodelab_side(clm, PROMPT, **gen_kw),
                                 "eager": decodelab_side(eager, PROMPT, **gen_kw),
-                                "generate": generate_side(base.model, base.tokenizer, PROMPT, **gen_kw)}, runs)
+                                "generate": generate_side(base.model, base.tokenizer, PROMPT, **gen_kw)}, runs,
+                               probe=probe if gen_kw is GREEDY else None)
             res["same_ids"] = res["compiled"]["ids"] == res["eager"]["ids"]
+            wb = weight_bytes(clm.engine.fast)
+            res.update(weight_bytes=wb, bandwidth_fraction=round_fraction(res, "compiled", wb))
             stats = {f"{b}x{c}": v for (b, c), v in clm.engine.compiled.stats.items()}
             out.append(strip_ids(res) | {"case": f"{label} compiled", "first_call_s": first, "compile_stats": stats,
                                          "speedup_vs_generate": res["compiled"]["tok_s"]["median"]
@@ -194,7 +207,9 @@ def print_table(report: dict) -> None:
         print(f"  {r['case']}: compiled {r['compiled']['tok_s']['median']:.1f} tok/s vs eager "
               f"{r['eager']['tok_s']['median']:.1f}, generate {r['generate']['tok_s']['median']:.1f} "
               f"({r['speedup_vs_generate']:.2f}x; compiled ids = eager ids: {r['same_ids']}); first call "
-              f"{r['first_call_s']:.1f} s")
+              f"{r['first_call_s']:.1f} s"
+              + (f"; {r['bandwidth_fraction']:.0%} of the ceiling ({r['weight_bytes'] / 1e6:.0f} MB/token)"
+                 if r.get("bandwidth_fraction") else ""))
 
 
 def main(argv=None) -> int:
@@ -232,20 +247,21 @@ def main(argv=None) -> int:
     print("bandwidth probe ...", flush=True)
     report["bandwidth"] = bandwidth()
     gemv = report["bandwidth"]["gemv_gbs"]
+    probe = GemvProbe()  # rerun in every round of the greedy cases: the fraction of the ceiling uses its own round
     start = time.perf_counter()
     lm = decodelab.load(args.model, dtype="float32", device=args.device)
     report["load_s"] = time.perf_counter() - start
     model, tok = lm.model, lm.tokenizer
     wb = weight_bytes(lm.engine.fast)
     report["model"] = {"name": lm.name, "weight_bytes_f32": wb, "ceiling_tok_s_f32": gemv * 1e9 / wb}
-    frac = lambda r: r["decodelab"]["tok_s"]["median"] * wb / (gemv * 1e9)
+    frac = lambda r: round_fraction(r, "decodelab", wb) or r["decodelab"]["tok_s"]["median"] * wb / (gemv * 1e9)
     print(f"model {lm.name}: {wb / 1e6:.0f} MB of weights per token, ceiling {gemv * 1e9 / wb:.1f} tok/s", flush=True)
     for kernels in args.kernels.split(","):
         klm = lm if kernels == "exact" else lm_on(lm, kernels=kernels)
         suffix = "" if kernels == "exact" else f" kernels={kernels}"
         if "greedy" in cases:
             r = case_pair(f"greedy128 float32{suffix}", decodelab_side(klm, PROMPT, **GREEDY),
-                          generate_side(model, tok, PROMPT, **GREEDY), args.runs)
+                          generate_side(model, tok, PROMPT, **GREEDY), args.runs, probe=probe)
             report["cases"].append(r | {"bandwidth_fraction": frac(r), "kernels": kernels})
         if "beam" in cases:
             r = case_pair(f"beam5x64 float32{suffix}", decodelab_side(klm, PROMPT, **BEAM),
@@ -261,14 +277,14 @@ def main(argv=None) -> int:
     if "dtypes" in cases:
         ids = tok((HERE / "quality_text.txt").read_text()).input_ids
         report["quality_text_tokens"] = len(ids)
-        report["cases"].extend(run_dtypes(lm, args.model, args.runs, gemv, ids))
+        report["cases"].extend(run_dtypes(lm, args.model, args.runs, gemv, ids, probe))
     if "kernels" in cases:
         import kernels
 
         print("  kernels ...", flush=True)
         report["kernels"] = kernels.run(rounds=args.runs)
     if args.compile:
-        report["compiled"] = run_compile(lm, args.model, args.runs)
+        report["compiled"] = run_compile(lm, args.model, args.runs, probe)
     report["load_end"] = loadavg()
     report["finished"] = dt.datetime.now().isoformat(timespec="seconds")
     out = pathlib.Path(args.out) if args.out else HERE / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
