@@ -93,3 +93,16 @@ def test_a_new_package_pushes_out_the_least_recently_used_one(tiny_llama, tmp_pa
     assert len(second) == 1 and second != first
     assert any("removed 1 least recently used compiled package" in m for m in messages)
     assert all(s["ok"] for s in lm.engine.compiled.stats.values())
+
+
+def test_load_checks_the_budget_before_loading_the_model(monkeypatch):
+    import decodelab
+    import decodelab.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad budget was reported")
+
+    monkeypatch.setattr(decodelab.models, "load_model", no_load)
+    monkeypatch.setenv("DECODELAB_COMPILED_MAX_GB", "abc")
+    with pytest.raises(ConfigError, match="DECODELAB_COMPILED_MAX_GB"):
+        decodelab.load(compile=True)

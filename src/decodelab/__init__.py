@@ -54,7 +54,8 @@ def load(model: str | None = None, *, device=None, dtype=None, quantize: str | N
     Raises:
         ModelLoadError: the model cannot be found or read (one line naming it and how to point at local weights).
         ConfigError: a bad ``device``, ``dtype``, ``quantize`` or ``kernels``, or ``quantize`` / ``compile`` /
-            ``kernels="fast"`` for a model the fast path does not support.
+            ``kernels="fast"`` for a model the fast path does not support, or with ``compile`` a
+            ``$DECODELAB_COMPILED_MAX_GB`` that is not a number >= 0 (checked before the model is loaded).
     """
     from .models import load_model
 
@@ -69,6 +70,10 @@ def load(model: str | None = None, *, device=None, dtype=None, quantize: str | N
     from .engine import Engine, check_kernels
 
     kernels = check_kernels(kernels)  # before the (slow) model load
+    if compile:
+        from .compile_cache import max_bytes
+
+        max_bytes()  # likewise a bad $DECODELAB_COMPILED_MAX_GB
     loaded = load_model(model, device=device, dtype=dtype)
 
     engine = Engine(loaded.model, quantize=quantize, compile=bool(compile), kernels=kernels,

@@ -1,0 +1,51 @@
+"""bench/'s measurement helpers (not the timings themselves): rounds, the per-round bandwidth probe and the
+fraction of the ceiling computed from it."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+
+from cases import round_fraction, side_by_side  # noqa: E402
+from probes import GemvProbe  # noqa: E402
+
+
+def test_side_by_side_probes_after_every_round_and_the_fraction_uses_that_round():
+    calls: list[str] = []
+
+    def side(name, tokens):
+        def run():
+            calls.append(name)
+            return [[1, 2]], tokens
+        return run
+
+    bandwidths = iter([10.0, 20.0, 40.0])
+
+    def probe():
+        calls.append("probe")
+        return next(bandwidths)
+
+    res = side_by_side({"a": side("a", 4), "b": side("b", 2)}, runs=3, warmup=1, probe=probe)
+    # warm-up a, b; then rounds in rotating order, each followed by the probe
+    assert calls == ["a", "b", "a", "b", "probe", "b", "a", "probe", "a", "b", "probe"]
+    assert res["probe_gbs"] == [10.0, 20.0, 40.0]
+    assert len(res["a"]["per_round"]) == 3 and res["same_ids"] is True
+    tok_s = res["a"]["per_round"]
+    expected = sorted(t * 1e9 / (g * 1e9) for t, g in zip(tok_s, [10.0, 20.0, 40.0]))[1]
+    assert round_fraction(res, "a", weight_bytes=10**9) == pytest.approx(expected)
+
+
+def test_without_a_probe_there_is_no_fraction():
+    res = side_by_side({"a": lambda: ([[1]], 1)}, runs=2, warmup=0)
+    assert "probe_gbs" not in res and round_fraction(res, "a", 100) is None
+
+
+def test_gemv_probe_reports_a_plausible_bandwidth():
+    probe = GemvProbe(mbytes=8, repeats=2)
+    assert probe.weight.numel() * 4 <= 8 * 2**20
+    gbs = probe()
+    assert 0.1 < gbs < 10_000  # GB/s: a real number, not a unit slip of 1e3 either way
