@@ -36,7 +36,7 @@ $(CHROMIUM):
 browser: $(CHROMIUM)
 
 test: $(STAMP) $(CHROMIUM)
-	$(PY) -m pytest -q
+	DECODELAB_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/run.py
