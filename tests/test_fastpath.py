@@ -315,6 +315,24 @@ def test_fused_projections_share_the_models_weights(tiny_qwen2):
         assert torch.equal(model(input_ids=ids).logits, ref)
 
 
+def test_a_second_fused_engine_shares_the_first_ones_stacked_weights(tiny_qwen2):
+    """Building another ``kernels="fast"`` engine on the same model does not stack (copy) the weights again: its
+    q/k/v (with biases) and gate/up tensors are the first engine's, and both give the same logits."""
+    model = tiny_qwen2.model
+    first = Engine(model, kernels="fast")
+    second = Engine(model, kernels="fast")
+    for a, b in zip(first.fast.layers, second.fast.layers):
+        for name in ("qkv", "gate_up"):
+            pa, pb = getattr(a, name), getattr(b, name)
+            assert pb.weight.data_ptr() == pa.weight.data_ptr() and pb.weight.shape == pa.weight.shape
+            assert (pb.bias is None) == (pa.bias is None)
+            if pa.bias is not None:
+                assert pb.bias.data_ptr() == pa.bias.data_ptr() and pb.bias.shape == pa.bias.shape
+    assert first.fast.layers[0].qkv.bias is not None  # Qwen2: the biases were covered too
+    ids = torch.tensor([[5, 17, 42, 8]])
+    assert torch.equal(first.full_logits(ids), second.full_logits(ids))
+
+
 def test_bfloat16_fused_engine_keeps_float32_activations(tiny_llama):
     """A bfloat16 model with ``kernels="fast"``: the matrix products run in bfloat16 but the activations, norms,
     attention and KV cache stay float32, so its logits are at least as close to the float32 model's as the plain

@@ -136,7 +136,7 @@ def prune(directory: pathlib.Path, budget: int, keep: pathlib.Path | None = None
     for _, size, path in sorted(packages):
         if total <= budget:
             break
-        if keep is not None and path == keep:
+        if path == keep:
             continue
         try:
             path.unlink(missing_ok=True)
@@ -222,7 +222,6 @@ class CompiledStep:
         import torch._inductor
 
         path = artifact_dir() / f"{self.key(*shape)}.pt2"
-        budget = self.budget_bytes
         start = time.perf_counter()
         if path.is_file():
             try:
@@ -237,10 +236,10 @@ class CompiledStep:
         self.progress(f"decodelab: compiling the decode step for batch {shape[0]}, {shape[1]} cache positions "
                       "(a minute or more, once; kept on disk for later runs)")
         runner = self._compile(shape, path)
-        removed = prune(path.parent, budget, keep=path)
+        removed = prune(path.parent, self.budget_bytes, keep=path)
         if removed:
             self.progress(f"decodelab: removed {len(removed)} least recently used compiled package(s) to stay "
-                          f"within {budget / 1e9:g} GB ($DECODELAB_COMPILED_MAX_GB)")
+                          f"within {self.budget_bytes / 1e9:g} GB ($DECODELAB_COMPILED_MAX_GB)")
         return runner, False, time.perf_counter() - start
 
     def _first_call(self, shape, tokens, positions, cache: StaticKVCache) -> torch.Tensor:

@@ -175,8 +175,8 @@ class Engine:
                 capacity = self.compiled.capacity_for(capacity)
             cache = self.fast.new_cache(ids.shape[0], capacity)
             cache.start(mask)
-            logits = self.fast.forward(ids, positions, cache)
-            return (logits.to(copy=True, dtype=torch.float32, memory_format=torch.contiguous_format),
+            logits = self.fast.forward(ids, positions, cache)  # a fresh tensor: converted, not copied, below
+            return (logits.float().contiguous(),
                     DecodeState(cache, None, positions[:, -1:]))
         out = self._forward(ids, mask, positions, None, keep=1)
         logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
@@ -193,8 +193,10 @@ class Engine:
                 logits = self.compiled.step(tokens, state.positions, state.cache)
             else:
                 logits = self.fast.forward(tokens, state.positions, state.cache)
-            # contiguous: kernels="fast" multiplies 2-3 rows weight-first (mm(W, x.T).T), a transposed layout
-            return logits.to(copy=True, dtype=torch.float32, memory_format=torch.contiguous_format)
+            # Fresh tensors (the eager step's and the compiled package's outputs are new each step), so only
+            # converted where needed: to float32, and contiguous (kernels="fast" multiplies 2-3 rows weight-first,
+            # mm(W, x.T).T, a transposed layout).
+            return logits.float().contiguous()
         state.attention_mask = torch.cat(
             [state.attention_mask, state.attention_mask.new_ones((state.attention_mask.shape[0], 1))], dim=-1
         )

@@ -170,7 +170,7 @@ class Layer:
     (the q, k and v weights stacked: one product instead of three, split after) and ``gate_up`` (gate over up), with
     ``o`` and ``down`` as they are; the unfused names are then ``None``. Fusing stacks the weights into new tensors
     and rebinds the model's own q/k/v/gate/up parameters to views of them (same values, no second copy; a second
-    fused engine on the same model re-stacks, leaving the first with its own copy).
+    fused engine on the same model finds them stacked and shares the tensors).
     """
 
     __slots__ = ("ln1", "eps1", "q", "k", "v", "o", "ln2", "eps2", "gate", "up", "down", "qkv", "qkv_sizes",
@@ -209,7 +209,19 @@ def _stack_weights(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     normal parameters rebound to inference tensors (an engine built inside ``torch.inference_mode()``) would break
     the model's forward pass with autograd ("Inference tensors cannot be saved for backward"); inference parameters
     (a model created inside ``torch.inference_mode()``) rebound to normal tensors would break its forward pass in
-    inference mode ("Inference tensors do not track version counter")."""
+    inference mode ("Inference tensors do not track version counter").
+
+    Parameters that already are consecutive rows of one tensor (an earlier fused engine on the same model stacked
+    them) are not copied again: the returned tensors are views spanning those rows, shared with that engine."""
+    shared = _already_stacked([m.weight for m in linears])
+    if shared is not None:
+        biases = [m.bias for m in linears]
+        if all(b is None for b in biases):
+            return shared, None
+        if all(b is not None for b in biases):
+            shared_bias = _already_stacked(biases)
+            if shared_bias is not None:
+                return shared, shared_bias
     inference = linears[0].weight.is_inference()
     with torch.inference_mode(inference), torch.no_grad():
         weight = torch.cat([m.weight.detach() for m in linears])
@@ -228,6 +240,22 @@ def _stack_weights(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
                 m.bias.data = bias[start : start + n]
             start += n
     return weight, bias
+
+
+def _already_stacked(tensors) -> torch.Tensor | None:
+    """The (sum N, ...) tensor whose consecutive rows ``tensors`` are (same storage, contiguous, each starting where
+    the previous ends), as a detached view; ``None`` when they are not laid out that way."""
+    first = tensors[0]
+    offset = first.storage_offset()
+    for t in tensors:
+        if (not t.is_contiguous() or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or t.storage_offset() != offset):
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    base = first.detach()
+    return base.as_strided((rows, *first.shape[1:]), first.stride())
 
 
 def half_linear(dense: Dense, x: torch.Tensor) -> torch.Tensor:

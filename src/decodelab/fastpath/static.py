@@ -83,11 +83,11 @@ def as_module(proj) -> nn.Module:
     """The ``nn.Module`` form of a fast-path projection (:class:`Dense` and its packed variant, or a quantized
     linear from :mod:`decodelab.quantize`)."""
     from ..quantize import Int4Linear, Int8Linear
-    from .decoder import PackedDense, WeightMajorDense
+    from .decoder import WeightMajorDense
 
     if isinstance(proj, WeightMajorDense):
         return _WeightMajor(proj.weight, proj.bias)
-    if isinstance(proj, (Dense, PackedDense)):
+    if isinstance(proj, Dense):  # and PackedDense: Inductor's freezing packs the plain weight itself
         return _Linear(proj.weight, proj.bias)
     if isinstance(proj, Int8Linear):
         return _Int8(proj)
