@@ -231,7 +231,11 @@ def main(argv=None) -> int:
             kw["max_new_tokens"] = 16
     from decodelab.engine import check_kernels
 
-    args.kernels = ",".join(check_kernels(k) for k in args.kernels.split(","))  # bad values fail before any work
+    try:  # bad values fail before any work, as one line (exit 2)
+        args.kernels = ",".join(check_kernels(k) for k in args.kernels.split(","))
+    except decodelab.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     cases = set(args.cases.split(","))
     report = {"started": dt.datetime.now().isoformat(timespec="seconds"), "load_start": loadavg(),

@@ -306,6 +306,12 @@ def test_bench_passes_arguments_through():
     assert result.exit_code == 2 and "--runs" in result.stderr and "invalid int value" in result.stderr
 
 
+def test_bench_rejects_bad_kernels_in_one_line_before_any_work():
+    result = run("bench", "--kernels", "exact,turbo")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == ["error: invalid kernels='turbo': expected one of exact, fast"]
+
+
 # --- subprocess: the console entry point and python -m -------------------------------------------------------
 def test_python_m_decodelab_end_to_end():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
