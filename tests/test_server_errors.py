@@ -23,7 +23,9 @@ def _error(r: httpx.Response, status: int, param: str | None = "<any>") -> dict:
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
-    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["message"], str) and err["message"] and "\n" not in err["message"]
+    if status in (400, 404, 405, 413):
+        assert err["type"] == "invalid_request_error", err
     if param != "<any>":
         assert err["param"] == param, err
     return err
@@ -52,17 +54,17 @@ BAD_BODIES = [
     # (raw body, status, param)
     (b'{"prompt": "x", ', 400, None),  # malformed JSON
     (b"not json at all", 400, None),
-    (b"[1, 2, 3]", 422, None),  # not an object
-    (b'{"max_tokens": 2}', 422, "prompt"),  # missing prompt
-    (b'{"prompt": 5}', 422, "prompt"),
-    (b'{"prompt": "x", "temperature": "hot"}', 422, "temperature"),
-    (b'{"prompt": "x", "temperature": 5}', 422, "temperature"),  # OpenAI range 0..2
-    (b'{"prompt": "x", "top_p": 1.5}', 422, "top_p"),
-    (b'{"prompt": "x", "logprobs": 6}', 422, "logprobs"),
-    (b'{"prompt": "x", "max_tokens": -1}', 422, "max_tokens"),
-    (b'{"prompt": "x", "n": 0}', 422, "n"),
-    (b'{"prompt": "x", "stream": "yes please"}', 422, "stream"),
-    (b'{"prompt": "x", "tools": []}', 422, "tools"),  # unknown field: rejected, never silently ignored
+    (b"[1, 2, 3]", 400, None),  # not an object
+    (b'{"max_tokens": 2}', 400, "prompt"),  # missing prompt
+    (b'{"prompt": 5}', 400, "prompt"),
+    (b'{"prompt": "x", "temperature": "hot"}', 400, "temperature"),
+    (b'{"prompt": "x", "temperature": 5}', 400, "temperature"),  # OpenAI range 0..2
+    (b'{"prompt": "x", "top_p": 1.5}', 400, "top_p"),
+    (b'{"prompt": "x", "logprobs": 6}', 400, "logprobs"),
+    (b'{"prompt": "x", "max_tokens": -1}', 400, "max_tokens"),
+    (b'{"prompt": "x", "n": 0}', 400, "n"),
+    (b'{"prompt": "x", "stream": "yes please"}', 400, "stream"),
+    (b'{"prompt": "x", "tools": []}', 400, "tools"),  # unknown field: rejected, never silently ignored
     (b'{"prompt": "x", "top_k": -1}', 400, "top_k"),  # decodelab's own validation (config.py)
     (b'{"prompt": "x", "repetition_penalty": 0}', 400, "repetition_penalty"),
     (b'{"prompt": "x", "seed": -3}', 400, "seed"),
@@ -79,7 +81,43 @@ BAD_BODIES = [
     (b'{"prompt": ""}', 400, "prompt"),  # empty prompt: documented 400
     (b'{"prompt": []}', 400, "prompt"),
     (b'{"prompt": ["fine", ""]}', 400, "prompt"),
-    (b'{"prompt": "x", "temperature": NaN}', 422, "temperature"),  # Python reads NaN; out of 0..2
+    (b'{"prompt": "x", "temperature": NaN}', 400, "temperature"),  # Python reads NaN; out of 0..2
+    # prompt forms: token ids must be integers inside the vocabulary (49152 for the tiny model)
+    (b'{"prompt": [true, 2]}', 400, "prompt"),
+    (b'{"prompt": ["a", 1]}', 400, "prompt"),
+    (b'{"prompt": [1.5]}', 400, "prompt"),
+    (b'{"prompt": [1, 49152]}', 400, "prompt"),
+    (b'{"prompt": [-1]}', 400, "prompt"),
+    (b'{"prompt": [[]]}', 400, "prompt"),
+    (b'{"prompt": [[5, 6], [49152]]}', 400, "prompt"),
+    (b'{"prompt": [[5], "x"]}', 400, "prompt"),
+    # OpenAI's documented limits (GenerationConfig)
+    (b'{"prompt": "x", "logit_bias": {"5": 100.5}}', 400, "logit_bias"),
+    (b'{"prompt": "x", "logit_bias": {"5": -101}}', 400, "logit_bias"),
+    ('{"prompt": "x", "logit_bias": {"\uff11\uff12": 1}}'.encode(), 400, "logit_bias"),  # fullwidth digits
+    ('{"prompt": "x", "logit_bias": {"\u00b2": 1}}'.encode(), 400, "logit_bias"),  # int("\u00b2") is a ValueError
+    ('{"prompt": "x", "logit_bias": {"\u0661": 1}}'.encode(), 400, "logit_bias"),  # Arabic-Indic digit one
+    (b'{"prompt": "x", "logit_bias": {"' + b"9" * 5000 + b'": 1}}', 400, "logit_bias"),  # int() refuses > 4300 digits
+    (b'{"prompt": "x", "logit_bias": {" 5": 1}}', 400, "logit_bias"),
+    (b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
+    # lone surrogates, in every kind of string field
+    (b'{"prompt": "\\ud800"}', 400, "prompt"),
+    (b'{"prompt": ["fine", "a\\udc00b"]}', 400, "prompt"),
+    (b'{"prompt": "x", "stop": "\\ud800"}', 400, "stop"),
+    (b'{"prompt": "x", "stop": ["ok", "\\udfff"]}', 400, "stop"),
+    (b'{"prompt": "x", "logit_bias": {"\\ud800": 1}}', 400, "logit_bias"),
+    (b'{"prompt": "x", "model": "\\ud800"}', 400, "model"),
+    (b'{"prompt": "x", "user": "\\ud83d"}', 400, "user"),
+    # extensions and aliases
+    (b'{"prompt": "x", "stop_token_ids": [49152]}', 400, "stop_token_ids"),
+    (b'{"prompt": "x", "stop_token_ids": [-1]}', 400, "stop_token_ids.0"),
+    (b'{"prompt": "x", "stop_token_ids": 5}', 400, "stop_token_ids"),
+    (b'{"prompt": "x", "ignore_eos": "maybe"}', 400, "ignore_eos"),
+    (b'{"prompt": "x", "max_completion_tokens": 33}', 400, "max_completion_tokens"),
+    (b'{"prompt": "x", "max_completion_tokens": -1}', 400, "max_completion_tokens"),
+    (b'{"prompt": "x", "stream_options": {"include_usage": true}}', 400, "stream_options"),  # needs stream
+    (b'{"prompt": "x", "stream": true, "stream_options": {"include_usage": 3}}', 400, "stream_options.include_usage"),
+    (b'{"prompt": "x", "stream": true, "stream_options": {"other": 1}}', 400, "stream_options.other"),
 ]
 
 
@@ -87,26 +125,116 @@ BAD_BODIES = [
 def test_bad_completion_requests_get_4xx_and_the_server_still_answers(server, body, status, param):
     r = server.post("/v1/completions", content=body, headers={"content-type": "application/json"})
     err = _error(r, status, param)
-    if status == 400 and param is None:
-        assert err["code"] == "invalid_json"
+    if param is None:
+        assert err["code"] == ("invalid_type" if body.startswith(b"[") else "invalid_json")
+    if param is not None and status == 400:
+        assert param.split(".")[0] in err["message"]  # the message names the field
     _ok(server)
 
 
+def test_error_messages_say_what_is_wrong(server):
+    def message(body: bytes) -> str:
+        r = server.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        return _error(r, 400)["message"]
+
+    assert message(b'{"prompt": "x", "logit_bias": {"5": 101}}') == (
+        "invalid logit_bias[5]=101: expected a bias between -100 and 100")
+    assert message(b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}') == (
+        "invalid stop: 5 strings given, at most 4 are allowed")
+    assert message('{"prompt": "x", "logit_bias": {"\uff11\uff12": 1}}'.encode()) == (
+        "invalid logit_bias='\uff11\uff12': expected token ids as keys (ASCII digits, e.g. \"50256\")")
+    assert message(b'{"prompt": [true]}') == (
+        "invalid prompt=[true]: expected one of str, list[str], list[int], list[list[int]]")
+    assert message(b'{"prompt": [1, 49152]}') == (
+        "invalid prompt[1]=49152: expected a token id from 0 to 49151 (the vocabulary size is 49152)")
+    assert "lone surrogate '\\ud800' at character 1" in message(b'{"prompt": "a\\ud800"}')
+    assert message(b'{"prompt": "x", "stop_token_ids": [49152]}') == (
+        "invalid stop_token_ids: token id 49152 is outside the vocabulary (size 49152)")
+    assert message(b'{"prompt": "x", "max_completion_tokens": 33}') == (
+        "invalid max_completion_tokens=33: this server allows at most 32 (--max-tokens)")
+
+
+HI = [{"role": "user", "content": "hi"}]
 BAD_CHATS = [
-    ({"messages": []}, 422, "messages"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, 422, "messages.0.role"),
-    ({"messages": [{"role": "user", "content": 3}]}, 422, "messages.0.content"),
-    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 21, "logprobs": True}, 422, "top_logprobs"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": 3}]}, 400, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 21, "logprobs": True}, 400, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),  # needs logprobs
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}, 400, "max_tokens"),
-    ({"messages": "hi"}, 422, "messages"),
+    ({"messages": "hi"}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a\udc00"}]}]}, 400, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "\ud800"}]}, 400, "messages.0.name"),
+    ({"messages": HI, "stop": ["\ud800"]}, 400, "stop"),
+    ({"messages": HI, "stop": ["1", "2", "3", "4", "5"]}, 400, "stop"),
+    ({"messages": HI, "logit_bias": {"7": -100.01}}, 400, "logit_bias"),
+    ({"messages": HI, "logit_bias": {"\uff17": 1}}, 400, "logit_bias"),
+    ({"messages": HI, "max_completion_tokens": 1000}, 400, "max_completion_tokens"),
+    ({"messages": HI, "max_completion_tokens": "many"}, 400, "max_completion_tokens"),
+    ({"messages": HI, "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
+    ({"messages": HI, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"messages": HI, "tools": []}, 400, "tools"),
 ]
 
 
 @pytest.mark.parametrize("body,status,param", BAD_CHATS, ids=[json.dumps(b[0])[:40] for b in BAD_CHATS])
 def test_bad_chat_requests_get_4xx(server, body, status, param):
-    _error(server.post("/v1/chat/completions", json=body), status, param)
+    # json.dumps writes a lone surrogate as the escape "\ud800", as a client in another language would send it
+    r = server.post("/v1/chat/completions", content=json.dumps(body).encode(),
+                    headers={"content-type": "application/json"})
+    _error(r, status, param)
     _ok(server)
+
+
+BAD_INSPECT = [
+    ("/api/tokenize", {"text": 5}, "text"),
+    ("/api/tokenize", {}, "text"),
+    ("/api/tokenize", {"text": "\ud800"}, "text"),
+    ("/api/tokenize", {"text": "x", "other": 1}, "other"),
+    ("/api/next-token", {"text": "a\udfffb"}, "text"),
+    ("/api/next-token", {"text": "x", "top_k": 0}, "top_k"),
+    ("/api/score", {"text": "\ud800"}, "text"),
+    ("/api/score", {"text": "x", "top_logprobs": 21}, "top_logprobs"),
+    ("/api/generate", {"prompt": "\ud800"}, "prompt"),
+    ("/api/generate", {"prompt": "x", "stop_strings": ["\ud800"]}, "stop_strings"),
+    ("/api/generate", {"prompt": "x", "stop_strings": ["a", "b", "c", "d", "e"]}, "stop_strings"),
+    ("/api/generate", {"prompt": "x", "max_new_tokens": "two"}, "max_new_tokens"),
+    ("/api/generate/stream", {"prompt": "\udc00"}, "prompt"),
+    ("/api/generate/stream", {"prompt": ["x"]}, "prompt"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", BAD_INSPECT, ids=[f"{p} {json.dumps(b)[:30]}" for p, b, _ in BAD_INSPECT])
+def test_bad_inspection_requests_get_400(server, path, body, param):
+    r = server.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    _error(r, 400, param)
+    _ok(server)
+
+
+UNUSUAL_TEXT = ["a\x00b", "\u202eabc\u202c", "\u200f\u05e9\u05dc\u05d5\u05dd", "e\u0301\u0302\u0303",
+                "\uff11\uff12\u0663", "\ufeff\ufffe", "\U0001f469\u200d\U0001f4bb", "\x7f\x1b[31m"]
+
+
+@pytest.mark.parametrize("text", UNUSUAL_TEXT, ids=[ascii(t) for t in UNUSUAL_TEXT])
+def test_unusual_unicode_works_on_every_route(server, tiny_lm, text):
+    """NUL, bidirectional marks, combining sequences, non-ASCII digits, BOM, ZWJ emoji, escapes: all are valid
+    Unicode, so every route answers 200 with them (in prompts, stop strings, names and tokenized text)."""
+    ids = tiny_lm.tokenize(text).ids
+    r = server.post("/api/tokenize", json={"text": text})
+    assert r.status_code == 200 and r.json()["ids"] == ids and r.json()["text"] == text
+    r = server.post("/v1/completions", json={"prompt": text, "max_tokens": 2, "temperature": 0, "echo": True,
+                                             "stop": [text], "user": text, "model": text})
+    assert r.status_code == 200, r.text
+    expected = tiny_lm.generate(text, max_new_tokens=2, stop_strings=[text]).sequences[0].new_text
+    assert r.json()["choices"][0]["text"] == text + expected
+    chat = {"messages": [{"role": "user", "content": text, "name": text}], "max_tokens": 2, "temperature": 0,
+            "stop": text}
+    assert server.post("/v1/chat/completions", json=chat).status_code == 200
+    for path, body in (("/api/next-token", {"text": text, "top_k": 2}), ("/api/score", {"text": text}),
+                       ("/api/generate", {"prompt": text, "max_new_tokens": 1, "stop_strings": [text]})):
+        r = server.post(path, json=body)
+        assert r.status_code == 200, (path, r.text)
 
 
 def test_over_long_prompt_is_a_400_with_the_token_counts(server, tiny_lm):
@@ -142,12 +270,14 @@ def test_huge_bodies_get_413(server):
 
 
 def test_unknown_route_and_wrong_method_are_json_errors(server):
-    err = _error(server.get("/v1/nothing-here"), 404)
-    assert "/v1/nothing-here" in err["message"]
-    # a wrong method is a 405, or a 404 when the playground's static files (mounted at /) answer the GET
-    r = server.get("/v1/completions")
-    _error(r, 405 if r.status_code == 405 else 404)
-    _error(server.post("/v1/models"), 405)
+    for method, path in (("GET", "/v1/nothing-here"), ("POST", "/v1/nothing-here"), ("POST", "/v1/completion"),
+                         ("POST", "/api/nothing"), ("DELETE", "/v2/completions")):
+        err = _error(server.request(method, path, json={"prompt": "x"}), 404)
+        assert err["message"] == f"unknown route {method} {path}" and err["code"] == "not_found"
+    # a known route with the wrong method is a 405, even where the playground's static files answer GETs
+    for method, path in (("GET", "/v1/completions"), ("GET", "/api/tokenize"), ("POST", "/v1/models")):
+        err = _error(server.request(method, path), 405)
+        assert err["code"] == "method_not_allowed" and path in err["message"]
 
 
 def test_model_field_is_echoed_never_loaded(server, tiny_lm):

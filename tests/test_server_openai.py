@@ -204,7 +204,7 @@ def test_client_sees_openai_errors(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="m", prompt="Hi", max_tokens=65)
     assert info.value.body["param"] == "max_tokens" and "65" in info.value.body["message"]
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="m", messages=MESSAGES, temperature=3)
     assert client.completions.create(model="m", prompt="Hi", max_tokens=1).choices[0].finish_reason
 

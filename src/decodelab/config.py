@@ -35,6 +35,14 @@ EarlyStopping = bool | Literal["never"]
 MIN_TEMPERATURE = 1e-5
 """Sampling temperatures below this are greedy (see the module docstring)."""
 
+MAX_STOP_STRINGS = 4
+"""At most this many ``stop_strings`` (OpenAI's documented limit for ``stop``), on every surface."""
+
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+"""``logit_bias`` values must lie in this closed range (OpenAI's documented limit); ``sequence_bias`` is unbounded."""
+
+_MAX_ID_DIGITS = 20  # a logit_bias key longer than this cannot be a token id (and int() refuses > 4300 digits)
+
 
 def _fail(param: str, value: Any, expected: str) -> ConfigError:
     return ConfigError(f"invalid {param}={value!r}: expected {expected}", param=param)
@@ -301,6 +309,16 @@ def _id_lists(given: dict, name: str) -> tuple[tuple[int, ...], ...] | None:
     return tuple(tuple(_token_id(name, i) for i in s) for s in x)
 
 
+def unencodable_at(text: str) -> int:
+    """Index of the first character of ``text`` that UTF-8 cannot encode (a lone surrogate such as the JSON
+    ``"\\ud800"``), or -1 when the whole text is valid Unicode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return -1
+
+
 def _strings(given: dict, name: str) -> tuple[str, ...]:
     if name not in given:
         return ()
@@ -311,7 +329,15 @@ def _strings(given: dict, name: str) -> tuple[str, ...]:
         raise _fail(name, x, "a string or a list of strings")
     if any(s == "" for s in x):
         raise _fail(name, x, "non-empty strings")
-    return tuple(dict.fromkeys(x))
+    for s in x:
+        at = unencodable_at(s)
+        if at >= 0:
+            raise _fail(name, s, f"valid Unicode text (a lone surrogate {s[at]!r} at character {at})")
+    out = tuple(dict.fromkeys(x))
+    if len(out) > MAX_STOP_STRINGS:
+        raise ConfigError(f"invalid {name}: {len(out)} strings given, at most {MAX_STOP_STRINGS} are allowed",
+                          param=name)
+    return out
 
 
 def _bias_value(name: str, value: Any) -> float:
@@ -346,8 +372,14 @@ def _logit_bias(given: dict) -> tuple[tuple[int, float], ...] | None:
     if not isinstance(x, dict):
         raise _fail(name, x, "a mapping from token id to bias")
     out = []
+    lo, hi = LOGIT_BIAS_RANGE
     for k, val in x.items():
-        if isinstance(k, str) and k.strip().isdigit():
+        if isinstance(k, str):  # JSON keys: ASCII digits only (int() would also read "\uff11\uff12" or fail on "\u00b2")
+            if not (k.isascii() and k.isdigit() and len(k) <= _MAX_ID_DIGITS):
+                raise _fail(name, k, "token ids as keys (ASCII digits, e.g. \"50256\")")
             k = int(k)
-        out.append((_token_id(name, k), _bias_value(name, val)))
+        bias = _bias_value(name, val)
+        if not lo <= bias <= hi:
+            raise ConfigError(f"invalid {name}[{k}]={bias:g}: expected a bias between {lo:g} and {hi:g}", param=name)
+        out.append((_token_id(name, k), bias))
     return tuple(out)

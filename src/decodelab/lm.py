@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import GenerationConfig
+from .config import GenerationConfig, unencodable_at
 from .distribution import Distribution, entropy, log_probs, top_candidates
 from .detokenize import continuation_text, prompt_context
 from .engine import Engine
@@ -30,6 +30,17 @@ from .trace import Generation, Sequence, Trace
 if TYPE_CHECKING:
     from .scoring import Score
     from .streaming import Stream
+
+
+def _is_id_list(x: Any) -> bool:
+    """True for a non-empty list of ints: one prompt given as token ids (not a batch of prompts)."""
+    return isinstance(x, list) and bool(x) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+
+
+def _short(x: Any, limit: int = 60) -> str:
+    """``repr(x)`` cut to ``limit`` characters (error messages stay one short line)."""
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class LM:
@@ -89,21 +100,49 @@ class LM:
     def encode(self, text: str, *, param: str = "text") -> list[int]:
         """Token ids of ``text`` (``tokenizer(text).input_ids``).
 
+        Any valid Unicode is accepted (NUL, bidirectional marks, combining sequences...); a string UTF-8 cannot
+        encode (a lone surrogate such as ``"\\ud800"``) is refused.
+
         Raises:
-            InputError: ``text`` is not a string or gives no tokens.
+            InputError: ``text`` is not a string, contains a lone surrogate or gives no tokens (one line naming
+                ``param``).
         """
         if not isinstance(text, str):
-            raise InputError(f"invalid {param}={text!r}: expected a string", param=param)
+            raise InputError(f"invalid {param}={_short(text)}: expected a string", param=param)
+        at = unencodable_at(text)
+        if at >= 0:
+            raise InputError(f"invalid {param}={_short(text)}: a lone surrogate {text[at]!r} at character {at} is not "
+                             "valid Unicode text", param=param)
         ids = list(self.tokenizer(text).input_ids)
         if not ids:
             raise InputError(f"invalid {param}={text!r}: the text is empty, so there are no tokens", param=param)
         return ids
 
+    def prompt_ids(self, prompt: str | list[int], *, param: str = "prompt") -> list[int]:
+        """Token ids of one prompt: a string is encoded (:meth:`encode`); a list of token ids is checked and used
+        exactly as given (no BOS or other special token is added).
+
+        Raises:
+            InputError: as :meth:`encode`, or an empty id list, or an id that is not an integer in
+                ``[0, vocab_size)``.
+        """
+        if isinstance(prompt, str):
+            return self.encode(prompt, param=param)
+        if not isinstance(prompt, list):
+            raise InputError(f"invalid {param}={_short(prompt)}: expected a string or a list of token ids", param=param)
+        if not prompt:
+            raise InputError(f"invalid {param}=[]: expected a non-empty list of token ids", param=param)
+        for i, t in enumerate(prompt):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise InputError(f"invalid {param}[{i}]={_short(t)}: expected a token id from 0 to "
+                                 f"{self.vocab_size - 1} (the vocabulary size is {self.vocab_size})", param=param)
+        return list(prompt)
+
     def tokenize(self, text: str) -> Tokens:
         """The tokens of ``text``: ids, decoded pieces, byte-exact pieces, offsets.
 
         Raises:
-            InputError: empty text.
+            InputError: not a string, empty, or not valid Unicode (a lone surrogate).
         """
         self.encode(text)
         return tokenize(self.tokenizer, text)
@@ -194,8 +233,9 @@ class LM:
         cfg.check_token_ids(self.vocab_size)
         return cfg
 
-    def generate(self, prompt: str | list[str], **kwargs: Any) -> Generation:
-        """Generate continuations of ``prompt`` (a string or a list of strings, run as one left-padded batch).
+    def generate(self, prompt: str | list[int] | list[str] | list[list[int]], **kwargs: Any) -> Generation:
+        """Generate continuations of ``prompt``: a string, or a list of token ids (used exactly, see
+        :meth:`prompt_ids`), or a list of such prompts run as one left-padded batch.
 
         Keywords are transformers' ``GenerationConfig`` names (``max_new_tokens``, ``num_beams``,
         ``num_return_sequences``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
@@ -208,8 +248,9 @@ class LM:
             first), and the trace when ``trace=True``.
 
         Raises:
-            ConfigError: a bad generation parameter. InputError: an empty prompt, or prompt + ``max_new_tokens``
-            longer than the context window.
+            ConfigError: a bad generation parameter. InputError: an empty prompt, a prompt that is not valid
+            Unicode text, a token id outside the vocabulary, or prompt + ``max_new_tokens`` longer than the context
+            window.
         """
         it = self._run(prompt, kwargs)
         return drain(it)
@@ -230,6 +271,34 @@ class LM:
 
         return Stream(self, prompt, kwargs)
 
+    def generate_many(self, requests, *, max_batch_size: int = 16, **kwargs: Any) -> list[Generation]:
+        """Generate for many requests at once with continuous batching; results in request order.
+
+        ``requests``: prompts (str) and/or dicts ``{"prompt": ..., **settings}`` whose settings override
+        ``kwargs`` (any :meth:`generate` keyword: each request keeps its own strategy, seed, stop strings, trace).
+        At most ``max_batch_size`` rows share a decode step. Each result equals ``generate`` of that request alone
+        (bit for bit on the default exact float32 engine; see :mod:`decodelab.scheduler`).
+
+        Raises:
+            ConfigError, InputError: a bad request, before anything runs; the message starts with ``requests[i]``.
+        """
+        from .batch import generate_many
+
+        return generate_many(self, requests, max_batch_size=max_batch_size, **kwargs)
+
+    def generate_iter(self, requests, *, max_batch_size: int = 16, **kwargs: Any):
+        """:meth:`generate_many`, yielding ``(index, Generation)`` as each request finishes."""
+        from .batch import generate_iter
+
+        return generate_iter(self, requests, max_batch_size=max_batch_size, **kwargs)
+
+    def batching(self, max_batch_size: int = 16):
+        """Context manager: continuous batching for the block, so that ``generate`` / ``stream`` calls from several
+        threads share decode steps (``with lm.batching(16): ...``). See :func:`decodelab.batch.batching`."""
+        from .batch import batching
+
+        return batching(self, max_batch_size)
+
     # --- internals -----------------------------------------------------------------------------------------------
     def _check_length(self, prompt_len: int, max_new: int, param: str = "prompt") -> None:
         window = self.context_window
@@ -249,11 +318,12 @@ class LM:
             ConfigError, InputError: at once (not at the first ``next``), as :meth:`generate` documents.
         """
         start = time.perf_counter()
-        prompts = [prompt] if isinstance(prompt, str) else prompt
+        prompts = [prompt] if isinstance(prompt, str) or _is_id_list(prompt) else prompt
         if not isinstance(prompts, list) or not prompts:
-            raise InputError(f"invalid prompt={prompt!r}: expected a string or a non-empty list of strings", param="prompt")
+            raise InputError(f"invalid prompt={_short(prompt)}: expected a string, a list of token ids or a "
+                             "non-empty list of them", param="prompt")
         cfg = self.config(**kwargs)
-        prompt_ids = [self.encode(p, param="prompt") for p in prompts]
+        prompt_ids = [self.prompt_ids(p) for p in prompts]
         for ids in prompt_ids:
             self._check_length(len(ids), cfg.max_new_tokens)
         per_prompt = cfg.num_return_sequences if (cfg.do_sample and not cfg.is_beam) else 1

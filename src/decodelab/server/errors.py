@@ -6,19 +6,21 @@ Body: ``{"error": {"message": str, "type": str, "param": str | null, "code": str
 what went wrong                                             status  ``type`` / ``code``
 ==========================================================  ======  ==========================
 malformed JSON body                                         400     invalid_request_error / invalid_json
+wrong JSON types, missing or unknown fields, documented     400     invalid_request_error / invalid_type,
+OpenAI ranges, text that is not valid Unicode                       missing, unknown_parameter, invalid_value
 :class:`~decodelab.errors.ConfigError` (bad parameter)      400     invalid_request_error / invalid_value
 :class:`~decodelab.errors.InputError` (empty / too long)    400     invalid_request_error / invalid_input or
                                                                     context_length_exceeded
 :class:`~decodelab.errors.ModelLoadError`                   404     invalid_request_error / model_not_found
-unknown route                                               404     invalid_request_error / not_found
-wrong method                                                405     invalid_request_error / method_not_allowed
+unknown route (any method)                                  404     invalid_request_error / not_found
+wrong method on a known route                               405     invalid_request_error / method_not_allowed
 body larger than ``max_body_bytes``                         413     invalid_request_error / request_too_large
-wrong JSON types, missing fields, documented OpenAI ranges  422     invalid_request_error / invalid_type, ...
 queue full                                                  503     server_busy / queue_full
 request timeout                                             504     timeout / request_timeout
 anything else (a bug, logged with its traceback)            500     server_error / internal_error
 ==========================================================  ======  ==========================
 
+As OpenAI and llama.cpp do, every invalid body is a 400 (FastAPI's default would be a 422).
 ``param`` names the offending field (``"temperature"``, ``"messages.0.content"``) when there is one.
 """
 
@@ -32,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import DecodelabError, InputError, ModelLoadError
@@ -59,9 +62,9 @@ class ErrorResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in (
-        (400, "Malformed JSON, or a parameter decodelab cannot use (message names it and its value)"),
+        (400, "Invalid body: malformed JSON, wrong JSON types, missing or unknown fields, values outside the "
+              "documented ranges, or a parameter decodelab cannot use (the message names it)"),
         (413, "Request body larger than the server's limit"),
-        (422, "Wrong JSON types, missing fields, or values outside the documented ranges"),
         (503, "Server busy: the request queue is full"),
         (504, "Request timed out"),
     )
@@ -114,14 +117,45 @@ def _loc_param(loc: tuple | list) -> str | None:
     return ".".join(kept) or None
 
 
-def _validation_message(err: dict) -> str:
-    param = _loc_param(err.get("loc", ())) or "body"
-    received = err.get("input")
+def _shown(received) -> str:
     try:
-        shown = json.dumps(received)[:120]
+        return json.dumps(received)[:120]
     except (TypeError, ValueError):
-        shown = repr(received)[:120]
-    return f"invalid {param}={shown}: {err.get('msg', 'invalid value')}"
+        return repr(received)[:120]
+
+
+def _tag(loc: tuple | list) -> tuple[int, str] | None:
+    """(position, name) of the first union-member type name pydantic put in ``loc``, if any."""
+    for i, p in enumerate(loc):
+        if isinstance(p, str) and (p in _TYPE_TAGS or "[" in p or "(" in p):
+            return i, p
+    return None
+
+
+def validation_error(errors: list[dict]) -> tuple[str, str | None, str]:
+    """(one-line message, ``param``, ``code``) for pydantic's validation ``errors`` (the first one is reported;
+    when it comes from a union, such as ``prompt``'s, the message lists the accepted forms instead)."""
+    first = errors[0] if errors else {}
+    loc = tuple(first.get("loc", ()))
+    kind = first.get("type")
+    code = {"missing": "missing", "extra_forbidden": "unknown_parameter", "value_error": "invalid_value"}.get(
+        kind, "invalid_type")
+    tag = _tag(loc)
+    if tag is not None:  # a union: which member failed first is arbitrary, so name the accepted forms
+        head = loc[: tag[0]]
+        forms = list(dict.fromkeys(t[1] for e in errors if tuple(e.get("loc", ()))[: tag[0]] == head
+                                   and (t := _tag(e.get("loc", ()))) is not None and t[0] == tag[0]))
+        if len(forms) > 1 and kind != "value_error":
+            param = _loc_param(head) or "body"
+            # the field's whole value: carried by an error on a member itself (``str``), not inside one (``list[int]``)
+            received = next((e.get("input") for e in errors if len(e.get("loc", ())) == tag[0] + 1
+                             and tuple(e["loc"][: tag[0]]) == head), "...")
+            return f"invalid {param}={_shown(received)}: expected one of {', '.join(forms)}", param, "invalid_type"
+    param = _loc_param(loc)
+    message = f"invalid {param or 'body'}={_shown(first.get('input'))}: {first.get('msg', 'invalid value')}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return " ".join(message.split()), param, code
 
 
 async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -129,13 +163,10 @@ async def _validation_handler(request: Request, exc: RequestValidationError) -> 
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx", {}) or {}
-        return error_response(400, f"malformed JSON body: {ctx.get('error', 'cannot parse')}", code="invalid_json")
-    code = "missing" if first.get("type") == "missing" else (
-        "unknown_parameter" if first.get("type") == "extra_forbidden" else "invalid_type")
-    message = _validation_message(first)
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return error_response(422, message, param=_loc_param(first.get("loc", ())), code=code)
+        message = " ".join(f"malformed JSON body: {ctx.get('error', 'cannot parse')}".split())
+        return error_response(400, message, code="invalid_json")
+    message, param, code = validation_error(errors)
+    return error_response(400, message, param=param, code=code)
 
 
 async def _decodelab_handler(request: Request, exc: DecodelabError) -> JSONResponse:
@@ -146,11 +177,30 @@ async def _decodelab_handler(request: Request, exc: DecodelabError) -> JSONRespo
 async def _http_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
     detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-    if exc.status_code == 404 and detail == "Not Found":
-        detail = f"unknown route {request.method} {request.url.path}"
-    type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return JSONResponse(error_payload(detail, type_, code=codes.get(exc.status_code)), status_code=exc.status_code,
-                        headers=getattr(exc, "headers", None))
+    status = exc.status_code
+    headers = getattr(exc, "headers", None)
+    if status in (404, 405) and detail in ("Not Found", "Method Not Allowed"):
+        # the playground's static files (mounted at /) answer every path: a 405 from them (POST /v1/nothing) is an
+        # unknown route, and their 404 for a known API path (GET /v1/completions) is a wrong method
+        known = _known_path(request)
+        headers = headers if known and status == 405 else None  # keep a real route's Allow header
+        status = 405 if known else 404
+        detail = (f"method {request.method} not allowed on {request.url.path}" if known
+                  else f"unknown route {request.method} {request.url.path}")
+    type_ = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(error_payload(detail, type_, code=codes.get(status)), status_code=status, headers=headers)
+
+
+def _known_path(request: Request) -> bool:
+    """Whether a route other than a catch-all mount (the playground's static files at ``/``) has this path."""
+    scope = {**request.scope, "method": "GET"}
+    for route in request.app.router.routes:
+        if isinstance(route, Mount):
+            continue
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            return True
+    return False
 
 
 async def _queue_full_handler(request: Request, exc: QueueFullError) -> JSONResponse:

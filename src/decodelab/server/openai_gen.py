@@ -70,7 +70,7 @@ class Job:
     """What one request asks the model for.
 
     Attributes:
-        prompts: texts to continue (chat: the templated conversation).
+        prompts: texts, or lists of token ids (used exactly), to continue (chat: the templated conversation).
         kwargs: ``LM.generate`` keywords (transformers names), already checked by ``LM.config``; ``max_new_tokens``
             ``None`` means "``default_max_tokens``, capped by the room left in the context window" (chat).
         n: choices per prompt.
@@ -81,7 +81,7 @@ class Job:
         default_max_tokens: see ``kwargs``.
     """
 
-    prompts: list[str]
+    prompts: list[str | list[int]]
     kwargs: dict[str, Any]
     n: int = 1
     logprobs: int | None = None
@@ -191,7 +191,7 @@ def _listed(row: _Row, final_len: int, reason: str, eos_ids) -> int:
     return count
 
 
-def _start_run(lm, prompt: str, kwargs: dict[str, Any]):
+def _start_run(lm, prompt: str | list[int], kwargs: dict[str, Any]):
     """``LM._run`` with access to its trace while it runs: (events iterator, trace getter)."""
     traces: list = []
     if "on_trace" in inspect.signature(lm._run).parameters:
@@ -205,7 +205,7 @@ def _start_run(lm, prompt: str, kwargs: dict[str, Any]):
 def run_job(lm, job: Job) -> Generator[Any, None, list[ChoiceResult]]:
     """Run ``job`` (see the module docstring). Raises ConfigError / InputError before yielding READY."""
     kwargs = dict(job.kwargs)
-    job.prompt_ids = [lm.encode(p, param="prompt") for p in job.prompts]
+    job.prompt_ids = [lm.prompt_ids(p) for p in job.prompts]
     if kwargs.get("max_new_tokens") is None:
         room = (lm.context_window or 10**9) - max(len(ids) for ids in job.prompt_ids)
         kwargs["max_new_tokens"] = max(1, min(job.default_max_tokens, room))
@@ -216,7 +216,7 @@ def run_job(lm, job: Job) -> Generator[Any, None, list[ChoiceResult]]:
     cfg = lm.config(**kwargs)
     infos = _Infos(lm.tokenizer)
     if job.echo_logprobs:
-        job.prompt_tokens_info = [prompt_logprobs(lm, p, ids, job.logprobs or 0, infos)
+        job.prompt_tokens_info = [prompt_logprobs(lm, p if isinstance(p, str) else None, ids, job.logprobs or 0, infos)
                                   for p, ids in zip(job.prompts, job.prompt_ids)]
     yield READY
     eos_ids = set(lm.stop_ids(cfg))
@@ -300,7 +300,7 @@ def _token_info(row: _Row, i: int, infos: _Infos) -> TokenInfo:
     return infos.info(row.ids[i], step.logprob, step.top, row.starts[i])
 
 
-def prompt_logprobs(lm, prompt: str, ids: list[int], k: int, infos: _Infos) -> list[TokenInfo]:
+def prompt_logprobs(lm, prompt: str | None, ids: list[int], k: int, infos: _Infos) -> list[TokenInfo]:
     """The prompt tokens' logprobs for ``echo`` (first token: ``None``), from ``LM.score_ids`` (teacher forcing,
     the raw distribution like the generated tokens'); ``offset`` is the token's first character in the prompt."""
     scored = lm.score_ids(ids, top_logprobs=k, text=prompt)

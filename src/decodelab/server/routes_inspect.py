@@ -4,7 +4,7 @@
 Parameter names are decodelab's / transformers' (``max_new_tokens``, ``num_beams``, ``top_p``...), not OpenAI's.
 Every model call goes through ``app.state.runner`` (one at a time, queued, with the server's timeout); bad values
 raise :class:`~decodelab.errors.DecodelabError` and come back as a 400 ``{"error": {...}}`` naming the parameter;
-wrong JSON types are a 422.
+so do wrong JSON types, unknown fields and text that is not valid Unicode (a lone surrogate).
 
 ``/api/next-token`` returns the raw top-k *and* the same tokens after temperature / top-k / top-p / min-p (computed
 on the full vocabulary by :mod:`decodelab.server.reshape`, i.e. by decodelab's own warpers), plus a compact summary
@@ -18,11 +18,12 @@ from typing import Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ..errors import ConfigError
 from .errors import ERROR_RESPONSES, exception_payload
 from .reshape import Warpers, before_after, logit_summary
+from .schemas import RequestModel
 
 router = APIRouter(prefix="/api", tags=["inspect"], responses=ERROR_RESPONSES)
 
@@ -30,17 +31,15 @@ MAX_TRACE_TOP_K = 50  # alternatives recorded per generated token (trace_top_k)
 
 
 # --- request bodies ------------------------------------------------------------------------------------------------
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(RequestModel):
     """Text to split into tokens."""
 
-    model_config = ConfigDict(extra="forbid")
     text: str = Field(..., description="The text; the tokenizer's special tokens (e.g. BOS) are added as usual.")
 
 
-class NextTokenRequest(BaseModel):
+class NextTokenRequest(RequestModel):
     """Next-token distribution after ``text``, before and after the sampling warpers."""
 
-    model_config = ConfigDict(extra="forbid")
     text: str = Field(..., description="The context; the distribution is for the token that follows it.")
     top_k: int = Field(10, ge=1, le=200, description="How many of the most likely tokens to list (raw order).")
     temperature: float | None = Field(
@@ -55,10 +54,9 @@ class NextTokenRequest(BaseModel):
                     "histogram (`logits.tail`), enough for the page to redo the reshaping client-side.")
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(RequestModel):
     """A traced generation (``LM.generate(prompt, trace=True, ...)``). ``null`` = transformers' default."""
 
-    model_config = ConfigDict(extra="forbid")
     prompt: str = Field(..., description="Text to continue.")
     max_new_tokens: int | None = Field(None, description="New tokens at most (default 20; capped by --max-tokens).")
     do_sample: bool | None = Field(None, description="Sample (true) or search deterministically (false, default).")
@@ -93,10 +91,9 @@ class GenerateRequest(BaseModel):
         return {**kw, "trace": True}
 
 
-class ScoreRequest(BaseModel):
+class ScoreRequest(RequestModel):
     """Text to score token by token (teacher forcing)."""
 
-    model_config = ConfigDict(extra="forbid")
     text: str = Field(..., description="The text; every token after the first gets a log-probability.")
     top_logprobs: int = Field(5, ge=0, le=20, description="Alternatives listed per position.")
 

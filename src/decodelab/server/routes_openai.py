@@ -4,7 +4,9 @@ OpenAI -> decodelab (transformers names): ``max_tokens`` -> ``max_new_tokens`` (
 chat the server's ``chat_default_max_tokens`` capped by the context left); ``temperature`` (default 1.0) with
 ``do_sample=True``, 0 meaning greedy; ``top_k`` 0 (off) unless given, since OpenAI has no top-k; ``n`` ->
 ``num_return_sequences`` (greedy: one sequence repeated); ``stop`` -> ``stop_strings``; ``seed``, ``top_p``,
-penalties and ``logit_bias`` keep their names. ``finish_reason`` is ``stop`` for end-of-sequence and stop strings,
+penalties and ``logit_bias`` keep their names; ``max_completion_tokens`` is ``max_tokens`` (and wins when both are
+given). vLLM's extensions: ``ignore_eos``, and ``stop_token_ids`` -> ``eos_token_id`` (the model's eos ids plus
+these; with ``ignore_eos`` only these). ``prompt`` may be token ids (a list, or a list of lists), used exactly. ``finish_reason`` is ``stop`` for end-of-sequence and stop strings,
 ``length`` otherwise. An empty prompt is a 400 (nothing to continue from). The ``model`` field is echoed back and
 never used to load anything: every name uses the model the server started with.
 
@@ -15,6 +17,7 @@ Logprobs: the model's raw distribution, before penalties, temperature and filter
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -52,7 +55,8 @@ _STREAM_DOC = {200: {"description": "JSON, or with `stream: true` server-sent ev
                      "content": {"text/event-stream": {"schema": _SSE_EVENT}}}}
 # decodelab name -> OpenAI name, to report errors in the caller's terms
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens", "num_return_sequences": "n", "stop_strings": "stop",
-                 "trace_top_k": "logprobs"}
+                 "trace_top_k": "logprobs", "eos_token_id": "stop_token_ids"}
+_OURS = re.compile(r"\b(" + "|".join(_OPENAI_NAMES) + r")\b")
 _EXTENSIONS = ("top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
                "no_repeat_ngram_size", "num_beams", "length_penalty", "early_stopping", "min_new_tokens",
                "ignore_eos", "suppress_tokens", "bad_words_ids")
@@ -76,9 +80,7 @@ async def list_models(request: Request) -> ModelList:
 def _renamed(exc: DecodelabError) -> DecodelabError:
     """The same error with decodelab's parameter names replaced by the OpenAI names the caller used
     (``max_new_tokens=`` -> ``max_tokens=``; ``param`` likewise)."""
-    message = str(exc)
-    for ours, theirs in _OPENAI_NAMES.items():
-        message = message.replace(f"{ours}=", f"{theirs}=")
+    message = _OURS.sub(lambda m: _OPENAI_NAMES[m.group(1)], str(exc))
     param = _OPENAI_NAMES.get(exc.param or "", exc.param)
     if message == str(exc) and param == exc.param:
         return exc
@@ -90,11 +92,22 @@ def _check(ok: bool, param: str, message: str) -> None:
         raise ConfigError(message, param=param)
 
 
+def _max_tokens(body) -> tuple[int | None, str]:
+    """(the requested new-token limit, the name the caller gave it): ``max_completion_tokens`` wins over
+    ``max_tokens``, as in OpenAI's API."""
+    if body.max_completion_tokens is not None:
+        return body.max_completion_tokens, "max_completion_tokens"
+    return body.max_tokens, "max_tokens"
+
+
 def _generation_kwargs(body, request: Request, max_tokens: int | None, n: int) -> dict[str, Any]:
     """OpenAI body -> ``LM.generate`` keywords, with the server's bounds checked (ConfigError -> 400)."""
     settings = request.app.state.settings
-    _check(max_tokens is None or max_tokens <= settings.max_tokens, "max_tokens",
-           f"invalid max_tokens={max_tokens}: this server allows at most {settings.max_tokens} (--max-tokens)")
+    name = _max_tokens(body)[1]
+    _check(max_tokens is None or max_tokens <= settings.max_tokens, name,
+           f"invalid {name}={max_tokens}: this server allows at most {settings.max_tokens} (--max-tokens)")
+    _check(body.stream_options is None or bool(body.stream), "stream_options",
+           "invalid stream_options: only allowed with stream=true")
     _check(n <= settings.max_n, "n", f"invalid n={n}: this server allows at most {settings.max_n} (--max-n)")
     _check(body.num_beams is None or body.num_beams <= settings.max_n, "num_beams",
            f"invalid num_beams={body.num_beams}: this server allows at most {settings.max_n} (--max-n)")
@@ -113,10 +126,13 @@ def _generation_kwargs(body, request: Request, max_tokens: int | None, n: int) -
     for name in _EXTENSIONS:
         if name != "top_k" and getattr(body, name) is not None:
             kwargs[name] = getattr(body, name)
+    if body.stop_token_ids:  # vLLM: they stop even with ignore_eos, which then drops only the model's eos ids
+        eos = [] if body.ignore_eos else list(request.app.state.lm.eos_ids)
+        kwargs.update(eos_token_id=[*eos, *body.stop_token_ids], ignore_eos=False)
     return kwargs
 
 
-def _plan(request: Request, body, prompts: list[str], max_tokens: int | None, n: int, logprobs: int | None,
+def _plan(request: Request, body, prompts: list[str | list[int]], max_tokens: int | None, n: int, logprobs: int | None,
           **job_fields) -> Job:
     lm = request.app.state.lm
     _check(logprobs is None or (body.num_beams or 1) == 1, "logprobs",
@@ -163,29 +179,33 @@ def _legacy(tokens: list[TokenInfo], shift: int) -> CompletionLogprobs:
 @router.post("/v1/completions", response_model=CompletionResponse, responses={**ERROR_RESPONSES, **_STREAM_DOC},
              summary="Text completion (OpenAI legacy API)")
 async def completions(body: CompletionRequest, request: Request):
-    """Continue ``prompt`` (a string or a list of strings). ``logprobs`` (0..5) returns the legacy format:
+    """Continue ``prompt``: a string, a list of strings, a list of token ids or a list of token-id lists (ids are
+    used exactly; ``echo`` returns their decoded text). ``logprobs`` (0..5) returns the legacy format:
     ``tokens``, ``token_logprobs``, ``top_logprobs`` (token -> logprob, exactly ``logprobs`` entries),
     ``text_offset`` (index into the choice's ``text``). ``echo`` prepends the prompt (and its logprobs, the first
-    token's being ``null``). Errors: 400 empty / over-long prompt (with the token counts) or a bad value, 422 wrong
-    JSON types, 503 queue full."""
+    token's being ``null``). Errors: 400 for any invalid body (wrong JSON types, empty or over-long prompt with the
+    token counts, a token id outside the vocabulary, a bad value), 503 queue full."""
     settings = request.app.state.settings
-    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    lm = request.app.state.lm
+    prompts = _prompt_list(body.prompt)
     n = body.n or 1
-    if not prompts:
-        raise InputError("invalid prompt=[]: expected a string or a non-empty list of strings", param="prompt")
     _check(len(prompts) <= settings.max_prompts, "prompt",
            f"invalid prompt: {len(prompts)} prompts, this server allows at most {settings.max_prompts}")
     _check(body.best_of is None or body.best_of == n, "best_of",
            f"invalid best_of={body.best_of}: only best_of == n (or null) is supported")
-    max_tokens = min(16, settings.max_tokens) if body.max_tokens is None else body.max_tokens  # OpenAI default
+    # the text each prompt echoes: token-id prompts are checked here (a bad id is a 400) and decoded
+    texts = [p if isinstance(p, str) else lm.tokenizer.decode(lm.prompt_ids(p), skip_special_tokens=True)
+             for p in prompts]
+    max_tokens = _max_tokens(body)[0]
+    max_tokens = min(16, settings.max_tokens) if max_tokens is None else max_tokens  # OpenAI's default
     job = _plan(request, body, prompts, max_tokens, n, body.logprobs,
                 echo_logprobs=bool(body.echo) and body.logprobs is not None)
     if body.stream:
-        return await _stream(request, job, _completion_chunks(request, body, job))
+        return await _stream(request, job, _completion_chunks(request, body, job, texts))
     results = await _execute(request, job)
     choices = []
     for r in results:
-        prompt = prompts[r.prompt_index] if body.echo else ""
+        prompt = texts[r.prompt_index] if body.echo else ""
         logprobs = None
         if r.tokens is not None:
             head = job.prompt_tokens_info[r.prompt_index] if body.echo else []
@@ -199,16 +219,39 @@ async def completions(body: CompletionRequest, request: Request):
                               choices=choices, usage=_usage(job, results))
 
 
-def _completion_chunks(request: Request, body: CompletionRequest, job: Job):
+def _prompt_list(prompt: str | list) -> list[str | list[int]]:
+    """OpenAI's four prompt forms -> a list of prompts (each a string or a list of token ids).
+
+    Raises:
+        InputError: an empty list.
+    """
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise InputError("invalid prompt=[]: expected a string, a list of token ids, or a non-empty list of them",
+                         param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+def _with_usage(body, payload: dict) -> dict:
+    """A stream chunk, with ``usage: null`` when ``stream_options.include_usage`` asks for it (as OpenAI: only the
+    last chunk has usage)."""
+    if body.stream_options and body.stream_options.include_usage:
+        payload["usage"] = None
+    return payload
+
+
+def _completion_chunks(request: Request, body: CompletionRequest, job: Job, prompts: list[str]):
     cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), _model_name(request)
-    prompts = job.prompts
     shifts: dict[int, int] = {}
 
     def chunk(index: int, text: str, logprobs, finish) -> dict:
-        return {"id": cid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"text": text, "index": index,
-                             "logprobs": None if logprobs is None else logprobs.model_dump(),
-                             "finish_reason": finish}]}
+        return _with_usage(body, {"id": cid, "object": "text_completion", "created": created, "model": model,
+                                  "choices": [{"text": text, "index": index,
+                                               "logprobs": None if logprobs is None else logprobs.model_dump(),
+                                               "finish_reason": finish}]})
 
     def start() -> list[dict]:
         out = []
@@ -273,7 +316,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     lm, settings, _ = _ctx(request)
     _check(body.top_logprobs is None or bool(body.logprobs), "top_logprobs",
            "invalid top_logprobs: it needs logprobs=true")
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = _max_tokens(body)[0]
     prompt = chat_prompt(lm, body)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     job = _plan(request, body, [prompt], max_tokens, body.n or 1, logprobs,
@@ -291,10 +334,10 @@ def _chat_chunks(request: Request, body: ChatCompletionRequest, job: Job):
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), _model_name(request)
 
     def chunk(index: int, delta: dict, logprobs, finish) -> dict:
-        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": index, "delta": delta,
-                             "logprobs": None if logprobs is None else logprobs.model_dump(),
-                             "finish_reason": finish}]}
+        return _with_usage(body, {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                  "choices": [{"index": index, "delta": delta,
+                                               "logprobs": None if logprobs is None else logprobs.model_dump(),
+                                               "finish_reason": finish}]})
 
     def start() -> list[dict]:
         return [chunk(i, {"role": "assistant", "content": ""}, None, None) for i in range(job.n)]

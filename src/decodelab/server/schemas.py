@@ -1,20 +1,60 @@
 """Pydantic models of the OpenAI routes' requests and responses (the OpenAPI schema at ``/openapi.json``).
 
 Pydantic checks JSON types and the ranges OpenAI documents (``temperature`` 0..2, ``logprobs`` 0..5,
-``top_logprobs`` 0..20, penalties -2..2, ...): a violation is a 422. Everything else about a value (and every
-extension's range) is checked by :class:`decodelab.GenerationConfig` and is a 400 naming the parameter. Unknown
-fields are rejected (422), so a misspelt knob never passes silently.
+``top_logprobs`` 0..20, penalties -2..2, ...). Everything else about a value (``logit_bias`` values in -100..100
+and ASCII-digit keys, at most 4 ``stop`` strings, every extension's range) is checked by
+:class:`decodelab.GenerationConfig`. Either way a bad body is a 400 ``invalid_request_error`` naming the field
+(:mod:`decodelab.server.errors`). Unknown fields are rejected, so a misspelt knob never passes silently, and every
+string anywhere in a body must be valid Unicode (a lone surrogate such as the JSON ``"\\ud800"`` is a 400 naming the
+field; NUL, bidirectional marks and combining sequences are fine).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+
+from ..config import unencodable_at
+
+TokenId = Annotated[StrictInt, Field(ge=0)]
 
 
-class _Strict(BaseModel):
+def _lone_surrogate(value: Any, path: str = "") -> str | None:
+    """Where the first string inside ``value`` (strings, list items, dict keys and values) that is not valid
+    Unicode lies, described for an error message; ``None`` when there is none."""
+    if isinstance(value, str):
+        at = unencodable_at(value)
+        return None if at < 0 else f"{path + ': ' if path else ''}a lone surrogate {value[at]!r} at character {at}"
+    if isinstance(value, (list, tuple)):
+        items = [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+    elif isinstance(value, dict):
+        items = [(f"{path} key {k!r}".strip(), k) for k in value] + [(f"{path}[{k!r}]", v) for k, v in value.items()]
+    else:
+        return None
+    for where, item in items:
+        found = _lone_surrogate(item, where)
+        if found:
+            return found
+    return None
+
+
+class RequestModel(BaseModel):
+    """Base of every request body (OpenAI and inspection routes): unknown fields are refused, and every string,
+    however deeply nested, must be valid Unicode text."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        found = _lone_surrogate(value)
+        if found:
+            raise ValueError(f"not valid Unicode text ({found}); UTF-8 cannot encode a lone surrogate")
+        return value
+
+
+_Strict = RequestModel
 
 
 class StreamOptions(_Strict):
@@ -45,7 +85,11 @@ class Extensions(_Strict):
     length_penalty: float | None = Field(None, description="Beam search length penalty exponent.")
     early_stopping: bool | Literal["never"] | None = Field(None, description="Beam search stopping rule.")
     min_new_tokens: int | None = Field(None, description="Suppress end-of-sequence before this many new tokens.")
-    ignore_eos: bool | None = Field(None, description="Keep generating past the end-of-sequence token.")
+    ignore_eos: bool | None = Field(None, description="Keep generating past the end-of-sequence token (vLLM's "
+                                                      "name); `stop_token_ids` still stop.")
+    stop_token_ids: list[TokenId] | None = Field(
+        None, description="Token ids that end a choice like end-of-sequence does (vLLM's name): finish_reason "
+                          "`stop`, the stop token's text is not returned.")
     suppress_tokens: list[int] | None = Field(None, description="Token ids that are never generated.")
     bad_words_ids: list[list[int]] | None = Field(None, description="Token id sequences that are never generated.")
 
@@ -57,7 +101,7 @@ class _Common(Extensions):
     top_p: float | None = Field(None, ge=0, le=1, description="Nucleus sampling mass (default 1.0).")
     n: int | None = Field(None, ge=1, le=128, description="Completions per prompt (at most the server's max_n).")
     stream: bool | None = Field(False, description="Server-sent events, ending with `data: [DONE]`.")
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(None, description="Only with `stream: true`.")
     stop: Stop = None
     seed: int | None = Field(None, description="Sampling seed: the same seed gives the same text.")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -65,13 +109,20 @@ class _Common(Extensions):
     logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias added to its "
                                                                   "logit, -100..100.")
     user: str | None = Field(None, description="Accepted and ignored.")
+    max_completion_tokens: int | None = Field(None, ge=0, description="Same as max_tokens (newer OpenAI name); "
+                                                                      "wins when both are given.")
+
+
+Prompt = str | list[str] | list[StrictInt] | list[list[StrictInt]]
 
 
 class CompletionRequest(_Common):
-    """``POST /v1/completions``. ``prompt``: a string or a list of strings (token-id prompts are not supported).
-    An empty prompt is a 400 (there is no token to continue from)."""
+    """``POST /v1/completions``. ``prompt``: a string, a list of strings, a list of token ids, or a list of lists
+    of token ids (as OpenAI). Token ids are used exactly as given (no BOS added); an id outside the vocabulary, or an
+    empty prompt, is a 400 (there is no token to continue from)."""
 
-    prompt: str | list[str] = Field(..., description="Text to continue, or a list of texts.")
+    prompt: Prompt = Field(..., description="Text to continue, a list of texts, a list of token ids, or a list of "
+                                            "token-id lists.")
     max_tokens: int | None = Field(None, ge=0, description="New tokens per completion (default 16, or the "
                                                            "server's --max-tokens when smaller).")
     logprobs: int | None = Field(None, ge=0, le=5, description="Return this many alternatives per token (0..5).")
@@ -99,7 +150,6 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=0, description="Default: the server's chat_default_max_tokens, capped "
                                                            "by the room left in the context window.")
-    max_completion_tokens: int | None = Field(None, ge=0, description="Same as max_tokens (newer OpenAI name).")
     logprobs: bool | None = Field(False, description="Return the chosen tokens' logprobs.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token (0..20; needs "
                                                                     "logprobs=true).")
