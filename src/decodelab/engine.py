@@ -116,6 +116,7 @@ class Engine:
         wants_fast = bool(quantize or compile or kernels != "exact")
         self.fast_reason = unsupported_reason(model) if _fast_enabled(fast) or wants_fast else "disabled"
         self.compiled = None
+        self.scheduler = None  # a decodelab.scheduler.Scheduler while batching (start_batching)
         self.kernels = kernels
         if self.fast_reason is None:
             self.fast = FastDecoder(model, pack=pack, kernels=kernels, fuse=kernels == "fast" or bool(quantize))
@@ -144,9 +145,49 @@ class Engine:
         )
         return out
 
-    @torch.inference_mode()
+    # --- continuous batching -----------------------------------------------------------------------------------
+    def start_batching(self, max_batch_size: int = 16, gather_s: float | None = None):
+        """Hand the model to a :class:`~decodelab.scheduler.Scheduler` thread: from now on ``prefill``, ``step``
+        and ``full_logits`` called from any thread run there, and concurrent requests' decode steps run together
+        (at most ``max_batch_size`` rows per step). Returns the scheduler; a running one is replaced only after
+        :meth:`stop_batching`.
+
+        Raises:
+            ConfigError: ``max_batch_size`` < 1 or a negative ``gather_s``.
+        """
+        from .scheduler import DEFAULT_GATHER_S, Scheduler
+
+        if self.scheduler is None:
+            self.scheduler = Scheduler(self, max_batch_size, DEFAULT_GATHER_S if gather_s is None else gather_s)
+        return self.scheduler
+
+    def stop_batching(self) -> None:
+        """Stop the scheduler thread (after the work queued); calls run directly in the caller's thread again."""
+        scheduler, self.scheduler = self.scheduler, None
+        if scheduler is not None:
+            scheduler.close()
+
+    def _routed(self):
+        """The scheduler when this call must go through it (batching on, and not already in its thread)."""
+        scheduler = self.scheduler
+        return scheduler if scheduler is not None and not scheduler.owns_current_thread() else None
+
+    def release(self, state: DecodeState) -> None:
+        """The request decoding ``state`` is finished or gone (search loops call this in ``finally``): with
+        batching on, the next decode steps stop waiting for it. Without batching, nothing to do."""
+        scheduler = self.scheduler
+        if scheduler is not None:
+            scheduler.release(state)
+
     def full_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits for every position of an unpadded batch: (B, T) ids -> (B, T, V) float32. No cache kept."""
+        scheduler = self._routed()
+        if scheduler is not None:
+            return scheduler.run_pass(lambda: self._full_logits(input_ids))
+        return self._full_logits(input_ids)
+
+    @torch.inference_mode()
+    def _full_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.to(self.device)
         if self.fast is not None:
             cache = self.fast.new_cache(ids.shape[0], ids.shape[1])
@@ -157,14 +198,22 @@ class Engine:
         out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         return out.logits.float()
 
-    @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 max_new_tokens: int | None = None) -> tuple[torch.Tensor, DecodeState]:
         """Run the (left-padded) prompts. (B, T) ids and mask -> ((B, V) float32 last-position logits, state).
 
         ``max_new_tokens`` sizes the fast path's preallocated cache (T + max_new_tokens positions); without it the
-        cache starts at T + 64 positions and grows by doubling.
+        cache starts at T + 64 positions and grows by doubling. With batching on, the prefill runs in the
+        scheduler thread between two decode steps, alone (so its numbers are those of the request alone).
         """
+        scheduler = self._routed()
+        if scheduler is not None:
+            return scheduler.run_pass(lambda: self._prefill(input_ids, attention_mask, max_new_tokens))
+        return self._prefill(input_ids, attention_mask, max_new_tokens)
+
+    @torch.inference_mode()
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 max_new_tokens: int | None) -> tuple[torch.Tensor, DecodeState]:
         ids = input_ids.to(self.device)
         mask = attention_mask.to(self.device).long()
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -182,9 +231,35 @@ class Engine:
         logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
         return logits, DecodeState(out.cache, mask, positions[:, -1:])
 
-    @torch.inference_mode()
     def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row: (B,) ids -> (B, V) float32 logits. Updates ``state`` in place."""
+        """Feed one token per row: (B,) ids -> (B, V) float32 logits. Updates ``state`` in place. With batching
+        on, the step runs in the scheduler's next batched decode step."""
+        scheduler = self._routed()
+        if scheduler is not None:
+            return scheduler.step(state, tokens)
+        return self._step(state, tokens)
+
+    @torch.inference_mode()
+    def step_many(self, states: list[DecodeState], tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One decode step for several requests: ``tokens[i]`` (B_i,) ids fed to ``states[i]`` -> a (B_i, V)
+        float32 logits tensor each, equal to what :meth:`step` returns for that request alone.
+
+        On the fast path (uncompiled) this is one forward pass over all rows
+        (:meth:`decodelab.fastpath.FastDecoder.forward_many`); on the exact float32 engine each request's logits are
+        bit for bit its logits alone (:mod:`decodelab.fastpath.rows`). The compiled step and the plain path run the
+        requests one after another (same numbers as alone, no batching gain).
+        """
+        if self.fast is None or self.compiled is not None or len(states) == 1:
+            return [self._step(s, t) for s, t in zip(states, tokens)]
+        items = []
+        for state, tok in zip(states, tokens):
+            state.positions = state.positions + 1
+            state.cache.append_mask()
+            items.append((tok.to(self.device)[:, None], state.positions, state.cache))
+        return [logits.float().contiguous() for logits in self.fast.forward_many(items)]
+
+    @torch.inference_mode()
+    def _step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
         state.positions = state.positions + 1
         tokens = tokens.to(self.device)[:, None]
         if isinstance(state.cache, StaticKVCache):

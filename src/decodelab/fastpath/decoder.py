@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import StaticKVCache
+from .rows import RowPlan, Segment, attention_mask
 
 SUPPORTED_TYPES = ("llama", "qwen2")
 
@@ -357,6 +358,7 @@ class FastDecoder:
             for layer in self.layers:
                 layer.ln1, layer.ln2 = layer.ln1.detach().float(), layer.ln2.detach().float()
             self.norm = self.norm.detach().float()
+        self._exact_shapes: dict = {}  # rows.RowPlan: per weight shape, whether the grouped product is exact here
         self.halves = ((self.device.type == "cpu" and self.dtype == torch.float32 and not weight_major)
                        if halves is None else halves)
 
@@ -399,12 +401,50 @@ class FastDecoder:
         Raises:
             ValueError: T > 1 on a non-empty cache (chunked prefill is not supported).
         """
+        return self.forward_many([(ids, positions, cache)], keep_all=keep_all)[0]
+
+    def forward_many(self, items: list[tuple[torch.Tensor, torch.Tensor, StaticKVCache]],
+                     keep_all: bool = False) -> list[torch.Tensor]:
+        """One forward pass over several requests, each ``(ids (B_s, T), positions (B_s, T), cache)`` with its own
+        cache, as :meth:`forward` describes for one; returns each request's logits ((B_s, V), or (B_s, T, V) with
+        ``keep_all``), in ``items`` order. Several items must all be decode steps (T == 1).
+
+        On the exact float32 path each request's logits are bit for bit those of :meth:`forward` on that request
+        alone (see :mod:`decodelab.fastpath.rows`): this is the continuous-batching scheduler's decode step.
+
+        Raises:
+            ValueError: T > 1 on a non-empty cache, or a multi-token item among several.
+        """
+        if len(items) > 1 and any(ids.shape[1] != 1 for ids, _, _ in items):
+            raise ValueError("fast path: only decode steps (one token per row) can be batched")
+        # one-row requests first, so that they form one block for the grouped products (rows.RowPlan)
+        order = sorted(range(len(items)), key=lambda i: items[i][0].shape[0] != 1) if len(items) > 1 else [0]
+        segments, lo = [], 0
+        for i in order:
+            ids, _, cache = items[i]
+            b, t = ids.shape
+            past = cache.length
+            if t > 1 and past:
+                raise ValueError("fast path: multi-token input on a non-empty cache")
+            cache.reserve(past + t)
+            segments.append(Segment(cache, lo, lo + b, past, past + t,
+                                    attention_mask(cache, t, past + t, ids.device)))
+            lo += b
+        ids = items[order[0]][0] if len(items) == 1 else torch.cat([items[i][0] for i in order])
+        positions = items[order[0]][1] if len(items) == 1 else torch.cat([items[i][1] for i in order])
         b, t = ids.shape
-        past = cache.length
-        if t > 1 and past:
-            raise ValueError("fast path: multi-token input on a non-empty cache")
-        total = past + t
-        cache.reserve(total)
+        plan = RowPlan(segments, not self.fused and self._halves_for(b * t if len(items) == 1 else 1),
+                       grouped=not self.packed and self.quantized is None and not self.fused
+                       and self.kernels == "exact", exact_shapes=self._exact_shapes)
+        logits = self._layers(ids, positions, plan, keep_all)
+        out = [None] * len(items)
+        for i, seg in zip(order, segments):
+            out[i] = logits if len(items) == 1 else logits[seg.lo : seg.hi]
+        return out
+
+    def _layers(self, ids: torch.Tensor, positions: torch.Tensor, plan: RowPlan, keep_all: bool) -> torch.Tensor:
+        """The decoder over the concatenated rows of ``plan``: embedding, every layer, final norm, output layer."""
+        b, t = ids.shape
         h = F.embedding(ids, self.embed)
         act32, mm_dtype = self.act32, self.dtype
         if act32:
@@ -412,57 +452,55 @@ class FastDecoder:
         cos, sin = self.rotary(h, positions)
         half = self.head_dim // 2
         cos, sin = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
-        mask = None
-        if cache.padded:
-            pad = cache.pad[:, :total]
-            if t > 1:
-                causal = torch.ones((t, t), dtype=torch.bool, device=ids.device).tril()
-                mask = causal[None, None] & pad[:, None, None, :]
-            else:
-                mask = pad[:, None, None, :]
-        keys, values = cache.keys, cache.values
-        halves = self._halves_for(b * t)
         shape = (b, t, -1, self.head_dim)
         fused = self.fused
         norm = fast_rms_norm if fused else rms_norm
         n_qk = self.n_heads + self.n_kv
+
+        def linear(proj, x):
+            return plan.linear(proj, x, half_linear)
+
         for i, layer in enumerate(self.layers):
             x = norm(h, layer.ln1, layer.eps1)
             if fused:  # one product for q, k, v; one rotary call for q and k together
-                qkv = layer.qkv(x.to(mm_dtype)).float() if act32 else layer.qkv(x)
+                qkv = linear(layer.qkv, x.to(mm_dtype)).float() if act32 else linear(layer.qkv, x)
                 heads = qkv.view(shape).transpose(1, 2)
                 qk = rope(heads[:, :n_qk], cos, sin)
                 q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], heads[:, n_qk:]
             else:
-                if halves:
-                    q, k, v = half_linear(layer.q, x), half_linear(layer.k, x), half_linear(layer.v, x)
-                else:
-                    q, k, v = layer.q(x), layer.k(x), layer.v(x)
+                q, k, v = linear(layer.q, x), linear(layer.k, x), linear(layer.v, x)
                 q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
                 q, k = rope(q, cos, sin), rope(k, cos, sin)
-            keys[i][:, :, past:total] = k
-            values[i][:, :, past:total] = v
-            if past:
-                k, v = keys[i][:, :, :total], values[i][:, :, :total]
-            att = self._attention(q, k, v, mask, t)
+            att = self._segment_attention(i, plan, q, k, v, t)
             if act32:
                 att = att.to(mm_dtype)
-            h = h + (half_linear(layer.o, att) if halves else layer.o(att))
+            h = h + linear(layer.o, att)
             x = norm(h, layer.ln2, layer.eps2)
             if fused:
-                gate, up = layer.gate_up(x.to(mm_dtype) if act32 else x).chunk(2, -1)
-                h = h + layer.down(F.silu(gate) * up)
-            elif halves:
-                act = F.silu(half_linear(layer.gate, x)) * half_linear(layer.up, x)
-                h = h + half_linear(layer.down, act)
+                gate, up = linear(layer.gate_up, x.to(mm_dtype) if act32 else x).chunk(2, -1)
+                h = h + linear(layer.down, F.silu(gate) * up)
             else:
-                h = h + layer.down(F.silu(layer.gate(x)) * layer.up(x))
-        cache.length = total
+                h = h + linear(layer.down, F.silu(linear(layer.gate, x)) * linear(layer.up, x))
+        for seg in plan.segments:
+            seg.cache.length = seg.total
         h = norm(h, self.norm, self.norm_eps)
         if act32:
             h = h.to(mm_dtype)
         if keep_all:
             return self.lm_head(h)
-        if halves:
-            return half_linear(self.lm_head, h[:, -1:, :])[:, -1]
-        return self.lm_head(h[:, -1:, :])[:, -1]
+        return linear(self.lm_head, h[:, -1:, :])[:, -1]
+
+    def _segment_attention(self, i: int, plan: RowPlan, q, k, v, t: int) -> torch.Tensor:
+        """Write layer ``i``'s new keys/values into each segment's cache and attend per segment, with the
+        segment's own cache length and mask (as alone). q (R, H, T, D), k/v (R, H_kv, T, D) -> (R, T, H * D)."""
+        outs = []
+        for seg in plan.segments:
+            keys, values = seg.cache.keys[i], seg.cache.values[i]
+            sk, sv = (k, v) if len(plan.segments) == 1 else (k[seg.lo : seg.hi], v[seg.lo : seg.hi])
+            keys[:, :, seg.past : seg.total] = sk
+            values[:, :, seg.past : seg.total] = sv
+            if seg.past:
+                sk, sv = keys[:, :, : seg.total], values[:, :, : seg.total]
+            sq = q if len(plan.segments) == 1 else q[seg.lo : seg.hi]
+            outs.append(self._attention(sq, sk, sv, seg.mask, t))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)

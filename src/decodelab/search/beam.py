@@ -93,96 +93,99 @@ def beam_search(
     logits = logits.repeat_interleave(K, 0)
     cur_len = T0
     stop_reason = "max_new_tokens"
-    while True:
-        flat = running[:, :, :cur_len].reshape(B * K, cur_len)
-        raw_lp = torch.log_softmax(logits, dim=-1)
-        lp = tracer.process(procs, flat, raw_lp) if tracer else apply(procs, flat, raw_lp)
-        V = lp.shape[-1]
-        acc = (lp.view(B, K, V) + running_scores[:, :, None]).reshape(B, K * V)
-        if gens is None:
-            top_lp, top_idx = torch.topk(acc, k=keep)
-        else:
-            probs = torch.softmax(acc, dim=-1)
-            top_idx = torch.cat([torch.multinomial(probs[b : b + 1], keep, generator=g) for b, g in enumerate(gens)])
-            top_lp = acc.gather(1, top_idx)
-            top_lp, order = top_lp.sort(dim=-1, descending=True)
-            top_idx = top_idx.gather(-1, order)
-        src_beam = top_idx // V
-        tok = top_idx % V
-        cand = _gather(running, src_beam)
-        cand[:, :, cur_len] = tok
-        ends = torch.isin(tok, eos) if n_eos else torch.zeros_like(tok, dtype=torch.bool)
-        if cur_len + 1 >= max_len:
-            ends = torch.ones_like(ends)
-        stop_hit = torch.zeros_like(ends)
-        if stops:
-            for b in range(B):
-                for j in range(keep):
-                    if stops.cut(cand[b, j, T0 : cur_len + 1].tolist(), contexts[b]) >= 0:
-                        stop_hit[b, j] = True
-            ends = ends | stop_hit
+    try:
+        while True:
+            flat = running[:, :, :cur_len].reshape(B * K, cur_len)
+            raw_lp = torch.log_softmax(logits, dim=-1)
+            lp = tracer.process(procs, flat, raw_lp) if tracer else apply(procs, flat, raw_lp)
+            V = lp.shape[-1]
+            acc = (lp.view(B, K, V) + running_scores[:, :, None]).reshape(B, K * V)
+            if gens is None:
+                top_lp, top_idx = torch.topk(acc, k=keep)
+            else:
+                probs = torch.softmax(acc, dim=-1)
+                top_idx = torch.cat([torch.multinomial(probs[b : b + 1], keep, generator=g) for b, g in enumerate(gens)])
+                top_lp = acc.gather(1, top_idx)
+                top_lp, order = top_lp.sort(dim=-1, descending=True)
+                top_idx = top_idx.gather(-1, order)
+            src_beam = top_idx // V
+            tok = top_idx % V
+            cand = _gather(running, src_beam)
+            cand[:, :, cur_len] = tok
+            ends = torch.isin(tok, eos) if n_eos else torch.zeros_like(tok, dtype=torch.bool)
+            if cur_len + 1 >= max_len:
+                ends = torch.ones_like(ends)
+            stop_hit = torch.zeros_like(ends)
+            if stops:
+                for b in range(B):
+                    for j in range(keep):
+                        if stops.cut(cand[b, j, T0 : cur_len + 1].tolist(), contexts[b]) >= 0:
+                            stop_hit[b, j] = True
+                ends = ends | stop_hit
 
-        # e. the K best continuations that did not end keep running
-        run_lp = top_lp + ends.to(torch.float32) * -BIG
-        next_idx = torch.topk(run_lp, k=K)[1]
-        new_running = _gather(cand, next_idx)
-        new_running_scores = _gather(run_lp, next_idx)
-        new_src = _gather(src_beam, next_idx)
+            # e. the K best continuations that did not end keep running
+            run_lp = top_lp + ends.to(torch.float32) * -BIG
+            next_idx = torch.topk(run_lp, k=K)[1]
+            new_running = _gather(cand, next_idx)
+            new_running_scores = _gather(run_lp, next_idx)
+            new_src = _gather(src_beam, next_idx)
 
-        # f. finished hypotheses: merge the ones that just ended (among the first K) and keep the K best
-        just_done = ends & top_mask[None, :]
-        done_lp = top_lp / ((cur_len + 1 - T0) ** length_penalty)
-        full = torch.all(is_finished, dim=-1, keepdim=True) & (early is True)
-        done_lp = done_lp + full.to(torch.float32) * -BIG
-        done_lp = done_lp + (~can_improve).to(torch.float32) * -BIG
-        done_lp = done_lp + (~just_done) * -BIG
-        merged_idx = torch.topk(torch.cat((finished_scores, done_lp), dim=1), k=K)[1]
-        finished = _gather(torch.cat((finished, cand), dim=1), merged_idx)
-        finished_scores = _gather(torch.cat((finished_scores, done_lp), dim=1), merged_idx)
-        new_len = torch.full_like(tok, cur_len + 1 - T0)
-        finished_len = _gather(torch.cat((finished_len, new_len), dim=1), merged_idx)
-        finished_stop = _gather(torch.cat((finished_stop, stop_hit), dim=1), merged_idx)
-        is_finished = _gather(torch.cat((is_finished, just_done), dim=1), merged_idx)
+            # f. finished hypotheses: merge the ones that just ended (among the first K) and keep the K best
+            just_done = ends & top_mask[None, :]
+            done_lp = top_lp / ((cur_len + 1 - T0) ** length_penalty)
+            full = torch.all(is_finished, dim=-1, keepdim=True) & (early is True)
+            done_lp = done_lp + full.to(torch.float32) * -BIG
+            done_lp = done_lp + (~can_improve).to(torch.float32) * -BIG
+            done_lp = done_lp + (~just_done) * -BIG
+            merged_idx = torch.topk(torch.cat((finished_scores, done_lp), dim=1), k=K)[1]
+            finished = _gather(torch.cat((finished, cand), dim=1), merged_idx)
+            finished_scores = _gather(torch.cat((finished_scores, done_lp), dim=1), merged_idx)
+            new_len = torch.full_like(tok, cur_len + 1 - T0)
+            finished_len = _gather(torch.cat((finished_len, new_len), dim=1), merged_idx)
+            finished_stop = _gather(torch.cat((finished_stop, stop_hit), dim=1), merged_idx)
+            is_finished = _gather(torch.cat((is_finished, just_done), dim=1), merged_idx)
 
-        if tracer:
-            cand_nodes = _record_nodes(tracer, nodes, running_nodes, src_beam, tok, lp, top_lp, just_done, next_idx,
-                                       merged_idx, cur_len - T0, K, length_penalty)
-            for b in range(B):
-                for k in range(K):
-                    src = b * K + int(new_src[b, k])
-                    tid = int(new_running[b, k, cur_len])
-                    tracer.step(cur_len - T0, b * K + k, tid, raw_lp[src], lp[src], changes_row=src, raw_is_logprobs=True)
-            running_nodes = _gather(cand_nodes, next_idx.cpu())
-            finished_nodes = _gather(torch.cat((finished_nodes, cand_nodes), dim=1), merged_idx.cpu())
+            if tracer:
+                cand_nodes = _record_nodes(tracer, nodes, running_nodes, src_beam, tok, lp, top_lp, just_done, next_idx,
+                                           merged_idx, cur_len - T0, K, length_penalty)
+                for b in range(B):
+                    for k in range(K):
+                        src = b * K + int(new_src[b, k])
+                        tid = int(new_running[b, k, cur_len])
+                        tracer.step(cur_len - T0, b * K + k, tid, raw_lp[src], lp[src], changes_row=src, raw_is_logprobs=True)
+                running_nodes = _gather(cand_nodes, next_idx.cpu())
+                finished_nodes = _gather(torch.cat((finished_nodes, cand_nodes), dim=1), merged_idx.cpu())
 
-        running, running_scores = new_running, new_running_scores
-        cur_len += 1
-        yield BeamEvent(
-            lambda r=running, n=cur_len: r[:, 0, T0:n].tolist(),
-            functools.partial(_stable_prefixes, running, finished, finished_len, is_finished, can_improve,
-                              early is True, T0, cur_len),
-        )
+            running, running_scores = new_running, new_running_scores
+            cur_len += 1
+            yield BeamEvent(
+                lambda r=running, n=cur_len: r[:, 0, T0:n].tolist(),
+                functools.partial(_stable_prefixes, running, finished, finished_len, is_finished, can_improve,
+                                  early is True, T0, cur_len),
+            )
 
-        # g. stopping: can a running beam still beat the worst finished hypothesis?
-        if early == "never" and length_penalty > 0.0:
-            best_len = max_len - T0
-        else:
-            best_len = cur_len - T0
-        best_running = running_scores[:, :1] / (best_len**length_penalty)
-        worst_done = torch.where(is_finished, torch.min(finished_scores, dim=1, keepdim=True)[0], -BIG)
-        can_improve = can_improve & torch.any(best_running > worst_done, dim=-1, keepdim=True)
-        open_beams = not (bool(torch.all(is_finished)) and early is True)
-        if not bool(torch.any(can_improve)):
-            stop_reason = "early_stopping"
-            break
-        if not open_beams:
-            stop_reason = "all_finished"
-            break
-        if bool(torch.all(ends)):
-            break
-        beam_rows = (new_src + torch.arange(B, device=dev)[:, None] * K).reshape(-1)
-        Engine.select(state, beam_rows)
-        logits = engine.step(state, running[:, :, cur_len - 1].reshape(-1))
+            # g. stopping: can a running beam still beat the worst finished hypothesis?
+            if early == "never" and length_penalty > 0.0:
+                best_len = max_len - T0
+            else:
+                best_len = cur_len - T0
+            best_running = running_scores[:, :1] / (best_len**length_penalty)
+            worst_done = torch.where(is_finished, torch.min(finished_scores, dim=1, keepdim=True)[0], -BIG)
+            can_improve = can_improve & torch.any(best_running > worst_done, dim=-1, keepdim=True)
+            open_beams = not (bool(torch.all(is_finished)) and early is True)
+            if not bool(torch.any(can_improve)):
+                stop_reason = "early_stopping"
+                break
+            if not open_beams:
+                stop_reason = "all_finished"
+                break
+            if bool(torch.all(ends)):
+                break
+            beam_rows = (new_src + torch.arange(B, device=dev)[:, None] * K).reshape(-1)
+            Engine.select(state, beam_rows)
+            logits = engine.step(state, running[:, :, cur_len - 1].reshape(-1))
+    finally:
+        engine.release(state)  # batching: the next steps stop waiting for these rows
 
     n = cfg.num_return_sequences
     out: list[RawSequence] = []

@@ -87,43 +87,46 @@ def token_search(
 
     contexts = [prompt_context(p) for p in batch.prompts] if stops else []
     logits, state = engine.prefill(batch.ids, batch.mask, cfg.max_new_tokens)
-    for step in range(cfg.max_new_tokens):
-        running = [r is None for r in reasons]
-        processed = tracer.process(procs, input_ids, logits) if tracer else apply(procs, input_ids, logits)
-        lse = torch.logsumexp(processed, dim=-1)  # (B,): -inf where the processors removed every token
-        if gens is None:
-            next_tokens = torch.argmax(processed, dim=-1)
-        else:
-            _check_not_empty(lse, running, step, cfg)
-            probs = torch.softmax(processed, dim=-1)
-            next_tokens = torch.cat([
-                torch.multinomial(probs[r : r + 1], 1, generator=g)[:, 0] if running[r] else _pad_token(engine, batch)
-                for r, g in enumerate(gens)
-            ])
-        chosen_lp = (processed.gather(1, next_tokens[:, None])[:, 0] - lse).tolist()
-        if gens is None and any(run and lp != lp for run, lp in zip(running, chosen_lp)):  # NaN: nothing left
-            _check_not_empty(lse, running, step, cfg)
-        tokens = next_tokens.tolist()
-        for r in range(rows):
-            if not running[r]:
-                tokens[r] = batch.pad_id
-                continue
-            if tracer:
-                tracer.step(step, r, tokens[r], logits[r], processed[r])
-            new_ids[r].append(tokens[r])
-            scores[r] += chosen_lp[r]
-            if tokens[r] in eos:
-                reasons[r] = "eos"
-            elif stops and stops.cut(new_ids[r], contexts[r]) >= 0:
-                reasons[r] = "stop"
-            elif step + 1 == cfg.max_new_tokens:
-                reasons[r] = "length"
-        yield tokens, running
-        if all(r is not None for r in reasons):
-            break
-        token_tensor = torch.tensor(tokens, dtype=torch.long, device=engine.device)
-        input_ids = torch.cat([input_ids, token_tensor[:, None]], dim=-1)
-        logits = engine.step(state, token_tensor)
+    try:
+        for step in range(cfg.max_new_tokens):
+            running = [r is None for r in reasons]
+            processed = tracer.process(procs, input_ids, logits) if tracer else apply(procs, input_ids, logits)
+            lse = torch.logsumexp(processed, dim=-1)  # (B,): -inf where the processors removed every token
+            if gens is None:
+                next_tokens = torch.argmax(processed, dim=-1)
+            else:
+                _check_not_empty(lse, running, step, cfg)
+                probs = torch.softmax(processed, dim=-1)
+                next_tokens = torch.cat([
+                    torch.multinomial(probs[r : r + 1], 1, generator=g)[:, 0] if running[r] else _pad_token(engine, batch)
+                    for r, g in enumerate(gens)
+                ])
+            chosen_lp = (processed.gather(1, next_tokens[:, None])[:, 0] - lse).tolist()
+            if gens is None and any(run and lp != lp for run, lp in zip(running, chosen_lp)):  # NaN: nothing left
+                _check_not_empty(lse, running, step, cfg)
+            tokens = next_tokens.tolist()
+            for r in range(rows):
+                if not running[r]:
+                    tokens[r] = batch.pad_id
+                    continue
+                if tracer:
+                    tracer.step(step, r, tokens[r], logits[r], processed[r])
+                new_ids[r].append(tokens[r])
+                scores[r] += chosen_lp[r]
+                if tokens[r] in eos:
+                    reasons[r] = "eos"
+                elif stops and stops.cut(new_ids[r], contexts[r]) >= 0:
+                    reasons[r] = "stop"
+                elif step + 1 == cfg.max_new_tokens:
+                    reasons[r] = "length"
+            yield tokens, running
+            if all(r is not None for r in reasons):
+                break
+            token_tensor = torch.tensor(tokens, dtype=torch.long, device=engine.device)
+            input_ids = torch.cat([input_ids, token_tensor[:, None]], dim=-1)
+            logits = engine.step(state, token_tensor)
+    finally:
+        engine.release(state)  # batching: the next steps stop waiting for these rows
 
     if tracer:
         done = {r for r in reasons}

@@ -1,0 +1,148 @@
+"""How one forward pass lays several requests' rows onto the projections and the KV caches (continuous batching).
+
+A decode step of the continuous-batching scheduler (:mod:`decodelab.scheduler`) feeds one token per row for several
+*segments*: each segment is one request's rows (1 for greedy / one sample, ``num_beams`` for beam search, ``n`` for
+several samples) over that request's own :class:`~decodelab.fastpath.cache.StaticKVCache`. The promise is that every
+row's logits are bit for bit the ones the same request gets alone, so this module decides, per product, which
+kernel computes which rows:
+
+* attention runs per segment, on the segment's own cache with exactly the shapes, mask and SDPA call of the request
+  alone (:meth:`FastDecoder._attention`);
+* element-wise and per-row operations (embedding, RMSNorm, rotary, SiLU, residual adds) are row-independent and run
+  once over all rows;
+* a matrix product's result for a row depends on how many rows the BLAS call had (a one-row product is a
+  matrix-vector kernel; 2-3 rows, 4k rows and the remainders of larger GEMMs use different micro-kernels and sum in
+  other orders: measured on AMD EPYC with PyTorch 2.13's MKL, differences of ~1e-6). So, on the exact float32
+  path, the one-row segments go through one :func:`grouped_gemv`: a ``bmm`` whose G entries each multiply one row
+  by the same (stride-0 expanded) weight, i.e. G one-row products, equal bit for bit to ``F.linear`` of that row
+  alone, while the weight is streamed from memory once per step (each entry re-reads it from cache, not DRAM);
+  a multi-row segment gets its own call with its own rows, the call it makes alone.
+
+Whether ``grouped_gemv`` really equals the one-row product depends on the BLAS library and the CPU, so it is
+measured, not assumed: :func:`grouped_gemv_is_exact` checks it once per weight shape on the machine at hand; where
+it fails, the one-row segments are multiplied one call per row (still exact, slower).
+
+Other kernel modes (``kernels="fast"``, bfloat16 packed weights, int8 / int4) multiply all rows in one call:
+faster, but a row's logits then depend on its batch neighbours at the ~1e-6 level (see README, "Continuous
+batching").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .cache import StaticKVCache
+
+GEMV_CHUNK = 8192  # weight rows per grouped product: a chunk stays in the last-level cache across the G entries
+
+
+def grouped_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """G independent one-row products ``x[g] @ weight.T + bias`` in one ``bmm`` per chunk of weight rows.
+
+    x (G, 1, K), weight (N, K) -> (G, 1, N). Each ``bmm`` entry is a 1-row product against a stride-0 expanded
+    view of the weight (no copy); weights with more than :data:`GEMV_CHUNK` rows are split so that a chunk is read
+    from DRAM once and from cache by the other entries. The bias is added after the product, as
+    :func:`decodelab.fastpath.decoder.half_linear` does.
+    """
+    g, _, k = x.shape
+    n = weight.shape[0]
+    if n <= GEMV_CHUNK:
+        y = torch.bmm(x, weight.t().expand(g, k, n))
+    else:
+        y = torch.cat([torch.bmm(x, weight[s : s + GEMV_CHUNK].t().expand(g, k, min(GEMV_CHUNK, n - s)))
+                       for s in range(0, n, GEMV_CHUNK)], dim=-1)
+    return y if bias is None else y + bias
+
+
+def grouped_gemv_is_exact(weight: torch.Tensor, bias: torch.Tensor | None, rows: int = 3) -> bool:
+    """Whether :func:`grouped_gemv` equals ``F.linear`` of each row alone, bit for bit, for this weight's shape and
+    dtype on this machine (``rows`` random inputs). Takes a few milliseconds."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn((rows, 1, weight.shape[1]), generator=gen).to(weight.dtype).to(weight.device)
+    grouped = grouped_gemv(x, weight, bias)
+    alone = torch.cat([F.linear(x[r : r + 1], weight, bias) for r in range(rows)])
+    return bool(torch.equal(grouped, alone))
+
+
+@dataclass
+class Segment:
+    """One request's rows in a forward pass.
+
+    Attributes:
+        cache: the request's own KV cache (B_s rows).
+        lo, hi: its rows in the concatenated batch.
+        past: positions filled before this pass; total: after it.
+        mask: the (B_s, 1, T, total) boolean attention mask, or ``None`` (no padding: SDPA without a mask).
+    """
+
+    cache: StaticKVCache
+    lo: int
+    hi: int
+    past: int
+    total: int
+    mask: torch.Tensor | None
+
+    @property
+    def rows(self) -> int:
+        return self.hi - self.lo
+
+
+def attention_mask(cache: StaticKVCache, t: int, total: int, device) -> torch.Tensor | None:
+    """The mask transformers builds for this cache (``masking_utils.sdpa_mask``): ``None`` when no row is padded;
+    else (B, 1, 1, total) for one query token, (B, 1, T, T) causal & padding for a prefill."""
+    if not cache.padded:
+        return None
+    pad = cache.pad[:, :total]
+    if t > 1:
+        causal = torch.ones((t, t), dtype=torch.bool, device=device).tril()
+        return causal[None, None] & pad[:, None, None, :]
+    return pad[:, None, None, :]
+
+
+class RowPlan:
+    """The segments of one forward pass and the product kernel each row gets.
+
+    Args:
+        segments: in row order; the one-row segments first when there are several (the scheduler's order), so
+            that they form one contiguous block of ``singles`` rows.
+        halves: a lone one-row segment runs :func:`decodelab.fastpath.decoder.half_linear` (as alone).
+        grouped: several segments on the exact float32 path: one-row segments through :func:`grouped_gemv` (or one
+            call per row where :func:`grouped_gemv_is_exact` failed), each multi-row segment its own call;
+            otherwise one call over all rows.
+        exact_shapes: per (N, K) weight shape, whether :func:`grouped_gemv` is exact (filled by the decoder).
+    """
+
+    def __init__(self, segments: list[Segment], halves: bool, grouped: bool, exact_shapes: dict) -> None:
+        self.segments = segments
+        self.halves = halves
+        self.grouped = grouped and len(segments) > 1
+        self.singles = 0
+        if self.grouped:
+            while self.singles < len(segments) and segments[self.singles].rows == 1:
+                self.singles += 1
+        self.exact_shapes = exact_shapes
+
+    def linear(self, proj, x: torch.Tensor, half_linear) -> torch.Tensor:
+        """``proj(x)`` for the (R, T, K) rows ``x`` with the kernels described in the class docstring."""
+        if not self.grouped:
+            return half_linear(proj, x) if self.halves else proj(x)
+        parts = []
+        s = self.singles
+        if s == 1:
+            parts.append(half_linear(proj, x[:1]) if self.halves else proj(x[:1]))
+        elif s > 1:
+            w, b = proj.weight, proj.bias
+            key = (tuple(w.shape), w.dtype, b is not None)
+            exact = self.exact_shapes.get(key)
+            if exact is None:
+                exact = self.exact_shapes[key] = grouped_gemv_is_exact(w, b)
+            if exact:
+                parts.append(grouped_gemv(x[:s], w, b))
+            else:
+                parts.extend(proj(x[r : r + 1]) for r in range(s))
+        for seg in self.segments[s:]:
+            parts.append(proj(x[seg.lo : seg.hi]))
+        return torch.cat(parts)

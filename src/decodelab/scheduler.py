@@ -1,0 +1,197 @@
+"""Continuous batching: one thread owns the model and runs one decode step for every active request together.
+
+What it does:
+
+1. Requests run their own search loops (processors, seeded generators, stop rules, tracer, stream) in their own
+   threads, exactly as alone: the search code does not know it is batched. Their calls into the
+   :class:`~decodelab.engine.Engine` (``prefill``, ``step``, ``full_logits``) are handed to the scheduler thread,
+   the only thread that calls the model, and block until it answers.
+2. Decode steps are gathered: the scheduler runs one step when every active request has asked for its next step,
+   when ``max_batch_size`` rows are waiting, or ``gather_s`` after the first one asked (a request that is slow to
+   come back, e.g. a stream whose client reads slowly, joins the next step). One step feeds one token per row of
+   every gathered request through :meth:`Engine.step_many`: on the fast path one forward pass
+   (:meth:`decodelab.fastpath.FastDecoder.forward_many`) whose logits are, on the default exact float32 engine, bit
+   for bit those of each request alone (:mod:`decodelab.fastpath.rows` explains how).
+3. Prompts join between steps: at most one prefill (or other whole-sequence pass) runs between two decode steps,
+   so a new request delays the running streams by one prefill, never by a queue of them. A long prompt's prefill
+   is not split into chunks (chunking changes the sums, so the answer would no longer equal the request alone):
+   running streams pause for its duration.
+4. Requests leave when their search loop ends or is closed (a client that went away): the loop's ``finally``
+   calls :meth:`Engine.release`, and its rows are not waited for at the next step. Each request's KV cache is its
+   own, freed with it.
+
+What it does not know: anything of processors, search or text. It sees decode states, token tensors and logits.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+DEFAULT_GATHER_S = 0.05  # longest wait for the slowest active request before a step runs without it
+
+
+@dataclass
+class _StepOp:
+    state: Any
+    tokens: torch.Tensor
+    future: Future = field(default_factory=Future)
+
+    @property
+    def rows(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+class Scheduler:
+    """The model-owning thread of continuous batching.
+
+    Args:
+        engine: the :class:`~decodelab.engine.Engine` whose model this thread owns.
+        max_batch_size: most rows (beam search: ``num_beams`` per request; ``n`` samples: ``n``) in one decode
+            step; >= 1. A single request with more rows still runs, alone.
+        gather_s: seconds to wait, after the first request of a step asked, for the other active requests.
+
+    Counters (read-only): ``steps`` (decode steps run), ``rows_stepped`` (rows fed in them; ``rows_stepped /
+    steps`` is the mean batch), ``max_rows`` (largest step), ``passes`` (prefills and other whole passes).
+
+    Raises:
+        ConfigError: ``max_batch_size`` < 1 or ``gather_s`` < 0.
+    """
+
+    def __init__(self, engine, max_batch_size: int = 16, gather_s: float = DEFAULT_GATHER_S) -> None:
+        from .errors import ConfigError
+
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ConfigError(f"invalid max_batch_size={max_batch_size!r}: expected an integer >= 1",
+                              param="max_batch_size")
+        if not isinstance(gather_s, (int, float)) or isinstance(gather_s, bool) or not gather_s >= 0:
+            raise ConfigError(f"invalid gather_s={gather_s!r}: expected a number >= 0", param="gather_s")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.gather_s = float(gather_s)
+        self._cond = threading.Condition()
+        self._steps: list[_StepOp] = []
+        self._first_step_at = 0.0
+        self._passes: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._active: set[int] = set()  # id() of the decode states that have stepped and not been released
+        self._closed = False
+        self.steps = self.rows_stepped = self.max_rows = self.passes = 0
+        self._thread = threading.Thread(target=self._loop, name="decodelab-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- called from request threads ---------------------------------------------------------------------------
+    def owns_current_thread(self) -> bool:
+        """Whether the caller is the scheduler thread (whose engine calls run directly)."""
+        return threading.current_thread() is self._thread
+
+    def run_pass(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` (a prefill or a full forward pass) in the scheduler thread between two decode steps; block
+        until it is done and return its result (or raise its exception)."""
+        fut: Future = Future()
+        with self._cond:
+            self._check_open()
+            self._passes.append((fn, fut))
+            self._cond.notify_all()
+        return fut.result()
+
+    def step(self, state, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` (B,) to ``state`` in the next batched decode step; block until it ran and return the
+        (B, V) float32 logits, as :meth:`Engine.step` does."""
+        op = _StepOp(state, tokens)
+        with self._cond:
+            self._check_open()
+            if not self._steps:
+                self._first_step_at = time.monotonic()
+            self._steps.append(op)
+            self._active.add(id(state))
+            self._cond.notify_all()
+        return op.future.result()
+
+    def release(self, state) -> None:
+        """``state``'s request is finished (or gone): the next steps no longer wait for it."""
+        with self._cond:
+            self._active.discard(id(state))
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop the thread after the work already queued; later calls raise ``RuntimeError``."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if not self.owns_current_thread():
+            self._thread.join(timeout=30)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the batching scheduler is closed")
+
+    # --- the scheduler thread ----------------------------------------------------------------------------------
+    def _ready(self) -> bool:
+        """Whether the gathered steps should run now (see the class docstring)."""
+        waiting = {id(op.state) for op in self._steps}
+        rows = sum(op.rows for op in self._steps)
+        return (rows >= self.max_batch_size or self._active <= waiting
+                or time.monotonic() >= self._first_step_at + self.gather_s)
+
+    def _take_steps(self) -> list[_StepOp]:
+        """The waiting steps, oldest first, up to ``max_batch_size`` rows (at least one request)."""
+        taken, rows = [], 0
+        while self._steps and (not taken or rows + self._steps[0].rows <= self.max_batch_size):
+            op = self._steps.pop(0)
+            taken.append(op)
+            rows += op.rows
+        if self._steps:
+            self._first_step_at = time.monotonic() - self.gather_s  # the rest are due at once
+        return taken
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._steps and not self._passes and not self._closed:
+                        self._cond.wait()
+                    if self._closed and not self._steps and not self._passes:
+                        return
+                    steps: list[_StepOp] = []
+                    job = None
+                    if self._steps and (self._closed or self._ready()):
+                        steps = self._take_steps()
+                        job = self._passes.popleft() if self._passes else None  # one prompt joins per step
+                    elif self._passes:
+                        job = self._passes.popleft()  # a prefill while the step gathers
+                    else:
+                        self._cond.wait(max(self._first_step_at + self.gather_s - time.monotonic(), 1e-4))
+                        continue
+                if steps:
+                    self._run_steps(steps)
+                if job is not None:
+                    fn, fut = job
+                    self.passes += 1
+                    _settle(fut, fn)
+
+    def _run_steps(self, steps: list[_StepOp]) -> None:
+        try:
+            logits = self.engine.step_many([op.state for op in steps], [op.tokens for op in steps])
+        except BaseException as exc:  # an engine failure reaches every request of the step, never this thread
+            for op in steps:
+                op.future.set_exception(exc)
+            return
+        rows = sum(op.rows for op in steps)
+        self.steps += 1
+        self.rows_stepped += rows
+        self.max_rows = max(self.max_rows, rows)
+        for op, out in zip(steps, logits):
+            op.future.set_result(out)
+
+
+def _settle(fut: Future, fn: Callable[[], Any]) -> None:
+    try:
+        fut.set_result(fn())
+    except BaseException as exc:
+        fut.set_exception(exc)

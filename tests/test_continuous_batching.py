@@ -1,0 +1,189 @@
+"""Continuous batching: requests share decode steps, and every answer is bit for bit the answer alone.
+
+Engine level: ``Engine.step_many`` over requests with different row counts, prompt lengths and left padding gives
+each request exactly the logits of ``Engine.step`` alone (largest difference 0.0). API level: ``LM.generate_many``
+(greedy, beam search with a repetition penalty, seeded sampling with several samples, stop strings, traces) returns
+exactly the sequences, scores and finish reasons of ``LM.generate`` alone, on tiny random Llama / Qwen2 models and on
+the real embedded SmolLM2-135M; the model is only ever called from the scheduler thread; requests that leave early
+free their rows.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import decodelab
+from decodelab.engine import DecodeState, Engine
+from decodelab.errors import ConfigError, InputError
+from decodelab.fastpath import rows
+
+
+def make_lm(loaded) -> decodelab.LM:
+    return decodelab.LM(loaded.model, loaded.tokenizer, loaded.name)
+
+
+def clone(state: DecodeState) -> DecodeState:
+    return DecodeState(state.cache.clone(), None, state.positions.clone())
+
+
+def prefill(engine: Engine, prompts: list[list[int]], pad_id: int, rows_each: int = 1) -> DecodeState:
+    """Left-padded prefill of ``prompts`` (each repeated ``rows_each`` times, as beam search / n samples do)."""
+    from decodelab.search.common import PromptBatch
+
+    batch = PromptBatch.from_lists(prompts, pad_id).repeat(rows_each)
+    _, state = engine.prefill(batch.ids, batch.mask, max_new_tokens=8)
+    return state
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_step_many_equals_each_request_alone_bit_for_bit(fixture, request):
+    loaded = request.getfixturevalue(fixture)
+    engine = Engine(loaded.model)
+    assert engine.fast is not None and engine.kernels == "exact"
+    tok = loaded.tokenizer
+    pad = tok.pad_token_id
+    ids = lambda text: tok(text).input_ids  # noqa: E731
+    states = [
+        prefill(engine, [ids("It was a dark and stormy")], pad),                      # 1 row
+        prefill(engine, [ids("Hi")], pad),                                              # 1 row, short
+        prefill(engine, [ids("The capital of France is"), ids("Hello")], pad),          # 2 rows, left padding
+        prefill(engine, [ids("Once upon a time there was")], pad, rows_each=3),         # 3 rows (beam-like)
+        prefill(engine, [ids("def fib(n):")], pad),                                     # 1 row
+    ]
+    alone = [clone(s) for s in states]
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for _ in range(4):
+        tokens = [torch.randint(0, 1000, (s.positions.shape[0],), generator=gen) for s in states]
+        together = engine.step_many(states, tokens)
+        for s, t, got in zip(alone, tokens, together):
+            ref = engine.step(s, t)
+            worst = max(worst, float((ref - got).abs().max()))
+            assert torch.equal(ref, got)
+    assert worst == 0.0
+
+
+def test_grouped_gemv_is_exact_here_for_the_embedded_shapes(embedded):
+    """The measured precondition of the exact grouped products, on this machine's BLAS: each of SmolLM2's weight
+    shapes (with and without a bias) gives one-row results bit for bit."""
+    engine = Engine(embedded.model)
+    layer = engine.fast.layers[0]
+    for proj in (layer.q, layer.k, layer.o, layer.gate, layer.down, engine.fast.lm_head):
+        assert rows.grouped_gemv_is_exact(proj.weight, None)
+        assert rows.grouped_gemv_is_exact(proj.weight, torch.ones(proj.weight.shape[0]))
+
+
+REQUESTS = [
+    {"prompt": "It was a dark and stormy", "max_new_tokens": 12},
+    {"prompt": "The capital of France is", "max_new_tokens": 9, "repetition_penalty": 1.5},
+    {"prompt": "It was a dark and stormy", "max_new_tokens": 10, "num_beams": 3, "repetition_penalty": 2.0,
+     "num_return_sequences": 2},
+    {"prompt": "Once upon a time", "max_new_tokens": 11, "do_sample": True, "seed": 7, "top_p": 0.9,
+     "num_return_sequences": 2},
+    {"prompt": "Hello, my name is", "max_new_tokens": 14, "do_sample": True, "seed": 3, "temperature": 0.8,
+     "top_k": 40, "stop_strings": ["."], "trace": True},
+    {"prompt": ["In 1492, Columbus", "The best way to learn"], "max_new_tokens": 8, "no_repeat_ngram_size": 2},
+]
+
+
+def check_same(lm: decodelab.LM, requests, max_batch_size: int = 16):
+    alone = [lm.generate(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}) for r in requests]
+    scheduler_stats = {}
+
+    real_start = lm.engine.start_batching
+
+    def spy_start(*args, **kwargs):
+        scheduler_stats["scheduler"] = real_start(*args, **kwargs)
+        return scheduler_stats["scheduler"]
+
+    lm.engine.start_batching = spy_start
+    try:
+        together = lm.generate_many(requests, max_batch_size=max_batch_size)
+    finally:
+        del lm.engine.start_batching
+    assert lm.engine.scheduler is None  # stopped after the call
+    for a, b in zip(alone, together):
+        assert [s.ids for s in a.sequences] == [s.ids for s in b.sequences]
+        assert [s.score for s in a.sequences] == [s.score for s in b.sequences]
+        assert [s.finish_reason for s in a.sequences] == [s.finish_reason for s in b.sequences]
+        assert [s.new_text for s in a.sequences] == [s.new_text for s in b.sequences]
+        if a.trace is not None:
+            assert [(st.id, st.logprob, st.logprob_processed) for st in a.trace.steps] == \
+                   [(st.id, st.logprob, st.logprob_processed) for st in b.trace.steps]
+    return scheduler_stats["scheduler"]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_generate_many_equals_generate_alone_tiny(fixture, request):
+    lm = make_lm(request.getfixturevalue(fixture))
+    scheduler = check_same(lm, REQUESTS)
+    assert scheduler.max_rows > 1  # requests really shared decode steps
+    assert scheduler.rows_stepped > scheduler.steps
+
+
+@pytest.mark.slow
+def test_generate_many_equals_generate_alone_embedded(embedded):
+    lm = make_lm(embedded)
+    scheduler = check_same(lm, REQUESTS)
+    assert scheduler.max_rows >= 4
+
+
+def test_max_batch_size_bounds_the_rows_of_a_step(tiny_llama):
+    lm = make_lm(tiny_llama)
+    reqs = [{"prompt": p, "max_new_tokens": 6} for p in ("a", "b c", "d e f", "g", "h i")]
+    scheduler = check_same(lm, reqs, max_batch_size=2)
+    assert scheduler.max_rows == 2
+
+
+def test_the_model_is_only_called_from_the_scheduler_thread(tiny_qwen2):
+    lm = make_lm(tiny_qwen2)
+    threads = set()
+    fast = lm.engine.fast
+    real = fast.forward_many
+
+    def spy(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    fast.forward_many = spy
+    try:
+        lm.generate_many(["It was", "The capital", "Once upon"], max_new_tokens=4)
+    finally:
+        del fast.forward_many
+    assert threads == {"decodelab-scheduler"}
+
+
+def test_a_bad_request_is_refused_before_anything_runs(tiny_llama):
+    lm = make_lm(tiny_llama)
+    with pytest.raises(ConfigError, match=r"^requests\[1\]: .*top_p"):
+        lm.generate_many(["fine", {"prompt": "bad", "top_p": 7.0}])
+    with pytest.raises(InputError, match=r"requests\[0\]: a dict needs a 'prompt'"):
+        lm.generate_many([{"max_new_tokens": 3}])
+    with pytest.raises(InputError, match="at least one request"):
+        lm.generate_many([])
+    assert lm.engine.scheduler is None
+
+
+def test_a_stream_closed_early_frees_its_rows(tiny_llama):
+    lm = make_lm(tiny_llama)
+    with lm.batching(8) as scheduler:
+        stream = lm.stream("It was a dark and stormy", max_new_tokens=40, ignore_eos=True)
+        first = next(iter(stream))
+        assert isinstance(first, str)
+        stream.close()
+        assert scheduler._active == set()
+        # the scheduler goes on serving others, with the same answer as alone
+        out = lm.generate("Hello", max_new_tokens=5)
+    assert out.sequences[0].ids == lm.generate("Hello", max_new_tokens=5).sequences[0].ids
+
+
+def test_scheduler_settings_are_validated(tiny_llama):
+    engine = Engine(tiny_llama.model)
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        engine.start_batching(0)
+    with pytest.raises(ConfigError, match="gather_s"):
+        engine.start_batching(4, gather_s=-1)
+    assert engine.scheduler is None
