@@ -45,7 +45,10 @@ _MAX_ID_DIGITS = 20  # a logit_bias key longer than this cannot be a token id (a
 
 
 def _fail(param: str, value: Any, expected: str) -> ConfigError:
-    return ConfigError(f"invalid {param}={value!r}: expected {expected}", param=param)
+    shown = repr(value)
+    if len(shown) > 80:  # keep the one-line message short whatever was passed
+        shown = shown[:77] + "..."
+    return ConfigError(f"invalid {param}={shown}: expected {expected}", param=param)
 
 
 @dataclass(frozen=True)
