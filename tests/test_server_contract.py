@@ -1,5 +1,6 @@
 """OpenAI contract details on the tiny random model: token-id prompts, ``max_completion_tokens``,
-``stream_options.include_usage``, and vLLM's ``stop_token_ids`` / ``ignore_eos``, each checked against ``LM.generate``."""
+``stream_options.include_usage``, and vLLM's ``stop_token_ids`` / ``ignore_eos``, each checked against
+``LM.generate``."""
 
 from __future__ import annotations
 

@@ -223,3 +223,23 @@ def test_logprobs_are_the_raw_distribution_whatever_the_filters(client, lm):
     for step, token, value, top in zip(ref.trace.steps, lp.tokens, lp.token_logprobs, lp.top_logprobs):
         _check_alternatives(value, token, list(top.items()), 5)
         assert list(top.values()) == [c.logprob for c in step.top]  # before processing, not step.top_processed
+
+
+def test_client_token_id_prompts_and_openai_limits(client, lm):
+    ids = lm.tokenize(PROMPT).ids
+    r = client.completions.create(model="m", prompt=ids, max_tokens=4, temperature=0)
+    assert r.choices[0].text == lm.generate(PROMPT, max_new_tokens=4).sequences[0].new_text
+    assert r.usage.prompt_tokens == len(ids)
+    r = client.completions.create(model="m", prompt=[ids, ids[:3]], max_tokens=2, temperature=0)
+    expected = [lm.generate(p, max_new_tokens=2).sequences[0].new_text for p in (ids, ids[:3])]
+    assert [c.text for c in r.choices] == expected
+    for kw, param in ((dict(prompt=[lm.vocab_size]), "prompt"),
+                      (dict(prompt="Hi", logit_bias={"1": 150}), "logit_bias"),
+                      (dict(prompt="Hi", stop=["a", "b", "c", "d", "e"]), "stop")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="m", max_tokens=1, **kw)
+        assert info.value.status_code == 400 and info.value.body["param"] == param
+        assert info.value.body["type"] == "invalid_request_error"
+    chunks = list(client.completions.create(model="m", prompt=PROMPT, max_tokens=3, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3

@@ -377,7 +377,7 @@ def _logit_bias(given: dict) -> tuple[tuple[int, float], ...] | None:
     out = []
     lo, hi = LOGIT_BIAS_RANGE
     for k, val in x.items():
-        if isinstance(k, str):  # JSON keys: ASCII digits only (int() would also read "\uff11\uff12" or fail on "\u00b2")
+        if isinstance(k, str):  # ASCII digits only: int() would also read "\uff11\uff12", and fail on "\u00b2"
             if not (k.isascii() and k.isdigit() and len(k) <= _MAX_ID_DIGITS):
                 raise _fail(name, k, "token ids as keys (ASCII digits, e.g. \"50256\")")
             k = int(k)

@@ -6,9 +6,11 @@ chat the server's ``chat_default_max_tokens`` capped by the context left); ``tem
 ``num_return_sequences`` (greedy: one sequence repeated); ``stop`` -> ``stop_strings``; ``seed``, ``top_p``,
 penalties and ``logit_bias`` keep their names; ``max_completion_tokens`` is ``max_tokens`` (and wins when both are
 given). vLLM's extensions: ``ignore_eos``, and ``stop_token_ids`` -> ``eos_token_id`` (the model's eos ids plus
-these; with ``ignore_eos`` only these). ``prompt`` may be token ids (a list, or a list of lists), used exactly. ``finish_reason`` is ``stop`` for end-of-sequence and stop strings,
-``length`` otherwise. An empty prompt is a 400 (nothing to continue from). The ``model`` field is echoed back and
-never used to load anything: every name uses the model the server started with.
+these; with ``ignore_eos`` only these). ``prompt`` may be token ids (a list, or a list of lists), used exactly.
+``finish_reason`` is ``stop`` for end-of-sequence, stop strings and stop token ids, ``length`` otherwise. An empty
+prompt is a 400 (nothing to continue from), as is every other invalid body (:mod:`decodelab.server.errors`). The
+``model`` field is accepted and never used to load anything: every name uses the model the server started with,
+whose name every response reports.
 
 Logprobs: the model's raw distribution, before penalties, temperature and filters (see
 :mod:`decodelab.server.openai_gen`). Legacy ``text_offset`` values index into the choice's returned ``text``.

@@ -54,10 +54,7 @@ class RequestModel(BaseModel):
         return value
 
 
-_Strict = RequestModel
-
-
-class StreamOptions(_Strict):
+class StreamOptions(RequestModel):
     include_usage: bool = Field(False, description="Send a last chunk with `usage` (and no choices).")
 
 
@@ -67,7 +64,7 @@ Stop = Annotated[
 ]
 
 
-class Extensions(_Strict):
+class Extensions(RequestModel):
     """decodelab extensions: transformers ``GenerationConfig`` names, passed through to ``LM.generate``.
 
     Validated by :class:`decodelab.GenerationConfig` (a bad value is a 400 naming it)."""
@@ -132,12 +129,12 @@ class CompletionRequest(_Common):
     best_of: int | None = Field(None, ge=1, description="Accepted only when equal to n (or null).")
 
 
-class TextContent(_Strict):
+class TextContent(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Strict):
+class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextContent] | None = None
     name: str | None = None
