@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install dev bench bench-peers serve clean browser
+.PHONY: demo test install dev bench bench-load bench-peers serve clean browser
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: $(STAMP) $(CHROMIUM)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# The server under 1, 4, 16, 32 concurrent streaming clients: continuous batching against one request at a time,
+# and transformers' generate_batch on the same prompts.
+bench-load: $(STAMP)
+	$(PY) bench/load.py --hf
 
 # llama.cpp on the same weights (builds llama-cpp-python from source: minutes; never part of CI).
 bench-peers: $(STAMP)

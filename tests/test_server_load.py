@@ -1,7 +1,10 @@
-"""A bounded burst on loopback: 32 concurrent clients send a few hundred short requests (completions, chat,
-streaming, seeded sampling) to a real server over the embedded SmolLM2-135M-Instruct. Every response must equal the
-same request made alone, and the server must stay healthy. Prints requests/s and p50/p95 latency (not asserted:
-speed belongs in bench/). ``DECODELAB_LOAD_REQUESTS`` changes the number of requests (default 256)."""
+"""A bounded burst on loopback: 32 concurrent clients send 512 short requests to a real server over the embedded
+SmolLM2-135M-Instruct with continuous batching on (the default ``max_batch_size``): completions with logprobs,
+seeded sampling with ``n=2``, beam search, chat, streaming, invalid bodies (400) and streaming clients that go away
+after the first chunk. Every response must equal the same request made alone, no response is a 5xx, the server's
+decode steps really held several requests, memory returns to its level, and the server stays healthy. Prints
+requests/s and p50/p95 latency (not asserted: speed belongs in bench/). ``DECODELAB_LOAD_REQUESTS`` changes the number
+of requests (default 512)."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from decodelab.server.background import BackgroundServer
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 CLIENTS = 32
-TOTAL = int(os.environ.get("DECODELAB_LOAD_REQUESTS", "256"))
+TOTAL = int(os.environ.get("DECODELAB_LOAD_REQUESTS", "512"))
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Water boils at", "My favourite food is",
            "def add(a, b):", "The opposite of hot is", "Monday, Tuesday,", "A haiku about rain:"]
 
@@ -35,11 +38,29 @@ def _requests() -> list[tuple[str, dict]]:
         out.append(("completion", dict(prompt=p, max_tokens=4, temperature=0.8, seed=i, n=2)))
         out.append(("stream", dict(prompt=p, max_tokens=4, temperature=0)))
         out.append(("chat", dict(messages=[{"role": "user", "content": p}], max_tokens=4, temperature=0)))
+        out.append(("completion", dict(prompt=p, max_tokens=4, temperature=0,
+                                        extra_body={"num_beams": 3, "repetition_penalty": 2.0})))
+        out.append(("leave", dict(prompt=p, max_tokens=12, temperature=0)))
+    out.append(("invalid", dict(prompt="x", max_tokens=4, temperature=-1)))
+    out.append(("invalid", dict(prompt="x", max_tokens=4, extra_body={"logit_bias": {"5": 1000}})))
     return out
 
 
 async def _call(client: openai.AsyncOpenAI, kind: str, args: dict):
     """The comparable content of one response."""
+    if kind == "invalid":
+        try:
+            await client.completions.create(model="m", **args)
+        except openai.APIStatusError as exc:
+            return exc.status_code, exc.body.get("type") if isinstance(exc.body, dict) else None
+        return "accepted"
+    if kind == "leave":  # a streaming client that goes away after the first chunk
+        stream = await client.completions.create(model="m", stream=True, **args)
+        async for chunk in stream:
+            first = chunk.choices[0].text
+            break
+        await stream.close()
+        return "left", first
     if kind == "completion":
         r = await client.completions.create(model="m", **args)
         return [(c.index, c.text, c.finish_reason, c.logprobs and c.logprobs.token_logprobs) for c in r.choices], (
@@ -109,7 +130,10 @@ def test_burst_of_concurrent_clients_gets_the_answers_it_would_get_alone(server)
     mismatches = [slot for slot, which in enumerate(plan) if results[slot] != alone[which]]
     assert not mismatches, (mismatches[:5], [results[s] for s in mismatches[:2]])
     assert rss_after - rss_before < 300, "memory grew by more than 300 MB during the burst"
+    assert all(alone[i][0] == 400 for i, (kind, _) in enumerate(distinct) if kind == "invalid")
     health = httpx.get(server.url + "/health", timeout=30).json()
+    assert health["batching"]["max_rows"] > 1  # requests shared decode steps
+    print(f"batching: {health['batching']}")
     assert health["running"] == 0 and health["queued"] == 0 and health["rejected"] == 0
     assert health["timed_out"] == 0
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "temperature": 0},

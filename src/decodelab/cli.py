@@ -345,8 +345,11 @@ def serve(
                                                       "for (default 1024).")] = None,
     max_n: Annotated[Optional[int], typer.Option("--max-n", help="Largest n (and num_beams) per request "
                                                  "(default 8).")] = None,
-    max_concurrent: Annotated[Optional[int], typer.Option("--max-concurrent", help="Generations running at once "
-                                                          "(default 1).")] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option("--max-batch-size", help="Continuous batching: most rows "
+                                                          "in one decode step (default 16); 1 turns batching off "
+                                                          "(one generation at a time).")] = None,
+    max_concurrent: Annotated[Optional[int], typer.Option("--max-concurrent", help="Requests generating at once "
+                                                          "(default: --max-batch-size).")] = None,
     max_queue: Annotated[Optional[int], typer.Option("--max-queue", help="Requests that may wait; more get a 503 "
                                                      "(default 64).")] = None,
     max_body_bytes: Annotated[Optional[int], typer.Option("--max-body-bytes", help="Largest request body; larger "
@@ -362,7 +365,7 @@ def serve(
     given = {"model": model, "host": host, "port": port, "device": device, "dtype": dtype, "quantize": quantize,
              "compile": compile or None, "kernels": kernels, "quantize_lm_head": quantize_lm_head or None,
              "max_tokens": max_tokens,
-             "max_n": max_n, "max_concurrent": max_concurrent, "max_queue": max_queue,
+             "max_n": max_n, "max_batch_size": max_batch_size, "max_concurrent": max_concurrent, "max_queue": max_queue,
              "max_body_bytes": max_body_bytes, "request_timeout_s": request_timeout}
     given = {k: v for k, v in given.items() if v is not None or k in ("model", "device", "dtype")}
     accepted = inspect.signature(run).parameters

@@ -33,7 +33,7 @@ inspection API for the web playground.
   temperature, penalties, logit_bias and top-k/top-p/min-p filtering; so every position lists exactly the requested
   number of alternatives, sorted, finite, and the chosen token's value equals its entry when listed.
 * Errors: `{"error": {"message", "type", "param", "code"}}` with 400 (bad value, empty or over-long prompt),
-  404, 413 (body too large), 422 (wrong JSON types), 503 (queue full), 504 (timeout).
+  404, 413 (body too large), 503 (queue full), 504 (timeout).
 """
 
 
@@ -48,12 +48,20 @@ def create_app(lm, settings: Settings | None = None) -> FastAPI:
         The FastAPI app; ``app.state`` holds ``lm``, ``settings``, ``runner``.
     """
     settings = settings or Settings()
-    runner = Runner(settings.max_concurrent, settings.max_queue, settings.request_timeout_s)
+    runner = Runner(settings.concurrency, settings.max_queue, settings.request_timeout_s)
+
+    def start_batching() -> None:
+        if settings.max_batch_size > 1:
+            lm.engine.start_batching(settings.max_batch_size)
+
+    start_batching()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        start_batching()
         yield
         runner.shutdown()
+        lm.engine.stop_batching()
 
     app = FastAPI(title="decodelab", version=__version__, description=API_DESCRIPTION, lifespan=lifespan)
     app.state.lm = lm
@@ -75,8 +83,15 @@ def create_app(lm, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/health", tags=["server"], summary="Liveness and queue counters")
     async def health() -> dict:
-        """``{"status": "ok", "model", "running", "queued", "completed", "rejected", "timed_out", "cancelled"}``."""
+        """``{"status": "ok", "model", "running", "queued", "completed", "rejected", "timed_out", "cancelled",
+        "batching"}``; ``batching`` (``null`` when off): ``max_batch_size``, decode ``steps`` run, ``rows_stepped``,
+        ``max_rows`` of one step."""
+        scheduler = lm.engine.scheduler
+        batching = None if scheduler is None else {
+            "max_batch_size": scheduler.max_batch_size, "steps": scheduler.steps,
+            "rows_stepped": scheduler.rows_stepped, "max_rows": scheduler.max_rows}
         return {
+            "batching": batching,
             "status": "ok",
             "model": model_name(app),
             "running": runner.running,

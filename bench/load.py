@@ -1,0 +1,189 @@
+"""``make bench-load``: the server under concurrent clients, continuous batching against one request at a time.
+
+Two servers run in this process on loopback over the same model weights (the embedded SmolLM2-135M-Instruct unless
+``--model``): one with continuous batching (``--max-batch-size``, default 32) and one with ``max_batch_size=1``
+(today's serial behaviour). For each client count (default 1, 4, 16, 32) both servers get the same workload, in
+alternating order per round: every client streams ``--requests`` greedy completions of ``--tokens`` new tokens
+(``ignore_eos``, so every answer has exactly that length), prompts of mixed lengths (5 to ~120 tokens). Recorded per
+case: aggregate tokens/s, time to first token and inter-token latency (p50 / p95, from the SSE chunk arrival times),
+peak RSS, and whether every answer equals the same request made alone (the serial server's answer).
+
+``--hf`` adds transformers' own continuous batching (``model.generate_batch``) on the same prompts and lengths, in
+the same process (aggregate tokens/s only: it has no streaming clients).
+
+The CPU model is printed and stored with the results in ``bench/results/load-<stamp>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx  # noqa: E402
+
+import decodelab  # noqa: E402
+from decodelab.engine import Engine  # noqa: E402
+from decodelab.server import Settings, create_app  # noqa: E402
+from decodelab.server.background import BackgroundServer  # noqa: E402
+
+BASE = ["It was a dark and stormy night", "The capital of France is", "Once upon a time, in a small village,",
+        "def fibonacci(n):", "The three laws of robotics are", "My favourite recipe for soup starts with"]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or ``platform.processor()``."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def prompts(n: int) -> list[str]:
+    """``n`` prompts of mixed lengths: a base sentence repeated 1, 2, 4 or 8 times."""
+    return [" ".join([BASE[i % len(BASE)]] * (1 << (i % 4))) for i in range(n)]
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, prompt: str, tokens: int) -> dict:
+    """One streamed greedy completion; arrival times of its chunks."""
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+    start = time.perf_counter()
+    times, text = [], ""
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            piece = chunk["choices"][0]["text"] if chunk.get("choices") else ""
+            if piece:
+                times.append(time.perf_counter() - start)
+                text += piece
+    return {"times": times, "text": text, "elapsed": time.perf_counter() - start}
+
+
+async def run_clients(url: str, clients: int, per_client: int, tokens: int) -> dict:
+    """``clients`` concurrent clients, each streaming ``per_client`` requests one after another."""
+    work = prompts(clients * per_client)
+    results: dict[int, dict] = {}
+    async with httpx.AsyncClient(timeout=3600) as client:
+        async def client_loop(c: int) -> None:
+            for j in range(per_client):
+                i = c * per_client + j
+                results[i] = await stream_one(client, url, work[i], tokens)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(c) for c in range(clients)))
+        wall = time.perf_counter() - start
+    ttft = sorted(r["times"][0] for r in results.values() if r["times"])
+    itl = sorted(b - a for r in results.values() for a, b in zip(r["times"], r["times"][1:]))
+    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] * 1000 if xs else float("nan")  # noqa: E731
+    return {
+        "clients": clients, "requests": len(results), "wall_s": wall,
+        "tokens_per_s": len(results) * tokens / wall,
+        "ttft_ms_p50": statistics.median(ttft) * 1000, "ttft_ms_p95": pct(ttft, 0.95),
+        "itl_ms_p50": statistics.median(itl) * 1000 if itl else float("nan"), "itl_ms_p95": pct(itl, 0.95),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "texts": [results[i]["text"] for i in range(len(results))],
+    }
+
+
+def hf_generate_batch(loaded, n: int, tokens: int) -> dict:
+    """transformers' continuous batching on the same prompts: aggregate tokens/s."""
+    from transformers import GenerationConfig
+
+    ids = [loaded.tokenizer(p).input_ids for p in prompts(n)]
+    cfg = GenerationConfig(max_new_tokens=tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    start = time.perf_counter()
+    out = loaded.model.generate_batch(inputs=ids, generation_config=cfg, progress_bar=False)
+    wall = time.perf_counter() - start
+    produced = sum(len(o.generated_tokens) for o in out.values())
+    return {"clients": n, "requests": n, "wall_s": wall, "tokens_per_s": produced / wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--clients", default="1,4,16,32")
+    ap.add_argument("--requests", type=int, default=1, help="requests per client (default 1)")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--kernels", default="exact")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--hf", action="store_true", help="add transformers' generate_batch")
+    args = ap.parse_args(argv)
+    try:
+        counts = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        print(f"error: invalid --clients={args.clients!r}: expected comma-separated integers", file=sys.stderr)
+        return 2
+    from decodelab import models
+
+    loaded = models.load_model(args.model)
+    cpu = cpu_model()
+    print(f"CPU: {cpu}; torch threads {__import__('torch').get_num_threads()}; model {loaded.name}; "
+          f"kernels {args.kernels}; {args.tokens} new tokens per request")
+
+    def lm_for() -> decodelab.LM:
+        lm = decodelab.LM(loaded.model, loaded.tokenizer, loaded.name)
+        lm.engine = Engine(loaded.model, kernels=args.kernels)
+        return lm
+
+    batched_app = create_app(lm_for(), Settings(max_batch_size=args.max_batch_size, max_tokens=4096, max_queue=256))
+    serial_app = create_app(lm_for(), Settings(max_batch_size=1, max_tokens=4096, max_queue=256))
+    rows = []
+    with BackgroundServer(batched_app) as batched, BackgroundServer(serial_app) as serial:
+        asyncio.run(run_clients(batched.url, 2, 1, 4))  # warm-up both
+        asyncio.run(run_clients(serial.url, 1, 1, 4))
+        for n in counts:
+            for r in range(args.rounds):
+                order = [("batched", batched), ("serial", serial)]
+                if r % 2:
+                    order.reverse()
+                got = {name: asyncio.run(run_clients(srv.url, n, args.requests, args.tokens)) for name, srv in order}
+                same = got["batched"]["texts"] == got["serial"]["texts"]
+                for name in ("batched", "serial"):
+                    res = {k: v for k, v in got[name].items() if k != "texts"}
+                    res.update(server=name, round=r, same_as_alone=same)
+                    rows.append(res)
+                    print(f"{name:8s} clients={n:3d} {res['tokens_per_s']:7.1f} tok/s  ttft p50 "
+                          f"{res['ttft_ms_p50']:7.0f} p95 {res['ttft_ms_p95']:7.0f} ms  itl p50 "
+                          f"{res['itl_ms_p50']:6.0f} p95 {res['itl_ms_p95']:6.0f} ms  rss {res['peak_rss_mb']:.0f} MB"
+                          f"  same_as_alone={same}")
+                ratio = got["batched"]["tokens_per_s"] / got["serial"]["tokens_per_s"]
+                print(f"         clients={n:3d} batched / serial: {ratio:.2f}x")
+        health = httpx.get(batched.url + "/health").json()
+        print(f"batching counters: {health['batching']}")
+    if args.hf:
+        for n in counts:
+            try:
+                res = hf_generate_batch(loaded, n, args.tokens)
+            except Exception as exc:  # report, do not hide: transformers' API may change
+                res = {"clients": n, "error": f"{type(exc).__name__}: {exc}"}
+            res["server"] = "transformers generate_batch"
+            rows.append(res)
+            print(f"transformers generate_batch n={n}: {res.get('tokens_per_s', float('nan')):.1f} tok/s "
+                  f"{res.get('error', '')}")
+    out = HERE / "results" / f"load-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"cpu": cpu, "args": vars(args), "rows": rows}, indent=1))
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
