@@ -54,7 +54,9 @@ def assert_same(loaded, prompt: str, **kw):
         assert seq.ids == ours.prompt_ids[0] + seq.new_ids
     if scores is not None:
         for seq, s in zip(ours.sequences, scores):
-            assert seq.score == pytest.approx(s, abs=1e-4)
+            # float32 sums: with length_penalty=-1 a score is multiplied by the length (-548 here), so the last-bit
+            # difference between our and transformers' order of additions is relative (~2e-7), not absolute
+            assert seq.score == pytest.approx(s, rel=1e-6, abs=1e-4)
     return ours
 
 
