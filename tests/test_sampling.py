@@ -108,6 +108,9 @@ class FixedLogitsEngine:
     def step(self, state, tokens):
         return self.logits.repeat(tokens.shape[0], 1)
 
+    def release(self, state):
+        """The search loop's request is done (the real engine's scheduler stops waiting for it)."""
+
 
 def chi_square(counts: list[int], probs: list[float]) -> float:
     n = sum(counts)

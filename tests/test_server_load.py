@@ -55,11 +55,11 @@ async def _call(client: openai.AsyncOpenAI, kind: str, args: dict):
             return exc.status_code, exc.body.get("type") if isinstance(exc.body, dict) else None
         return "accepted"
     if kind == "leave":  # a streaming client that goes away after the first chunk
-        stream = await client.completions.create(model="m", stream=True, **args)
-        async for chunk in stream:
-            first = chunk.choices[0].text
-            break
-        await stream.close()
+        async with await client.completions.create(model="m", stream=True, **args) as stream:
+            first = None
+            async for chunk in stream:
+                first = chunk.choices[0].text
+                break
         return "left", first
     if kind == "completion":
         r = await client.completions.create(model="m", **args)
