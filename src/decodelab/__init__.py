@@ -81,8 +81,18 @@ def load(model: str | None = None, *, device=None, dtype=None, quantize: str | N
     return LM(loaded.model, loaded.tokenizer, loaded.name, loaded.source, engine=engine)
 
 
+def sweep(prompts="builtin", strategies=None, **options):
+    """Run a grid of decoding strategies over a prompt set and score the generations (perplexity, Self-BLEU4, Zipf
+    coefficient, repetition, distinct-n, length, eos rate), locally or on Ray: see
+    :func:`decodelab.sweeps.run.sweep` for the arguments. Returns a :class:`decodelab.sweeps.SweepResult`."""
+    from .sweeps import sweep as _sweep
+
+    return _sweep(prompts, strategies, **options)
+
+
 __all__ = [
     "load",
+    "sweep",
     "LM",
     "GenerationConfig",
     "Tokens",

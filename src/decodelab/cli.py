@@ -1,6 +1,6 @@
 """The ``decodelab`` command line: parse options -> Python API -> render (rich) or ``--json``.
 
-Commands: ``tokens``, ``next``, ``generate``, ``score``, ``demo``, ``serve``, ``bench``. Generation options carry
+Commands: ``tokens``, ``next``, ``generate``, ``score``, ``demo``, ``serve``, ``bench``, ``sweep``. Generation options carry
 transformers' ``GenerationConfig`` names with dashes (``--max-new-tokens``, ``--num-beams``, ...). The CLI checks
 no generation values itself: it passes the options that were given, as given, to :class:`decodelab.GenerationConfig`
 (the one place that validates; called once before the model loads, so bad options fail at once) and leaves the rest
@@ -403,6 +403,12 @@ def bench(ctx: typer.Context) -> None:
     code = main_fn(list(ctx.args))
     if isinstance(code, int) and code:
         raise typer.Exit(code)
+
+
+# --- sweep: decoding experiments over a prompt set (decodelab.sweeps) ------------------------------------------------
+from .sweeps.cli import sweep_command  # noqa: E402  (it reuses the options above)
+
+app.command("sweep")(sweep_command)
 
 
 def _version(value: bool) -> None:
