@@ -187,3 +187,30 @@ def test_scheduler_settings_are_validated(tiny_llama):
     with pytest.raises(ConfigError, match="gather_s"):
         engine.start_batching(4, gather_s=-1)
     assert engine.scheduler is None
+
+
+@pytest.mark.slow
+def test_a_long_prompt_joins_a_layer_at_a_time_while_a_stream_keeps_going(embedded):
+    """A ~700-token prompt joins while another request decodes: its prefill is cut between decoder layers, the
+    running request gets decode steps during it, and both answers are bit for bit those alone."""
+    lm = make_lm(embedded)
+    long_prompt = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(60))
+    running = {"prompt": "It was a dark and stormy", "max_new_tokens": 24, "ignore_eos": True}
+    joining = {"prompt": long_prompt, "max_new_tokens": 3}
+    alone = [lm.generate(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}) for r in (running, joining)]
+    assert len(lm.prompt_ids(long_prompt)) > 600
+    results = {}
+    with lm.batching(8) as scheduler:
+        worker = threading.Thread(target=lambda: results.setdefault("running", lm.generate(
+            running["prompt"], max_new_tokens=24, ignore_eos=True)))
+        worker.start()
+        while scheduler.steps < 2:  # the first request is decoding
+            threading.Event().wait(0.005)
+        results["joining"] = lm.generate(long_prompt, max_new_tokens=3)
+        worker.join()
+    for a, key in zip(alone, ("running", "joining")):
+        assert results[key].sequences[0].ids == a.sequences[0].ids
+        assert results[key].sequences[0].score == a.sequences[0].score
+    n_layers = lm.model.config.num_hidden_layers
+    assert scheduler.slices >= n_layers  # the long prefill went a layer at a time ...
+    assert scheduler.steps_within_passes >= 1  # ... and the running request stepped between its layers

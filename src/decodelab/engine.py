@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .fastpath import FastDecoder, StaticKVCache, unsupported_reason
+from .fastpath.decoder import drain
 
 DEFAULT_HEADROOM = 64  # cache positions allocated beyond the prompt when the caller gives no max_new_tokens
 
@@ -204,32 +205,44 @@ class Engine:
 
         ``max_new_tokens`` sizes the fast path's preallocated cache (T + max_new_tokens positions); without it the
         cache starts at T + 64 positions and grows by doubling. With batching on, the prefill runs in the
-        scheduler thread between two decode steps, alone (so its numbers are those of the request alone).
+        scheduler thread between decode steps, a few layers at a time when other requests are decoding
+        (:meth:`_prefill_slices`), with exactly the numbers of the request alone.
         """
         scheduler = self._routed()
         if scheduler is not None:
-            return scheduler.run_pass(lambda: self._prefill(input_ids, attention_mask, max_new_tokens))
-        return self._prefill(input_ids, attention_mask, max_new_tokens)
+            return scheduler.run_pass(lambda: self._prefill_slices(input_ids, attention_mask, max_new_tokens),
+                                      sliced=True)
+        return drain(self._prefill_slices(input_ids, attention_mask, max_new_tokens))
 
-    @torch.inference_mode()
-    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 max_new_tokens: int | None) -> tuple[torch.Tensor, DecodeState]:
-        ids = input_ids.to(self.device)
-        mask = attention_mask.to(self.device).long()
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        if self.fast is not None:
+    def _prefill_slices(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int | None):
+        """:meth:`prefill` as a generator that yields after each decoder layer on the fast path
+        (:meth:`FastDecoder.forward_slices`; the plain path runs in one piece) and returns its result. Called and
+        advanced in inference mode (the scheduler thread runs in it; :meth:`prefill` drains it in it)."""
+        with torch.inference_mode():
+            ids = input_ids.to(self.device)
+            mask = attention_mask.to(self.device).long()
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            if self.fast is None:
+                out = self._forward(ids, mask, positions, None, keep=1)
+                logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
+                return logits, DecodeState(out.cache, mask, positions[:, -1:])
             extra = DEFAULT_HEADROOM if max_new_tokens is None else max(int(max_new_tokens), 1)
             capacity = ids.shape[1] + extra
             if self.compiled is not None:
                 capacity = self.compiled.capacity_for(capacity)
             cache = self.fast.new_cache(ids.shape[0], capacity)
             cache.start(mask)
-            logits = self.fast.forward(ids, positions, cache)  # a fresh tensor: converted, not copied, below
-            return (logits.float().contiguous(),
-                    DecodeState(cache, None, positions[:, -1:]))
-        out = self._forward(ids, mask, positions, None, keep=1)
-        logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
-        return logits, DecodeState(out.cache, mask, positions[:, -1:])
+        slices = self.fast.forward_slices([(ids, positions, cache)])
+        while True:
+            with torch.inference_mode():
+                try:
+                    next(slices)
+                except StopIteration as done:
+                    (logits,) = done.value
+                    break
+            yield
+        # a fresh tensor: converted, not copied
+        return logits.float().contiguous(), DecodeState(cache, None, positions[:, -1:])
 
     def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row: (B,) ids -> (B, V) float32 logits. Updates ``state`` in place. With batching

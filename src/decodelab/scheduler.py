@@ -12,10 +12,15 @@ What it does:
    every gathered request through :meth:`Engine.step_many`: on the fast path one forward pass
    (:meth:`decodelab.fastpath.FastDecoder.forward_many`) whose logits are, on the default exact float32 engine, bit
    for bit those of each request alone (:mod:`decodelab.fastpath.rows` explains how).
-3. Prompts join between steps: at most one prefill (or other whole-sequence pass) runs between two decode steps,
-   so a new request delays the running streams by one prefill, never by a queue of them. A long prompt's prefill
-   is not split into chunks (chunking changes the sums, so the answer would no longer equal the request alone):
-   running streams pause for its duration.
+3. Prompts join between steps. After a decode step that took d seconds, the scheduler spends at most about d
+   more (:data:`PASS_SHARE` times d, at least :data:`MIN_PASS_S`) on prefills and other whole-sequence passes
+   before the next step, so running streams' inter-token latency at most roughly doubles while prompts join,
+   whatever their number and length. A fast-path prefill is cut between decoder layers, not between tokens
+   (:meth:`Engine._prefill_slices`): each layer sees the whole prompt at once, exactly as alone, so the answer
+   is unchanged (cutting the prompt into token chunks would change the sums, so the answer would no longer equal
+   the request alone), and a long prompt holds the streams for one layer's share at a time, never for the whole
+   prefill. Passes that cannot be cut (the plain path's prefill, full-sequence logits) run in one piece. With no
+   decode step waiting, passes run back to back, and a step that becomes due stops them at the next cut.
 4. Requests leave when their search loop ends or is closed (a client that went away): the loop's ``finally``
    calls :meth:`Engine.release`, and its rows are not waited for at the next step. Each request's KV cache is its
    own, freed with it.
@@ -35,6 +40,16 @@ from typing import Any, Callable
 import torch
 
 DEFAULT_GATHER_S = 0.05  # longest wait for the slowest active request before a step runs without it
+PASS_SHARE = 1.0  # time for prefills between two decode steps, as a multiple of the last decode step's time
+MIN_PASS_S = 0.02  # ... but at least this many seconds
+
+
+@dataclass
+class _PassOp:
+    fn: Callable[[], Any]
+    sliced: bool
+    future: Future = field(default_factory=Future)
+    slices: Any = None  # the running generator of a sliced pass
 
 
 @dataclass
@@ -58,7 +73,9 @@ class Scheduler:
         gather_s: seconds to wait, after the first request of a step asked, for the other active requests.
 
     Counters (read-only): ``steps`` (decode steps run), ``rows_stepped`` (rows fed in them; ``rows_stepped /
-    steps`` is the mean batch), ``max_rows`` (largest step), ``passes`` (prefills and other whole passes).
+    steps`` is the mean batch), ``max_rows`` (largest step), ``passes`` (prefills and other whole passes
+    finished), ``slices`` (pieces of cut passes run), ``steps_within_passes`` (decode steps run while a cut pass
+    was under way: the streams it did not hold up).
 
     Raises:
         ConfigError: ``max_batch_size`` < 1 or ``gather_s`` < 0.
@@ -78,10 +95,11 @@ class Scheduler:
         self._cond = threading.Condition()
         self._steps: list[_StepOp] = []
         self._first_step_at = 0.0
-        self._passes: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._passes: collections.deque[_PassOp] = collections.deque()
+        self._current: _PassOp | None = None  # the pass under way (only the scheduler thread touches it)
         self._active: set[int] = set()  # id() of the decode states that have stepped and not been released
         self._closed = False
-        self.steps = self.rows_stepped = self.max_rows = self.passes = 0
+        self.steps = self.rows_stepped = self.max_rows = self.passes = self.slices = self.steps_within_passes = 0
         self._thread = threading.Thread(target=self._loop, name="decodelab-scheduler", daemon=True)
         self._thread.start()
 
@@ -90,15 +108,16 @@ class Scheduler:
         """Whether the caller is the scheduler thread (whose engine calls run directly)."""
         return threading.current_thread() is self._thread
 
-    def run_pass(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn()`` (a prefill or a full forward pass) in the scheduler thread between two decode steps; block
-        until it is done and return its result (or raise its exception)."""
-        fut: Future = Future()
+    def run_pass(self, fn: Callable[[], Any], sliced: bool = False) -> Any:
+        """Run ``fn()`` (a prefill or a full forward pass) in the scheduler thread between decode steps; block
+        until it is done and return its result (or raise its exception). ``sliced``: ``fn()`` returns a generator
+        whose ``yield`` statements are the points where decode steps may run, and whose return value is the result."""
+        op = _PassOp(fn, sliced)
         with self._cond:
             self._check_open()
-            self._passes.append((fn, fut))
+            self._passes.append(op)
             self._cond.notify_all()
-        return fut.result()
+        return op.future.result()
 
     def step(self, state, tokens: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` (B,) to ``state`` in the next batched decode step; block until it ran and return the
@@ -154,26 +173,61 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._steps and not self._passes and not self._closed:
+                    while not self._steps and not self._passes and self._current is None and not self._closed:
                         self._cond.wait()
-                    if self._closed and not self._steps and not self._passes:
+                    if self._closed and not self._steps and not self._passes and self._current is None:
                         return
                     steps: list[_StepOp] = []
-                    job = None
                     if self._steps and (self._closed or self._ready()):
                         steps = self._take_steps()
-                        job = self._passes.popleft() if self._passes else None  # one prompt joins per step
-                    elif self._passes:
-                        job = self._passes.popleft()  # a prefill while the step gathers
-                    else:
+                    elif not self._passes and self._current is None:
                         self._cond.wait(max(self._first_step_at + self.gather_s - time.monotonic(), 1e-4))
                         continue
+                deadline = None  # no step ran: passes run until a step is due
                 if steps:
+                    started = time.monotonic()
                     self._run_steps(steps)
-                if job is not None:
-                    fn, fut = job
-                    self.passes += 1
-                    _settle(fut, fn)
+                    if self._current is not None:
+                        self.steps_within_passes += 1
+                    now = time.monotonic()
+                    deadline = now + max(PASS_SHARE * (now - started), MIN_PASS_S)
+                self._run_passes(deadline)
+
+    def _run_passes(self, deadline: float | None) -> None:
+        """Advance the passes (the one under way, then queued ones) until ``deadline`` (monotonic seconds), or,
+        without one, until a decode step is due; stops only at the cuts of a sliced pass."""
+        while True:
+            op = self._current
+            if op is None:
+                with self._cond:
+                    if not self._passes:
+                        return
+                    op = self._current = self._passes.popleft()
+            self._advance(op)
+            if deadline is not None:
+                if time.monotonic() >= deadline:
+                    return
+            else:
+                with self._cond:
+                    if self._steps and (self._closed or self._ready()):
+                        return
+
+    def _advance(self, op: _PassOp) -> None:
+        """Run ``op`` to its next cut (a sliced pass) or to its end; settle its future when it ends."""
+        try:
+            if op.sliced:
+                if op.slices is None:
+                    op.slices = op.fn()
+                self.slices += 1
+                next(op.slices)
+                return  # not finished: it goes on after the next decode step
+            op.future.set_result(op.fn())
+        except StopIteration as done:
+            op.future.set_result(done.value)
+        except BaseException as exc:  # a failed pass reaches its request, never this thread
+            op.future.set_exception(exc)
+        self._current = None
+        self.passes += 1
 
     def _run_steps(self, steps: list[_StepOp]) -> None:
         try:
@@ -189,9 +243,3 @@ class Scheduler:
         for op, out in zip(steps, logits):
             op.future.set_result(out)
 
-
-def _settle(fut: Future, fn: Callable[[], Any]) -> None:
-    try:
-        fut.set_result(fn())
-    except BaseException as exc:
-        fut.set_exception(exc)

@@ -273,6 +273,15 @@ def half_linear(dense: Dense, x: torch.Tensor) -> torch.Tensor:
     return y if dense.bias is None else y + dense.bias
 
 
+def drain(slices):
+    """Run a generator of :meth:`FastDecoder.forward_slices` to its end and return its return value."""
+    while True:
+        try:
+            next(slices)
+        except StopIteration as done:
+            return done.value
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``LlamaRMSNorm``: ``weight * (x / sqrt(mean(x**2) + eps))``, the statistics in float32. (..., H) -> (..., H)."""
     dtype = x.dtype
@@ -415,6 +424,19 @@ class FastDecoder:
         Raises:
             ValueError: T > 1 on a non-empty cache, or a multi-token item among several.
         """
+        return drain(self.forward_slices(items, keep_all))
+
+    def forward_slices(self, items: list[tuple[torch.Tensor, torch.Tensor, StaticKVCache]],
+                       keep_all: bool = False):
+        """:meth:`forward_many` as a generator that yields (the index of the layer just computed) after each decoder
+        layer and returns the same list of logits: the continuous-batching scheduler runs a long prefill a few
+        layers at a time between decode steps. Every operation is the one :meth:`forward_many` runs, on the same
+        tensors, so the result is bit for bit the same however the slices are spaced; the caches must not be used
+        by anything else until the generator is exhausted.
+
+        Raises:
+            ValueError: as :meth:`forward_many` (on the first ``next``).
+        """
         if len(items) > 1 and any(ids.shape[1] != 1 for ids, _, _ in items):
             raise ValueError("fast path: only decode steps (one token per row) can be batched")
         # one-row requests first, so that they form one block for the grouped products (rows.RowPlan)
@@ -436,14 +458,15 @@ class FastDecoder:
         plan = RowPlan(segments, not self.fused and self._halves_for(b * t if len(items) == 1 else 1),
                        grouped=not self.packed and self.quantized is None and not self.fused
                        and self.kernels == "exact", exact_shapes=self._exact_shapes)
-        logits = self._layers(ids, positions, plan, keep_all)
+        logits = yield from self._layers(ids, positions, plan, keep_all)
         out = [None] * len(items)
         for i, seg in zip(order, segments):
             out[i] = logits if len(items) == 1 else logits[seg.lo : seg.hi]
         return out
 
-    def _layers(self, ids: torch.Tensor, positions: torch.Tensor, plan: RowPlan, keep_all: bool) -> torch.Tensor:
-        """The decoder over the concatenated rows of ``plan``: embedding, every layer, final norm, output layer."""
+    def _layers(self, ids: torch.Tensor, positions: torch.Tensor, plan: RowPlan, keep_all: bool):
+        """The decoder over the concatenated rows of ``plan``: embedding, every layer, final norm, output layer.
+        A generator: yields the layer index after each layer, returns the logits (see :meth:`forward_slices`)."""
         b, t = ids.shape
         h = F.embedding(ids, self.embed)
         act32, mm_dtype = self.act32, self.dtype
@@ -481,6 +504,7 @@ class FastDecoder:
                 h = h + linear(layer.down, F.silu(gate) * up)
             else:
                 h = h + linear(layer.down, F.silu(linear(layer.gate, x)) * linear(layer.up, x))
+            yield i
         for seg in plan.segments:
             seg.cache.length = seg.total
         h = norm(h, self.norm, self.norm_eps)
