@@ -1,8 +1,9 @@
 """The ``decodelab`` command line: parse options -> Python API -> render (rich) or ``--json``.
 
-Commands: ``tokens``, ``next``, ``generate``, ``score``, ``demo``, ``serve``, ``bench``, ``sweep``. Generation options carry
-transformers' ``GenerationConfig`` names with dashes (``--max-new-tokens``, ``--num-beams``, ...). The CLI checks
-no generation values itself: it passes the options that were given, as given, to :class:`decodelab.GenerationConfig`
+Commands: ``tokens``, ``next``, ``generate``, ``score``, ``demo``, ``serve``, ``bench``, ``sweep``. Generation
+options carry transformers' ``GenerationConfig`` names with dashes (``--max-new-tokens``, ``--num-beams``, ...).
+The CLI checks no generation values itself: it passes the options that were given, as given, to
+:class:`decodelab.GenerationConfig`
 (the one place that validates; called once before the model loads, so bad options fail at once) and leaves the rest
 to its defaults. Any :class:`decodelab.errors.DecodelabError` becomes one line ``error: <message>`` on stderr and
 exit status 2; usage errors (unknown option, a value of the wrong type, ``--stream`` with ``--json``) also exit 2.

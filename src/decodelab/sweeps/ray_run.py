@@ -96,8 +96,16 @@ def connect(address: str | None) -> bool:
     except (ConnectionError, RuntimeError, TimeoutError, ValueError) as exc:
         raise InputError(f"cannot connect to the Ray cluster at --ray-address={address!r}: "
                          f"{' '.join(str(exc).split())[:160]}", param="ray_address") from None
-    ray.data.DataContext.get_current().enable_progress_bars = False
     return True
+
+
+def _quiet(ray) -> None:
+    """No Ray Data progress bars or per-operator progress logs (the sweep draws its own bars)."""
+    import logging
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for name in ("ray.data", "ray.data._internal.execution", "ray.data._internal.progress"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class _Actor:
@@ -127,6 +135,7 @@ def run(tasks: list[dict[str, Any]], *, model: str | None, judge_model: str | No
         local_cluster: bool = True, batch_size: int | None = None) -> Iterator[list[dict[str, Any]]]:
     """Run ``tasks`` on the connected cluster with ``actors`` model replicas; yield rows as batches come back."""
     ray = import_ray()
+    _quiet(ray)
     cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
     if actor_cpus is None:
         actor_cpus = max(0.25, min(1.0, (cluster_cpus - 1.0) / actors))
