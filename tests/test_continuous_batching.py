@@ -214,3 +214,95 @@ def test_a_long_prompt_joins_a_layer_at_a_time_while_a_stream_keeps_going(embedd
     n_layers = lm.model.config.num_hidden_layers
     assert scheduler.slices >= n_layers  # the long prefill went a layer at a time ...
     assert scheduler.steps_within_passes >= 1  # ... and the running request stepped between its layers
+
+
+def _plain_model(arch: str, vocab_size: int):
+    """A seeded tiny random model of an architecture the fast path does not run (the plain path)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+    config = {
+        "qwen3": lambda: (tf.Qwen3Config(**common, head_dim=16), tf.Qwen3ForCausalLM),
+        "mistral": lambda: (tf.MistralConfig(**common, sliding_window=None), tf.MistralForCausalLM),
+        "phi3": lambda: (tf.Phi3Config(**common, pad_token_id=0), tf.Phi3ForCausalLM),
+        "gemma3": lambda: (tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=4), tf.Gemma3ForCausalLM),
+    }[arch]
+    cfg, cls = config()
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return cls(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "mistral", "phi3", "gemma3"])
+def test_plain_path_step_many_merges_left_padded_caches(arch, tiny_llama):
+    """Plain-path models batch too: their DynamicCaches are merged left-padded into one forward and filtered back.
+    Full-attention caches (Qwen3, Mistral, Phi-3) are merged (logits within 1e-5 of alone); Gemma 3's sliding-window
+    layers are not mergeable and step one request after another (bit for bit alone)."""
+    from decodelab.padded_batch import mergeable
+
+    model = _plain_model(arch, 1000)
+    engine = Engine(model)
+    assert engine.fast is None
+    pad = 0
+    make = lambda: [prefill(engine, [[5, 6, 7, 8, 9]], pad), prefill(engine, [[11, 12]], pad),  # noqa: E731
+                    prefill(engine, [[3, 4, 5, 6], [7, 8]], pad), prefill(engine, [list(range(1, 11))], pad, 3)]
+    states, alone = make(), make()
+    assert all(mergeable(s.cache) for s in states) == (arch != "gemma3")
+    calls = []
+    real = engine._forward
+    engine._forward = lambda *a: calls.append(a[0].shape[0]) or real(*a)
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for _ in range(4):
+        tokens = [torch.randint(0, 1000, (s.positions.shape[0],), generator=gen) for s in states]
+        together = engine.step_many(states, tokens)
+        for s, t, got in zip(alone, tokens, together):
+            ref = real_step(engine, real, s, t)
+            assert got.shape == ref.shape
+            worst = max(worst, float((ref - got).abs().max()))
+        if arch == "gemma3":
+            assert calls[-4:] == [1, 1, 2, 3]  # one request at a time
+        else:
+            assert calls[-1] == 7  # all rows in one forward
+        assert all(s.attention_mask.shape == a.attention_mask.shape for s, a in zip(states, alone))
+    assert worst < 1e-5
+    if arch == "gemma3":
+        assert worst == 0.0
+
+
+def real_step(engine: Engine, forward, state, tokens):
+    """``engine._step`` with the model's real forward (the test spies on ``engine._forward``)."""
+    spy = engine._forward
+    engine._forward = forward
+    try:
+        return engine._step(state, tokens)
+    finally:
+        engine._forward = spy
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "phi3"])
+def test_plain_path_generate_many_equals_alone(arch, tiny_llama, monkeypatch):
+    """Greedy, beam search with a repetition penalty and seeded sampling on a merged plain-path batch give the
+    ids of each request alone (tiny random models: no near-ties at float rounding)."""
+    lm = decodelab.LM(_plain_model(arch, len(tiny_llama.tokenizer)), tiny_llama.tokenizer, arch)
+    assert lm.engine.fast is None
+    requests = [
+        {"prompt": "It was a dark and stormy", "max_new_tokens": 8},
+        {"prompt": "Hello", "max_new_tokens": 6, "num_beams": 3, "repetition_penalty": 2.0},
+        {"prompt": "Once upon a time", "max_new_tokens": 7, "do_sample": True, "seed": 5, "top_k": 20,
+         "num_return_sequences": 2},
+    ]
+    alone = [lm.generate(r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}) for r in requests]
+    from decodelab import padded_batch
+
+    merged_rows = []
+    real = padded_batch.merged_step
+    monkeypatch.setattr(padded_batch, "merged_step",
+                        lambda f, states, tokens: merged_rows.append(sum(len(t) for t in tokens)) or real(f, states,
+                                                                                                        tokens))
+    together = lm.generate_many(requests)
+    assert max(merged_rows) == 6  # 1 + 3 beams + 2 samples in one forward
+    for a, b in zip(alone, together):
+        assert [s.ids for s in a.sequences] == [s.ids for s in b.sequences]
+        assert [s.score for s in a.sequences] == pytest.approx([s.score for s in b.sequences], abs=1e-4)

@@ -259,11 +259,28 @@ class Engine:
 
         On the fast path (uncompiled) this is one forward pass over all rows
         (:meth:`decodelab.fastpath.FastDecoder.forward_many`); on the exact float32 engine each request's logits are
-        bit for bit its logits alone (:mod:`decodelab.fastpath.rows`). The compiled step and the plain path run the
-        requests one after another (same numbers as alone, no batching gain).
+        bit for bit its logits alone (:mod:`decodelab.fastpath.rows`). On the plain path, the requests whose
+        ``DynamicCache`` can be merged run as one left-padded batch (:func:`decodelab.padded_batch.merged_step`:
+        logits within float rounding of alone, not bit for bit); the others, and the compiled step, run one after
+        another (same numbers as alone, no batching gain).
         """
-        if self.fast is None or self.compiled is not None or len(states) == 1:
+        if len(states) == 1 or self.compiled is not None:
             return [self._step(s, t) for s, t in zip(states, tokens)]
+        if self.fast is None:
+            from .padded_batch import merged_step, mergeable
+
+            out: list[torch.Tensor | None] = [None] * len(states)
+            merge = [i for i, s in enumerate(states) if mergeable(s.cache)]
+            if len(merge) > 1:
+                for i, logits in zip(merge, merged_step(self._forward, [states[i] for i in merge],
+                                                        [tokens[i] for i in merge])):
+                    out[i] = logits
+            else:
+                merge = []
+            for i, (s, t) in enumerate(zip(states, tokens)):
+                if i not in merge:
+                    out[i] = self._step(s, t)
+            return out
         items = []
         for state, tok in zip(states, tokens):
             state.positions = state.positions + 1

@@ -11,7 +11,8 @@ What it does:
    come back, e.g. a stream whose client reads slowly, joins the next step). One step feeds one token per row of
    every gathered request through :meth:`Engine.step_many`: on the fast path one forward pass
    (:meth:`decodelab.fastpath.FastDecoder.forward_many`) whose logits are, on the default exact float32 engine, bit
-   for bit those of each request alone (:mod:`decodelab.fastpath.rows` explains how).
+   for bit those of each request alone (:mod:`decodelab.fastpath.rows` explains how); on the plain path one
+   forward over the requests' merged left-padded caches (:mod:`decodelab.padded_batch`, within float rounding).
 3. Prompts join between steps. After a decode step that took d seconds, the scheduler spends at most about d
    more (:data:`PASS_SHARE` times d, at least :data:`MIN_PASS_S`) on prefills and other whole-sequence passes
    before the next step, so running streams' inter-token latency at most roughly doubles while prompts join,
