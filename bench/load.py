@@ -11,6 +11,15 @@ peak RSS, and whether every answer equals the same request made alone (the seria
 ``--hf`` adds transformers' own continuous batching (``model.generate_batch``) on the same prompts and lengths, in
 the same process (aggregate tokens/s only: it has no streaming clients).
 
+``--llama-server BIN`` adds llama.cpp's server (built from the sources in the llama-cpp-python source package:
+``cmake -B build -DGGML_NATIVE=ON && cmake --build build --target llama-server llama-quantize``; never in CI) with
+one parallel slot per client (``-np N``, continuous batching on) and 2 threads, on the same weights: the embedded
+GGUF requantized to ``--llama-type`` (default F32, decodelab's precision) with ``llama-quantize`` from the same
+build. Same clients, prompts and streamed workload.
+
+``differing`` counts the answers that are not the same request's answer from the serial server (kernel paths that
+are not batch-invariant, e.g. ``--kernels fast``, can resolve near-ties differently).
+
 The CPU model is printed and stored with the results in ``bench/results/load-<stamp>.json``.
 """
 
@@ -24,8 +33,12 @@ import os
 import pathlib
 import platform
 import resource
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -115,6 +128,49 @@ def hf_generate_batch(loaded, n: int, tokens: int) -> dict:
     return {"clients": n, "requests": n, "wall_s": wall, "tokens_per_s": produced / wall}
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def llama_gguf(server_bin: str, ftype: str, workdir: pathlib.Path) -> pathlib.Path:
+    """The embedded GGUF requantized to ``ftype`` (e.g. F32) with the ``llama-quantize`` beside ``server_bin``."""
+    from decodelab import models
+
+    src = models.embedded_gguf_path()
+    quantize = pathlib.Path(server_bin).with_name("llama-quantize")
+    dst = workdir / f"smollm2-{ftype.lower()}.gguf"
+    subprocess.run([str(quantize), "--allow-requantize", str(src), str(dst), ftype], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return dst
+
+
+def run_llama_server(server_bin: str, gguf: pathlib.Path, clients: int, per_client: int, tokens: int) -> dict:
+    """llama.cpp's server with ``clients`` parallel slots (each 1024 positions), 2 threads, on loopback; the
+    same streamed workload as :func:`run_clients`."""
+    port = _free_port()
+    cmd = [server_bin, "-m", str(gguf), "-np", str(clients), "-c", str(1024 * clients), "-t", "2", "-tb", "2",
+           "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {proc.returncode}: {' '.join(cmd)}")
+            time.sleep(0.1)
+        asyncio.run(run_clients(url, 1, 1, 4))  # warm-up
+        return asyncio.run(run_clients(url, clients, per_client, tokens))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None)
@@ -125,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernels", default="exact")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--hf", action="store_true", help="add transformers' generate_batch")
+    ap.add_argument("--llama-server", default=None, metavar="BIN", help="add llama.cpp's server (path to llama-server)")
+    ap.add_argument("--llama-type", default="F32", help="llama.cpp weight type for --llama-server (default F32)")
     args = ap.parse_args(argv)
     try:
         counts = [int(c) for c in args.clients.split(",")]
@@ -156,14 +214,15 @@ def main(argv: list[str] | None = None) -> int:
                     order.reverse()
                 got = {name: asyncio.run(run_clients(srv.url, n, args.requests, args.tokens)) for name, srv in order}
                 same = got["batched"]["texts"] == got["serial"]["texts"]
+                differing = sum(a != b for a, b in zip(got["batched"]["texts"], got["serial"]["texts"]))
                 for name in ("batched", "serial"):
                     res = {k: v for k, v in got[name].items() if k != "texts"}
-                    res.update(server=name, round=r, same_as_alone=same)
+                    res.update(server=name, round=r, same_as_alone=same, differing=differing)
                     rows.append(res)
                     print(f"{name:8s} clients={n:3d} {res['tokens_per_s']:7.1f} tok/s  ttft p50 "
                           f"{res['ttft_ms_p50']:7.0f} p95 {res['ttft_ms_p95']:7.0f} ms  itl p50 "
                           f"{res['itl_ms_p50']:6.0f} p95 {res['itl_ms_p95']:6.0f} ms  rss {res['peak_rss_mb']:.0f} MB"
-                          f"  same_as_alone={same}")
+                          f"  same_as_alone={same} differing={differing}/{len(got[name]['texts'])}")
                 ratio = got["batched"]["tokens_per_s"] / got["serial"]["tokens_per_s"]
                 print(f"         clients={n:3d} batched / serial: {ratio:.2f}x")
         health = httpx.get(batched.url + "/health").json()
@@ -178,6 +237,18 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(res)
             print(f"transformers generate_batch n={n}: {res.get('tokens_per_s', float('nan')):.1f} tok/s "
                   f"{res.get('error', '')}")
+    if args.llama_server:
+        server_bin = shutil.which(args.llama_server) or args.llama_server
+        with tempfile.TemporaryDirectory() as tmp:
+            gguf = llama_gguf(server_bin, args.llama_type, pathlib.Path(tmp))
+            for n in counts:
+                res = run_llama_server(server_bin, gguf, n, args.requests, args.tokens)
+                res.pop("texts")
+                res.update(server=f"llama.cpp server {args.llama_type} -np {n}")
+                rows.append(res)
+                print(f"llama.cpp {args.llama_type} clients={n:3d} {res['tokens_per_s']:7.1f} tok/s  ttft p50 "
+                      f"{res['ttft_ms_p50']:7.0f} p95 {res['ttft_ms_p95']:7.0f} ms  itl p50 {res['itl_ms_p50']:6.0f} "
+                      f"p95 {res['itl_ms_p95']:6.0f} ms")
     out = HERE / "results" / f"load-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"cpu": cpu, "args": vars(args), "rows": rows}, indent=1))
