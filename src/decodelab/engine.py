@@ -24,6 +24,7 @@ Two paths compute the same numbers:
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -45,11 +46,14 @@ class DecodeState:
         attention_mask: (B, L) int64, 1 for real tokens, 0 for left padding; L = tokens seen so far (plain path;
             ``None`` on the fast path, where ``cache.pad`` holds it).
         positions: (B, 1) int64, the position id of the last token fed.
+        padded: (plain path) whether any row was left-padded; without padding the model gets no attention mask,
+            as ``generate`` drops an all-ones one.
     """
 
     cache: object
     attention_mask: torch.Tensor | None
     positions: torch.Tensor
+    padded: bool = True
 
 
 def _fast_enabled(fast: bool | None) -> bool:
@@ -119,6 +123,9 @@ class Engine:
         self.compiled = None
         self.scheduler = None  # a decodelab.scheduler.Scheduler while batching (start_batching)
         self.kernels = kernels
+        forward_params = inspect.signature(model.forward).parameters
+        self._takes_positions = "position_ids" in forward_params
+        self._takes_logits_to_keep = "logits_to_keep" in forward_params
         if self.fast_reason is None:
             self.fast = FastDecoder(model, pack=pack, kernels=kernels, fuse=kernels == "fast" or bool(quantize))
         elif wants_fast:
@@ -135,16 +142,22 @@ class Engine:
 
             self.compiled = CompiledStep(self.fast, model, options=compile if isinstance(compile, dict) else None)
 
-    def _forward(self, input_ids, attention_mask, positions, cache, keep: int):
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=keep,
-        )
-        return out
+    def _forward(self, input_ids, attention_mask, positions, cache, keep: int, first: bool = False):
+        """One call of the model on the plain path, made as transformers' ``generate`` makes it: the inputs go
+        through the model's own ``prepare_inputs_for_generation`` (``GenerationMixin``, or the model's override:
+        Mamba's drops the attention mask after the first step, Gemma 3's builds its own masks), then
+        ``model(**inputs)``. ``attention_mask`` (B, L) or ``None`` (no padding: ``generate`` drops an all-ones
+        mask); ``positions`` (B, T) position ids, passed where the model's forward takes them; ``keep``: logits of
+        the last ``keep`` positions; ``first``: the prefill. Returns the model output (``.logits``, ``.cache``)."""
+        kwargs = {"use_cache": True}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if self._takes_positions:
+            kwargs["position_ids"] = positions
+        if self._takes_logits_to_keep:
+            kwargs["logits_to_keep"] = keep
+        inputs = self.model.prepare_inputs_for_generation(input_ids, cache=cache, is_first_iteration=first, **kwargs)
+        return self.model(**inputs, return_dict=True)
 
     # --- continuous batching -----------------------------------------------------------------------------------
     def start_batching(self, max_batch_size: int = 16, gather_s: float | None = None):
@@ -223,9 +236,10 @@ class Engine:
             mask = attention_mask.to(self.device).long()
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
             if self.fast is None:
-                out = self._forward(ids, mask, positions, None, keep=1)
+                padded = not bool((mask == 1).all())
+                out = self._forward(ids, mask if padded else None, positions, None, keep=1, first=True)
                 logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
-                return logits, DecodeState(out.cache, mask, positions[:, -1:])
+                return logits, DecodeState(out.cache, mask, positions[:, -1:], padded)
             extra = DEFAULT_HEADROOM if max_new_tokens is None else max(int(max_new_tokens), 1)
             capacity = ids.shape[1] + extra
             if self.compiled is not None:
@@ -305,7 +319,8 @@ class Engine:
         state.attention_mask = torch.cat(
             [state.attention_mask, state.attention_mask.new_ones((state.attention_mask.shape[0], 1))], dim=-1
         )
-        out = self._forward(tokens, state.attention_mask, state.positions, state.cache, 1)
+        mask = state.attention_mask if state.padded else None
+        out = self._forward(tokens, mask, state.positions, state.cache, 1)
         state.cache = out.cache
         return out.logits[:, -1].to(copy=True, dtype=torch.float32)
 
