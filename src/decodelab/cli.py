@@ -357,8 +357,26 @@ def serve(
                                                           "gets a 413 (default 1000000).")] = None,
     request_timeout: Annotated[Optional[float], typer.Option("--request-timeout", help="Seconds a request may "
                                                              "wait and generate; then a 504 (default 300).")] = None,
+    api_key: Annotated[Optional[list[str]], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' on "
+                                                         "every /v1 and /api route (repeatable; default: "
+                                                         "$DECODELAB_API_KEY, comma-separated).")] = None,
+    api_key_file: Annotated[Optional[str], typer.Option("--api-key-file", help="File of accepted keys, one per "
+                                                        "line ('#' comments).")] = None,
+    max_client_requests: Annotated[Optional[int], typer.Option("--max-client-requests", help="Requests one client "
+                                                               "(its key, else its IP address) may have in flight "
+                                                               "and queued; more get a 429 (default 8; 0: no "
+                                                               "limit).")] = None,
+    allowed_origins: Annotated[Optional[list[str]], typer.Option("--allowed-origins", help="Web origin allowed to "
+                                                                 "call from a browser (CORS; repeatable; '*' for "
+                                                                 "any; default: none).")] = None,
+    log_requests: Annotated[bool, typer.Option("--log-requests", help="Log request and response bodies (prompts "
+                                               "and outputs) too; by default one line per request without "
+                                               "text.")] = False,
 ) -> None:
-    """Serve the OpenAI-compatible API, the inspection API and the web playground."""
+    """Serve the OpenAI-compatible API, the inspection API and the web playground.
+
+    Anyone who can reach the port can use it unless --api-key is set; a --host other than loopback without a key
+    prints a warning."""
     server = _optional_module("decodelab.server")
     run = getattr(server, "run", None) if server is not None else None
     if run is None:
@@ -367,7 +385,9 @@ def serve(
              "compile": compile or None, "kernels": kernels, "quantize_lm_head": quantize_lm_head or None,
              "max_tokens": max_tokens,
              "max_n": max_n, "max_batch_size": max_batch_size, "max_concurrent": max_concurrent, "max_queue": max_queue,
-             "max_body_bytes": max_body_bytes, "request_timeout_s": request_timeout}
+             "max_body_bytes": max_body_bytes, "request_timeout_s": request_timeout, "api_keys": api_key or None,
+             "api_keys_file": api_key_file, "max_client_requests": max_client_requests,
+             "allowed_origins": allowed_origins or None, "log_requests": log_requests or None}
     given = {k: v for k, v in given.items() if v is not None or k in ("model", "device", "dtype")}
     accepted = inspect.signature(run).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())

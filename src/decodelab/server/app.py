@@ -1,9 +1,13 @@
 """The FastAPI application: one fixed model, OpenAI routes, inspection routes, the playground's static files.
 
 ``create_app(lm, settings)`` builds the app around an already loaded :class:`decodelab.LM`. It sets
-``app.state.lm``, ``app.state.settings`` and ``app.state.runner`` (the :class:`~decodelab.server.runner.Runner`
-every model call goes through), registers the OpenAI-style error handlers (:mod:`decodelab.server.errors`), limits
-request bodies to ``settings.max_body_bytes``, and mounts ``server/static/`` at ``/`` last so API routes win.
+``app.state.lm``, ``app.state.settings``, ``app.state.runner`` (the :class:`~decodelab.server.runner.Runner`
+every model call goes through) and ``app.state.access`` (API keys and the per-client limit), registers the
+OpenAI-style error handlers (:mod:`decodelab.server.errors`), and mounts the playground's shipped files
+(:class:`~decodelab.server.files.PackageFiles`) at ``/`` last so API routes win.
+
+Middleware, outermost first: the request log (:mod:`~decodelab.server.requestlog`), CORS (only with
+``allowed_origins``), the body-size limit, then keys and the per-client limit (:mod:`~decodelab.server.access`).
 
 No route can load a model or read a path: the model is chosen when the server starts.
 """
@@ -16,7 +20,10 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from .. import __version__
+from .access import Access, AccessMiddleware, document_security
 from .errors import BodyLimitMiddleware, install_error_handlers
+from .files import PackageFiles
+from .requestlog import RequestLogMiddleware
 from .runner import Runner
 from .settings import Settings
 
@@ -33,7 +40,10 @@ inspection API for the web playground.
   temperature, penalties, logit_bias and top-k/top-p/min-p filtering; so every position lists exactly the requested
   number of alternatives, sorted, finite, and the chosen token's value equals its entry when listed.
 * Errors: `{"error": {"message", "type", "param", "code"}}` with 400 (bad value, empty or over-long prompt),
-  404, 413 (body too large), 503 (queue full), 504 (timeout).
+  401 (missing or wrong API key, when the server has keys), 404, 413 (body too large), 429 (this client already has
+  `max_client_requests` requests in flight; see `Retry-After`), 503 (queue full), 504 (timeout).
+* Authentication: when the server was started with `--api-key`, every `/v1` and `/api` route needs
+  `Authorization: Bearer <key>`; `/health`, these docs and the playground's files stay open.
 """
 
 
@@ -45,7 +55,7 @@ def create_app(lm, settings: Settings | None = None) -> FastAPI:
         settings: limits and names; defaults to :class:`Settings()`.
 
     Returns:
-        The FastAPI app; ``app.state`` holds ``lm``, ``settings``, ``runner``.
+        The FastAPI app; ``app.state`` holds ``lm``, ``settings``, ``runner``, ``access``.
     """
     settings = settings or Settings()
     runner = Runner(settings.concurrency, settings.max_queue, settings.request_timeout_s)
@@ -68,7 +78,20 @@ def create_app(lm, settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.runner = runner
     install_error_handlers(app)
+    open_paths = [p for p in ("/health", app.openapi_url, app.docs_url, app.redoc_url,
+                              app.swagger_ui_oauth2_redirect_url) if p]
+    # add_middleware puts each one outside the ones before it
+    access = Access(settings.keys, settings.max_client_requests, open_paths)
+    app.state.access = access
+    app.add_middleware(AccessMiddleware, access=access)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                           allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "Accept"], max_age=600)
+    app.add_middleware(RequestLogMiddleware, log_bodies=settings.log_requests)
 
     from .routes_openai import router as openai_router
 
@@ -84,8 +107,9 @@ def create_app(lm, settings: Settings | None = None) -> FastAPI:
     @app.get("/health", tags=["server"], summary="Liveness and queue counters")
     async def health() -> dict:
         """``{"status": "ok", "model", "running", "queued", "completed", "rejected", "timed_out", "cancelled",
-        "batching"}``; ``batching`` (``null`` when off): ``max_batch_size``, decode ``steps`` run, ``rows_stepped``,
-        ``max_rows`` of one step."""
+        "rate_limited", "unauthorized", "auth", "batching"}``; ``rate_limited``: 429s sent by the per-client limit;
+        ``unauthorized``: 401s; ``auth``: whether API keys are required; ``batching`` (``null`` when off):
+        ``max_batch_size``, decode ``steps`` run, ``rows_stepped``, ``max_rows`` of one step."""
         scheduler = lm.engine.scheduler
         batching = None if scheduler is None else {
             "max_batch_size": scheduler.max_batch_size, "steps": scheduler.steps,
@@ -100,12 +124,22 @@ def create_app(lm, settings: Settings | None = None) -> FastAPI:
             "rejected": runner.rejected,
             "timed_out": runner.timed_out,
             "cancelled": runner.cancelled,
+            "rate_limited": access.limiter.rejected,
+            "unauthorized": access.unauthorized,
+            "auth": bool(settings.keys),
         }
 
-    if STATIC_DIR.is_dir():
-        from fastapi.staticfiles import StaticFiles
+    if settings.keys:
+        plain_openapi = app.openapi
 
-        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+        def keyed_openapi() -> dict:
+            if app.openapi_schema is None:
+                app.openapi_schema = document_security(plain_openapi())
+            return app.openapi_schema
+
+        app.openapi = keyed_openapi
+    if STATIC_DIR.is_dir():
+        app.mount("/", PackageFiles(STATIC_DIR), name="static")
     return app
 
 

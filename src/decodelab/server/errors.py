@@ -11,16 +11,20 @@ OpenAI ranges, text that is not valid Unicode                       missing, unk
 :class:`~decodelab.errors.ConfigError` (bad parameter)      400     invalid_request_error / invalid_value
 :class:`~decodelab.errors.InputError` (empty / too long)    400     invalid_request_error / invalid_input or
                                                                     context_length_exceeded
+missing or wrong API key (server started with keys)         401     invalid_request_error / missing_api_key or
+                                                                    invalid_api_key
 :class:`~decodelab.errors.ModelLoadError`                   404     invalid_request_error / model_not_found
 unknown route (any method)                                  404     invalid_request_error / not_found
 wrong method on a known route                               405     invalid_request_error / method_not_allowed
 body larger than ``max_body_bytes``                         413     invalid_request_error / request_too_large
+the client already holds ``max_client_requests`` requests   429     rate_limit_error / rate_limit_exceeded
 queue full                                                  503     server_busy / queue_full
 request timeout                                             504     timeout / request_timeout
 anything else (a bug, logged with its traceback)            500     server_error / internal_error
 ==========================================================  ======  ==========================
 
-As OpenAI and llama.cpp do, every invalid body is a 400 (FastAPI's default would be a 422).
+As OpenAI and llama.cpp do, every invalid body is a 400 (FastAPI's default would be a 422). The 401 and 429 come
+from :mod:`decodelab.server.access`, the 413 from :class:`BodyLimitMiddleware`; 429 and 503 carry ``Retry-After``.
 ``param`` names the offending field (``"temperature"``, ``"messages.0.content"``) when there is one.
 """
 
@@ -64,7 +68,10 @@ ERROR_RESPONSES: dict[int | str, dict] = {
     for status, text in (
         (400, "Invalid body: malformed JSON, wrong JSON types, missing or unknown fields, values outside the "
               "documented ranges, or a parameter decodelab cannot use (the message names it)"),
+        (401, "Missing or wrong API key (only when the server was started with keys)"),
         (413, "Request body larger than the server's limit"),
+        (429, "This client already has max_client_requests requests in flight or queued; retry after Retry-After "
+              "seconds"),
         (503, "Server busy: the request queue is full"),
         (504, "Request timed out"),
     )
@@ -185,8 +192,9 @@ async def _http_handler(request: Request, exc: StarletteHTTPException) -> JSONRe
         known = _known_path(request)
         headers = headers if known and status == 405 else None  # keep a real route's Allow header
         status = 405 if known else 404
-        detail = (f"method {request.method} not allowed on {request.url.path}" if known
-                  else f"unknown route {request.method} {request.url.path}")
+        path = json.dumps(request.url.path)[1:-1][:200]  # escaped and cut: the path is the client's
+        detail = (f"method {request.method} not allowed on {path}" if known
+                  else f"unknown route {request.method} {path}")
     type_ = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse(error_payload(detail, type_, code=codes.get(status)), status_code=status, headers=headers)
 

@@ -115,6 +115,13 @@
       nodeLabel: "{token}: step {step}, {status}, total log-prob {cum}",
       comparing: "running {i} of {n}…",
       network: "cannot reach the server ({msg})",
+      "key.h": "API key",
+      "key.text": "This server needs an API key: ask whoever runs it. The key is kept in this tab only, until you " +
+        "close it.",
+      "key.refused": "The server did not accept that key. Try again.",
+      "key.label": "Key",
+      "key.ok": "Use this key",
+      "key.cancel": "Cancel",
     },
     pl: {
       skip: "Przejdź do tekstu",
@@ -228,6 +235,13 @@
       nodeLabel: "{token}: krok {step}, {status}, łączny log-prawd. {cum}",
       comparing: "uruchamiam {i} z {n}…",
       network: "brak połączenia z serwerem ({msg})",
+      "key.h": "Klucz API",
+      "key.text": "Ten serwer wymaga klucza API: zapytaj osobę, która go uruchomiła. Klucz jest przechowywany tylko w " +
+        "tej karcie, do jej zamknięcia.",
+      "key.refused": "Serwer nie przyjął tego klucza. Spróbuj ponownie.",
+      "key.label": "Klucz",
+      "key.ok": "Użyj tego klucza",
+      "key.cancel": "Anuluj",
     },
   };
 

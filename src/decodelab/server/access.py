@@ -1,0 +1,194 @@
+"""Who may call the server, and how much of it one caller may hold: API keys and the per-client limit.
+
+:class:`AccessMiddleware` runs before every route (inside the body-size limit, so a rejected client still gets a
+clean answer). For a *guarded* request (see :func:`is_guarded`: every ``/v1`` and ``/api`` path, and anything but
+GET / HEAD outside the open paths) it
+
+1. checks ``Authorization: Bearer <key>`` when the settings hold keys: missing or wrong is a 401 OpenAI-style error
+   with ``WWW-Authenticate: Bearer``. Keys are compared in constant time (:class:`KeyRing`: SHA-256 digests compared
+   with :func:`hmac.compare_digest`, every key tried) and never logged: a client shows in logs as ``key#N``, its
+   key's place in the settings' list;
+2. counts the request against its client (:class:`ClientLimiter`): the key when keys are set, else the peer's IP
+   address as uvicorn reports it (uvicorn believes ``X-Forwarded-For`` only from its ``--forwarded-allow-ips``,
+   by default 127.0.0.1: a reverse proxy on the same machine, never a remote client). A client already holding ``max_client_requests`` requests (generating, queued for the model, or
+   streaming) gets a 429 with ``Retry-After`` until one of them ends.
+
+This gate sits in front of the :class:`~decodelab.server.runner.Runner` (``max_concurrent`` generating,
+``max_queue`` waiting, shared by all) and the batching scheduler behind it: with the per-client cap no one client
+can fill the shared queue, and a newcomer's request joins the next decode step beside the others'.
+
+``/health``, the API docs (``/docs``, ``/redoc``, ``/openapi.json``) and the playground's files stay open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Iterable
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import error_payload
+
+GUARDED_PREFIXES = ("/v1", "/api")
+CLIENT_SCOPE_KEY = "decodelab.client"  # the scope entry naming the client (``key#2``, ``1.2.3.4``) for the log
+
+
+def is_guarded(path: str, method: str, open_paths: Iterable[str]) -> bool:
+    """Whether a request needs the key (when keys are set) and counts against its client's limit.
+
+    Guarded: every path under ``/v1`` or ``/api`` (known routes or not, so a 401 does not tell which exist), and
+    any method but GET / HEAD elsewhere; open: ``open_paths`` (``/health``, the docs) and GET / HEAD of the
+    playground's files.
+    """
+    if path in open_paths:
+        return False
+    if any(path == p or path.startswith(p + "/") for p in GUARDED_PREFIXES):
+        return True
+    return method not in ("GET", "HEAD")
+
+
+class KeyRing:
+    """The accepted API keys, held as SHA-256 digests; :meth:`match` compares in constant time."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    def __bool__(self) -> bool:
+        return bool(self._digests)
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def match(self, presented: bytes) -> int | None:
+        """The 0-based place of ``presented`` among the keys, or ``None``. Every key is compared (no early exit),
+        each through a digest of equal length, so the time taken tells nothing about the keys."""
+        digest = hashlib.sha256(presented).digest()
+        found = None
+        for i, ref in enumerate(self._digests):
+            if hmac.compare_digest(digest, ref) and found is None:
+                found = i
+        return found
+
+
+def bearer_token(scope: Scope) -> bytes | None:
+    """The token of the request's ``Authorization: Bearer <token>`` header (scheme case-insensitive), else
+    ``None`` (no header, another scheme, or more than one Authorization header)."""
+    values = [v for k, v in scope.get("headers", []) if k == b"authorization"]
+    if len(values) != 1:
+        return None
+    scheme, _, token = values[0].strip().partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        return None
+    return token
+
+
+class ClientLimiter:
+    """Requests in flight per client (event-loop thread only: no lock).
+
+    Args:
+        limit: most requests one client may hold at once; ``0``: no limit.
+
+    Counters: ``rejected`` (429s sent); ``active`` (client -> requests held now).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active: dict[str, int] = {}
+        self.rejected = 0
+
+    def enter(self, client: str) -> bool:
+        """Count one more request for ``client``; ``False`` (and nothing counted) when it is at the limit."""
+        held = self.active.get(client, 0)
+        if self.limit and held >= self.limit:
+            self.rejected += 1
+            return False
+        self.active[client] = held + 1
+        return True
+
+    def leave(self, client: str) -> None:
+        """One request of ``client`` ended."""
+        held = self.active.get(client, 0) - 1
+        if held > 0:
+            self.active[client] = held
+        else:
+            self.active.pop(client, None)
+
+
+class Access:
+    """The server's access policy and its counters (``app.state.access``).
+
+    Args:
+        keys: accepted keys (empty: no authentication).
+        max_client_requests: the per-client limit (``0``: none).
+        open_paths: paths that never need a key (``/health``, the docs).
+
+    Counters: ``unauthorized`` (401s sent); ``limiter.rejected`` (429s).
+    """
+
+    def __init__(self, keys: Iterable[str], max_client_requests: int, open_paths: Iterable[str]) -> None:
+        self.keys = KeyRing(keys)
+        self.limiter = ClientLimiter(max_client_requests)
+        self.open_paths = frozenset(open_paths)
+        self.unauthorized = 0
+
+
+class AccessMiddleware:
+    """ASGI middleware: API-key check, then the per-client limit, for guarded requests (see the module doc)."""
+
+    def __init__(self, app: ASGIApp, access: Access) -> None:
+        self.app = app
+        self.access = access
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        access = self.access
+        if scope["type"] != "http" or not is_guarded(scope["path"], scope["method"], access.open_paths):
+            await self.app(scope, receive, send)
+            return
+        address = (scope.get("client") or ("unknown", 0))[0]
+        client = address
+        if access.keys:
+            token = bearer_token(scope)
+            index = None if token is None else access.keys.match(token)
+            if index is None:
+                access.unauthorized += 1
+                scope[CLIENT_SCOPE_KEY] = f"{address} (no valid key)"
+                await _unauthorized(token is None)(scope, receive, send)
+                return
+            client = f"key#{index + 1}"
+        scope[CLIENT_SCOPE_KEY] = client
+        limiter = access.limiter
+        if not limiter.enter(client):
+            body = error_payload(
+                f"too many requests from this client: {limiter.limit} already in flight or queued "
+                f"(max_client_requests={limiter.limit}); retry when one of them has finished",
+                "rate_limit_error", code="rate_limit_exceeded")
+            await JSONResponse(body, status_code=429, headers={"Retry-After": "1"})(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            limiter.leave(client)
+
+
+def _unauthorized(missing: bool) -> JSONResponse:
+    """The 401 answer (the key received is never echoed)."""
+    message = ("missing API key: this server needs the header 'Authorization: Bearer <key>'" if missing
+               else "invalid API key: the key in the Authorization header is not one this server accepts")
+    code = "missing_api_key" if missing else "invalid_api_key"
+    return JSONResponse(error_payload(message, "invalid_request_error", code=code), status_code=401,
+                        headers={"WWW-Authenticate": "Bearer"})
+
+
+def document_security(schema: dict) -> dict:
+    """Mark every guarded operation of an OpenAPI ``schema`` as needing bearer authentication (so ``/docs`` offers
+    an Authorize button); returns the same dict, changed."""
+    schema.setdefault("components", {}).setdefault("securitySchemes", {})["apiKey"] = {
+        "type": "http", "scheme": "bearer", "description": "one of the server's API keys (--api-key)"}
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            if isinstance(operation, dict) and is_guarded(path, method.upper(), ()):
+                operation["security"] = [{"apiKey": []}]
+    return schema
