@@ -305,3 +305,53 @@ def test_phone_width_layout(browser, server):
     pg.screenshot(path=str(SHOTS / "11-phone.png"))
     pg.locator("#panel-next").screenshot(path=str(SHOTS / "12-phone-next-token.png"))
     context.close()
+
+
+KEY = "class-key-8c41d7"
+
+
+def test_keyed_server_asks_for_the_key_once_and_shows_the_chart(browser, lm):
+    """A server started with an API key: the page asks for it on the first refused call, a wrong key is asked
+    again, the right one brings the next-token chart and is sent on every later call, and it lasts for the tab
+    (a reload does not ask again) but not for a new browser session."""
+    with BackgroundServer(create_app(lm, Settings(max_tokens=64, api_keys=(KEY,)))) as srv:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        pg = context.new_page()
+        pg.set_default_timeout(WAIT_MS)
+        errors: list[str] = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        sent: list[tuple[str, str | None]] = []  # (path, Authorization header) of each /api/ request
+        pg.on("request", lambda r: sent.append((r.url.split(srv.url, 1)[-1], r.headers.get("authorization")))
+              if "/api/" in r.url else None)
+        pg.goto(srv.url + "/")  # the page analyses its default prompt at once: a 401
+        pg.wait_for_selector("#key-dialog[open]")
+        assert pg.is_hidden("#key-refused") and sent and sent[0][1] is None
+        pg.screenshot(path=str(SHOTS / "13-api-key-dialog.png"))
+
+        pg.fill("#api-key", "wrong-key-123")
+        pg.click("#key-ok")
+        pg.wait_for_selector("#key-dialog[open] #key-refused:not([hidden])")  # refused: asked again
+        assert ("/api/tokenize", "Bearer wrong-key-123") in sent or ("/api/next-token", "Bearer wrong-key-123") in sent
+        pg.fill("#api-key", KEY)
+        pg.click("#key-ok")
+        pg.wait_for_selector("#key-dialog", state="hidden")
+        wait_current_node(pg, PROMPT)
+        assert bar_ids(pg) == [c.id for c in lm.next_token(PROMPT, top_k=10).top]
+        assert pg.inner_text("#bars .cand >> nth=0 >> .tok") == "␣night"
+        assert pg.is_hidden("#error")
+        assert pg.evaluate("sessionStorage.getItem('decodelab.apiKey')") == KEY
+        pg.screenshot(path=str(SHOTS / "14-keyed-next-token.png"))
+
+        sent.clear()
+        pg.reload()  # same tab: the key is kept, nothing asked
+        wait_current_node(pg, PROMPT)
+        assert pg.is_hidden("#key-dialog") and sent and all(auth == f"Bearer {KEY}" for _, auth in sent)
+        assert not errors, errors
+        context.close()
+
+        fresh = browser.new_context()  # a new browser session asks again
+        pg = fresh.new_page()
+        pg.set_default_timeout(WAIT_MS)
+        pg.goto(srv.url + "/")
+        pg.wait_for_selector("#key-dialog[open]")
+        fresh.close()
