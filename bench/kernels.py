@@ -22,7 +22,8 @@ SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 57
 
 
 def _variants(layers: int):
-    from decodelab.fastpath.decoder import Dense, PackedDense, WeightMajorDense, can_pack
+    from decodelab.fastpath import kernel_choice
+    from decodelab.fastpath.decoder import Dense, MeasuredDense, PackedDense, can_pack
     from decodelab.quantize import Int4Linear, Int8Linear
 
     gen = torch.Generator().manual_seed(0)
@@ -40,8 +41,9 @@ def _variants(layers: int):
     out = {
         "float32 F.linear": ([Dense(w) for w in mats] + [Dense(head)], torch.float32),
         "float32 bmm halves": ([Halves(w) for w in mats] + [Halves(head)], torch.float32),
-        "float32 weight-major (fast)": ([WeightMajorDense(w) for w in mats] + [WeightMajorDense(head)],
-                                        torch.float32),
+        **{f"float32 {name} (fast candidate)": ([MeasuredDense(w, None, {"1": name}) for w in mats]
+                                                + [MeasuredDense(head, None, {"1": name})], torch.float32)
+           for name in ("weight_halves", "weight_first", "onednn")},
         "bfloat16 F.linear": ([Dense(w) for w in w16] + [Dense(h16)], torch.bfloat16),
         "bfloat16 oneDNN prepacked": ([dense16(w) for w in w16] + [dense16(h16)], torch.bfloat16),
         "int8, bfloat16 act.": ([Int8Linear.from_weight(w) for w in w16] + [dense16(h16)], torch.bfloat16),

@@ -31,7 +31,6 @@ import datetime as dt
 import json
 import os
 import pathlib
-import platform
 import resource
 import shutil
 import socket
@@ -48,22 +47,12 @@ import httpx  # noqa: E402
 
 import decodelab  # noqa: E402
 from decodelab.engine import Engine  # noqa: E402
+from decodelab.fastpath.kernel_choice import cpu_model  # noqa: E402
 from decodelab.server import Settings, create_app  # noqa: E402
 from decodelab.server.background import BackgroundServer  # noqa: E402
 
 BASE = ["It was a dark and stormy night", "The capital of France is", "Once upon a time, in a small village,",
         "def fibonacci(n):", "The three laws of robotics are", "My favourite recipe for soup starts with"]
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or ``platform.processor()``."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def prompts(n: int) -> list[str]:

@@ -9,8 +9,8 @@ tokens, seeded), ``latency`` (time to first token: ``max_new_tokens=1`` on the s
 a 512-token prompt), ``dtypes`` (greedy 128 in bfloat16, and weight-only int8 / int4 with float32 and bfloat16
 activations, each with its quality figure: top-1 agreement with float32 and perplexity on bench/quality_text.txt).
 ``kernels``: the matrix-vector kernels alone on a decode step's worth of weights (bench/kernels.py).
-Float32 cases run once per ``--kernels`` value (default ``exact,fast``: bit-exact and weight-first products, see
-decodelab.fastpath.decoder.WeightMajorDense). ``--compile`` adds the Inductor-compiled decode step (see decodelab.compile_cache).
+Float32 cases run once per ``--kernels`` value (default ``exact,fast``: bit-exact products, and the products measured
+fastest on this CPU, see decodelab.fastpath.kernel_choice; the choice of each is printed with the CPU model). ``--compile`` adds the Inductor-compiled decode step (see decodelab.compile_cache).
 
 The bandwidth ceiling is measured first (bench/probes.py): tokens/s can at best be ``gemv GB/s / weight bytes``.
 The greedy cases rerun the gemv probe after every round and report their fraction of the ceiling against the
@@ -39,6 +39,7 @@ import torch  # noqa: E402
 import decodelab  # noqa: E402
 from cases import common_prefix, decodelab_side, generate_side, round_fraction, side_by_side  # noqa: E402
 from decodelab.engine import Engine  # noqa: E402
+from decodelab.fastpath.kernel_choice import cpu_model  # noqa: E402
 from decodelab.quantize import quality, weight_bytes  # noqa: E402
 from probes import GemvProbe, bandwidth, loadavg  # noqa: E402
 
@@ -197,6 +198,8 @@ def print_table(report: dict) -> None:
                   f"{r['prefix_match_f32']}/{r['greedy_tokens']} tokens, bf16 generate's for "
                   f"{r['prefix_match_generate']}; {r['weight_bytes'] / 1e6:.0f} MB/token, ceiling "
                   f"{r['ceiling_tok_s']:.0f} tok/s")
+    for mode, summary in report.get("kernel_choice", {}).items():
+        print(f"kernels={mode}: {summary}")
     for r in report.get("kernels", []):
         print(f"  kernel {r['kernel']:30s} {r['ms_median']:8.1f} ms per step's weights  "
               f"(<= {r['tok_s_bound']:.1f} tok/s)")
@@ -239,15 +242,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     cases = set(args.cases.split(","))
     report = {"started": dt.datetime.now().isoformat(timespec="seconds"), "load_start": loadavg(),
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__,
                           "capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version()},
               "runs": args.runs, "prompt": PROMPT, "cases": []}
-    try:
-        with open("/proc/cpuinfo") as f:
-            report["machine"]["cpu"] = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
     print("bandwidth probe ...", flush=True)
     report["bandwidth"] = bandwidth()
     gemv = report["bandwidth"]["gemv_gbs"]
@@ -260,9 +258,14 @@ def main(argv=None) -> int:
     report["model"] = {"name": lm.name, "weight_bytes_f32": wb, "ceiling_tok_s_f32": gemv * 1e9 / wb}
     frac = lambda r: round_fraction(r, "decodelab", wb) or r["decodelab"]["tok_s"]["median"] * wb / (gemv * 1e9)
     print(f"model {lm.name}: {wb / 1e6:.0f} MB of weights per token, ceiling {gemv * 1e9 / wb:.1f} tok/s", flush=True)
+    report["kernel_choice"] = {}
     for kernels in args.kernels.split(","):
         klm = lm if kernels == "exact" else lm_on(lm, kernels=kernels)
         suffix = "" if kernels == "exact" else f" kernels={kernels}"
+        if klm.engine.fast is not None:
+            report["kernel_choice"][kernels] = klm.engine.fast.kernel_summary()
+            print(f"kernels={kernels} products measured on {report['machine']['cpu']}: "
+                  f"{report['kernel_choice'][kernels]}", flush=True)
         if "greedy" in cases:
             r = case_pair(f"greedy128 float32{suffix}", decodelab_side(klm, PROMPT, **GREEDY),
                           generate_side(model, tok, PROMPT, **GREEDY), args.runs, probe=probe)

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 import decodelab
 from decodelab.engine import Engine, check_kernels
-from decodelab.fastpath.decoder import WeightMajorDense
+from decodelab.fastpath.decoder import MeasuredDense
 
 
 def build(arch: str = "llama", *, vocab: int = 1000, hidden: int = 64, heads: int = 4, kv: int = 2, inter: int = 64,
@@ -113,10 +113,10 @@ def test_float16_model_runs_with_fast_kernels():
     model16 = build("llama").to(torch.float16)
     fast = Engine(model16, kernels="fast")
     qkv = fast.fast.layers[0].qkv
-    assert isinstance(qkv, WeightMajorDense) and fast.fast.act32
+    assert isinstance(qkv, MeasuredDense) and fast.fast.act32
     if not torch.ops.mkldnn._is_mkldnn_fp16_supported():
         assert qkv.packed is None
-    ids, mask = left_padded(1000, [9, 1, 4, 6, 3])  # 5 rows: the > MV_ROWS branch too
+    ids, mask = left_padded(1000, [9, 1, 4, 6, 3])  # 5 rows: bucket 8's product
     a, state = run_steps(fast, ids, mask, 5)
     assert state.cache.keys[0].dtype == torch.float32
     ref, _ = run_steps(Engine(base, fast=False), ids, mask, 5)

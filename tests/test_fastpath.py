@@ -235,19 +235,32 @@ def test_batch1_float32_steps_use_half_matrix_products_bit_exactly(tiny_qwen2):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 40])
 @pytest.mark.parametrize("bias", [False, True])
-def test_weight_major_dense_matches_f_linear(rows, bias):
-    """``kernels="fast"`` projections: every row count's kernel (bmm of halves, mm, oneDNN packed) gives F.linear's
-    result to float32 rounding, in the shape F.linear gives."""
-    from decodelab.fastpath.decoder import WeightMajorDense
+def test_every_measured_product_matches_f_linear(rows, bias):
+    """``kernels="fast"`` projections: every product the measurement may pick (F.linear, bmm of halves, weight-first
+    bmm / mm, oneDNN packed), forced for every bucket, gives F.linear's result to float32 rounding, in the shape
+    F.linear gives; ``halves`` (an exact-mode candidate) gives it bit for bit."""
+    from decodelab.fastpath import kernel_choice
+    from decodelab.fastpath.decoder import MeasuredDense
 
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randn(96, 64, generator=gen)
     b = torch.randn(96, generator=gen) if bias else None
     x = torch.randn(rows, 1, 64, generator=gen)
     ref = torch.nn.functional.linear(x, weight, b)
-    out = WeightMajorDense(weight, b)(x)
-    assert out.shape == ref.shape == (rows, 1, 96)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    tried = []
+    for name in kernel_choice.FAST_PRODUCTS:
+        if not kernel_choice.applies(name, rows, weight):
+            continue
+        dense = MeasuredDense(weight, b, {str(k): name for k in kernel_choice.BUCKETS})
+        assert dense.name_for(rows) == name
+        out = dense(x)
+        assert out.shape == ref.shape == (rows, 1, 96)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        if name in kernel_choice.EXACT_PRODUCTS:
+            assert torch.equal(out, ref), name
+        tried.append(name)
+    assert tried == (["linear", "halves", "weight_halves", "weight_first", "onednn"] if rows == 1
+                     else ["linear", "weight_first", "onednn"])
 
 
 @pytest.mark.parametrize("kw", [dict(max_new_tokens=24), dict(max_new_tokens=12, num_beams=5),
@@ -258,9 +271,9 @@ def test_fast_kernels_return_the_plain_paths_tokens_on_embedded(embedded, kw):
     """On the real SmolLM2 model, ``kernels="fast"`` (not bit-exact) returns the same tokens as transformers'
     own forward (the plain path) for greedy, beam search and seeded sampling, with scores within 1e-3."""
     fast, plain = lm_with(embedded, kernels="fast"), lm_with(embedded, fast=False)
-    from decodelab.fastpath.decoder import WeightMajorDense
+    from decodelab.fastpath.decoder import MeasuredDense
 
-    assert isinstance(fast.engine.fast.layers[0].qkv, WeightMajorDense) and fast.engine.fast.layers[0].q is None
+    assert isinstance(fast.engine.fast.layers[0].qkv, MeasuredDense) and fast.engine.fast.layers[0].q is None
     prompt = "It was a dark and stormy"
     a, b = fast.generate(prompt, **kw), plain.generate(prompt, **kw)
     assert [s.new_ids for s in a.sequences] == [s.new_ids for s in b.sequences]

@@ -181,6 +181,7 @@ class CompiledStep:
             "torch": torch.__version__, "options": json.dumps(self.options, sort_keys=True, default=str),
             "code": _code_version(), "backend": "aoti", "kernels": decoder.kernels, "fused": decoder.fused,
             "act32": decoder.act32,
+            "kernel_table": {k: v.get("choice") for k, v in sorted(decoder.kernel_table.items())},
         }
 
     def key(self, batch: int, capacity: int) -> str:
@@ -284,13 +285,13 @@ class CompiledStep:
 
 
 def _code_version() -> str:
-    """sha256 (16 hex digits) of the code the compiled graph is traced from: :mod:`decodelab.fastpath.static`
-    and the functions it calls."""
-    import inspect
+    """sha256 (16 hex digits) of the code the compiled graph is traced from: every module of
+    :mod:`decodelab.fastpath` (the step in ``static``, the functions and products it calls from ``decoder``,
+    ``kernel_choice``, ``rows`` and ``cache``) and :mod:`decodelab.quantize` (the quantized projections)."""
+    from . import quantize
+    from .fastpath import cache, decoder, kernel_choice, rows, static
 
-    from .fastpath import decoder, static
-
-    h = hashlib.sha256(pathlib.Path(static.__file__).read_bytes())
-    for fn in (decoder.rms_norm, decoder.rope):
-        h.update(inspect.getsource(fn).encode())
+    h = hashlib.sha256()
+    for module in (static, decoder, kernel_choice, rows, cache, quantize):
+        h.update(pathlib.Path(module.__file__).read_bytes())
     return h.hexdigest()[:16]

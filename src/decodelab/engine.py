@@ -92,8 +92,8 @@ class Engine:
             the model's dtype unless ``quantize_lm_head``).
         kernels: ``"exact"`` (default): the fast path's float32 logits are bit-for-bit the model's; ``"fast"``:
             q/k/v and gate/up fused into one product each, fused RMSNorm and one rotary call per layer
-            (:class:`decodelab.fastpath.decoder.Layer`), and weight-first float32 products
-            (:class:`decodelab.fastpath.decoder.WeightMajorDense`): faster on CPU, logits equal to the model's only
+            (:class:`decodelab.fastpath.decoder.Layer`), and for each product the kernel measured fastest on this
+            machine (:class:`decodelab.fastpath.decoder.MeasuredDense`): faster on CPU, logits equal to the model's only
             to ~1e-6 relative (outputs can then differ from ``model.generate`` where two candidates tie to within
             rounding). ``quantize`` also fuses the projections.
         compile: compile the fast path's decode step ahead of time with AOTInductor, packages kept on disk (see
@@ -127,7 +127,8 @@ class Engine:
         self._takes_positions = "position_ids" in forward_params
         self._takes_logits_to_keep = "logits_to_keep" in forward_params
         if self.fast_reason is None:
-            self.fast = FastDecoder(model, pack=pack, kernels=kernels, fuse=kernels == "fast" or bool(quantize))
+            self.fast = FastDecoder(model, pack=pack, kernels=kernels, fuse=kernels == "fast" or bool(quantize),
+                                    measure=not quantize)
         elif wants_fast:
             param = "quantize" if quantize else "compile" if compile else "kernels"
             raise ConfigError(f"{param} needs the fast path, which cannot run this model: {self.fast_reason}",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import kernel_choice
 from .cache import StaticKVCache
 from .rows import RowPlan, Segment, attention_mask
 
@@ -60,12 +61,16 @@ def unsupported_reason(model) -> str | None:
 
 
 class Dense:
-    """``y = x @ weight.T + bias`` (``torch.nn.functional.linear``): (..., in) -> (..., out)."""
+    """``y = x @ weight.T + bias`` (``torch.nn.functional.linear``): (..., in) -> (..., out).
 
-    __slots__ = ("weight", "bias")
+    ``halves``: whether a one-row product runs as :func:`half_linear` (bit for bit the same numbers); set from the
+    measurement of :mod:`decodelab.fastpath.kernel_choice` by :class:`FastDecoder` (default ``True``)."""
+
+    __slots__ = ("weight", "bias", "halves")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weight, self.bias = weight, bias
+        self.halves = True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -88,79 +93,41 @@ class PackedDense(Dense):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-MV_ROWS = 3  # up to this many rows, :class:`WeightMajorDense` multiplies weight-first; beyond, oneDNN's packed GEMM
+class MeasuredDense(Dense):
+    """``kernels="fast"``: ``y = x @ weight.T + bias`` with the product measured fastest on this machine for the
+    weight's shape and the call's row count (:mod:`decodelab.fastpath.kernel_choice`: ``F.linear``, two
+    half-matrix ``bmm``\\ s, weight-first ``mm`` / ``bmm``, or oneDNN's GEMM on a prepacked copy, kept only where
+    chosen). Except for ``linear`` / ``halves``, each output is the same dot product summed in another order:
+    results differ from ``F.linear``'s in the last bits (~1e-6 relative), so greedy / beam outputs equal
+    ``model.generate``'s except where two candidates tie to within rounding. (..., in) -> (..., out).
 
-
-class WeightMajorDense(Dense):
-    """``kernels="fast"``: ``y = x @ weight.T + bias`` with the fastest float32 CPU kernel for the row count.
-
-    Per decode step of SmolLM2-135M (538 MB of weights) on this project's 2-core machine:
-
-    * one row: ``bmm(weight halves (2, N/2, K), x.T (K, 1))``, one half per OpenMP thread: 17 ms, i.e. the
-      memory bandwidth (the exact :func:`half_linear`: 25 ms; ``F.linear``: 45 ms, one core);
-    * 2..:data:`MV_ROWS` rows: ``mm(weight, x.T).T`` (20 ms for 2 rows; ``F.linear``: 74 ms);
-    * more rows (beam search, sampling batches, prefill): oneDNN's GEMM on a prepacked copy of the weight
-      (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, as Inductor's freezing pass uses):
-      23 ms for 5 rows, 28 ms for 8 (``F.linear``: 59 ms). The packed copy doubles the float32 weight memory.
-
-    Each output is the same dot product summed in a different order: results differ from ``F.linear``'s in the
-    last bits (~1e-6 relative), so greedy / beam outputs equal ``model.generate``'s except where two candidates
-    tie to within rounding. (..., in) -> (..., out).
+    Args:
+        weight, bias: the (N, K) weight and (N,) bias or ``None``.
+        choice: ``{str(bucket): product name}`` for every :data:`~decodelab.fastpath.kernel_choice.BUCKETS` entry.
     """
 
-    __slots__ = ("halves", "packed")
+    __slots__ = ("choice", "packed")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, choice: dict[str, str]) -> None:
         super().__init__(weight, bias)
-        n, k = weight.shape
-        self.halves = weight.view(2, n // 2, k) if n % 2 == 0 and weight.is_contiguous() else None
-        self.packed = (torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 5)
-                       if _onednn_packs(weight.dtype, weight.device) else None)
+        self.choice = {int(b): name for b, name in choice.items()}
+        self.packed = kernel_choice.prepack(weight) if "onednn" in self.choice.values() else None
+
+    def name_for(self, rows: int) -> str:
+        """The product used for ``rows`` rows."""
+        return self.choice[kernel_choice.bucket(rows)]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() > MV_ROWS * x.shape[-1]:
-            if self.packed is None:
-                return F.linear(x, self.weight, self.bias)
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return weight_first(x, self.weight, self.halves, self.bias)
-
-
-def weight_first(x: torch.Tensor, weight: torch.Tensor, halves: torch.Tensor | None,
-                 bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for at most :data:`MV_ROWS` rows, weight-first (see :class:`WeightMajorDense`):
-    one row and ``halves`` (the (2, N/2, K) view of the (N, K) weight) -> one ``bmm`` with a half per thread;
-    otherwise ``mm(weight, x.T).T``. (..., K) -> (..., N). Shared by the eager decoder and the compiled step."""
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] == 1 and halves is not None:
-        y = torch.bmm(halves, rows.t().expand(2, -1, -1)).view(1, -1)
-    else:
-        y = torch.mm(weight, rows.t()).t()
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+        name = self.name_for(x.numel() // x.shape[-1])
+        return kernel_choice.product(name, x, self.weight, self.bias, self.packed)
 
 
 KERNELS = ("exact", "fast")
 
 
-def _onednn_packs(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether oneDNN can prepack a ``dtype`` weight on ``device`` for :class:`WeightMajorDense`: float32 on any
-    CPU with oneDNN, 16-bit types only where the CPU has the instructions (``_reorder_linear_weight`` raises
-    otherwise, e.g. float16 without AVX512-FP16 / AVX-NE-CONVERT); elsewhere ``F.linear`` is used instead."""
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    if dtype == torch.float32:
-        return True
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if dtype == torch.float16:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    return False
-
-
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether :class:`PackedDense` applies: bfloat16 weights on a CPU whose oneDNN supports bfloat16."""
-    return dtype == torch.bfloat16 and _onednn_packs(dtype, device)
+    return dtype == torch.bfloat16 and kernel_choice.can_prepack(dtype, device)
 
 
 class Layer:
@@ -267,7 +234,7 @@ def half_linear(dense: Dense, x: torch.Tensor) -> torch.Tensor:
     bit-for-bit ``F.linear``'s (tests/test_fastpath.py compares against transformers); a bias is added after."""
     w = dense.weight
     n, k = w.shape
-    if n % 2:
+    if n % 2 or not dense.halves:
         return dense(x)
     y = torch.bmm(x.reshape(1, 1, k).expand(2, 1, k), w.view(2, n // 2, k).transpose(1, 2)).reshape(1, 1, n)
     return y if dense.bias is None else y + dense.bias
@@ -317,7 +284,7 @@ class FastDecoder:
 
     Holds references to the model's weight tensors (no copy), except that bfloat16 weights on CPU are prepacked
     for oneDNN (:class:`PackedDense`, a second copy; ``pack=False`` keeps plain ``F.linear``, ``pack=None`` packs
-    where :func:`can_pack`). ``kernels="fast"`` runs the unpacked projections as :class:`WeightMajorDense`
+    where :func:`can_pack`). ``kernels="fast"`` runs the unpacked projections as :class:`MeasuredDense`
     (faster, no longer bit-for-bit ``F.linear``); ``"exact"`` (default) keeps transformers' numbers. ``layers``
     may be rewritten by :mod:`decodelab.quantize` (projections replaced by weight-only quantized linears);
     ``lm_head`` likewise. ``fuse`` (default: with ``kernels="fast"``) stacks q/k/v and gate/up into one product
@@ -326,10 +293,16 @@ class FastDecoder:
     matrix products; the MLP's ``silu(gate) * up`` between two products stays in the model's dtype. bfloat16
     element-wise operations and attention are several times slower than float32 ones on CPU, and precision can only
     improve. ``act_dtype`` is the activations' / cache's dtype.
+
+    The product kernel of each unpacked CPU projection is chosen by measurement on the machine at hand
+    (:mod:`decodelab.fastpath.kernel_choice`; ``kernel_table`` imposes a table instead, ``measure=False`` skips it,
+    as for a decoder about to be quantized; ``progress`` receives the one-line note printed before a measurement).
+    ``kernel_table`` (attribute): the table used; :meth:`kernel_summary` says it in one line.
     """
 
     def __init__(self, model, pack: bool | None = None, halves: bool | None = None,
-                 kernels: str = "exact", fuse: bool | None = None, act32: bool | None = None) -> None:
+                 kernels: str = "exact", fuse: bool | None = None, act32: bool | None = None,
+                 kernel_table: dict | None = None, measure: bool = True, progress=None) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"fast path unsupported: {reason}")
@@ -349,10 +322,10 @@ class FastDecoder:
         self.device = self.embed.device
         self.packed = can_pack(self.dtype, self.device) if pack is None else bool(pack)
         self.kernels = kernels
-        weight_major = kernels == "fast" and not self.packed and self.device.type == "cpu"
+        measured = not self.packed and self.device.type == "cpu"
         if fuse is None:
             fuse = kernels == "fast"
-        dense = PackedDense if self.packed else WeightMajorDense if weight_major else Dense
+        dense = PackedDense if self.packed else Dense
         self.rotary = inner.rotary_emb
         self.fused = bool(fuse)
         self.layers = [Layer(block, dense, fuse=self.fused) for block in inner.layers[: cfg.num_hidden_layers]]
@@ -368,8 +341,53 @@ class FastDecoder:
                 layer.ln1, layer.ln2 = layer.ln1.detach().float(), layer.ln2.detach().float()
             self.norm = self.norm.detach().float()
         self._exact_shapes: dict = {}  # rows.RowPlan: per weight shape, whether the grouped product is exact here
-        self.halves = ((self.device.type == "cpu" and self.dtype == torch.float32 and not weight_major)
+        self.halves = ((self.device.type == "cpu" and self.dtype == torch.float32 and kernels == "exact")
                        if halves is None else halves)
+        self.kernel_table: dict[str, dict] = {}
+        if measured and (measure or kernel_table is not None):
+            self._choose_kernels(kernel_table, progress)
+
+    def _choose_kernels(self, table: dict | None, progress) -> None:
+        """Apply the measured product choice (:func:`decodelab.fastpath.kernel_choice.choices`, or ``table``, a
+        ``{shape_key: {"choice": ..., "exact": ...}}`` given by the caller, e.g. a test forcing another CPU's
+        choice) to every projection: ``kernels="fast"`` replaces each by a :class:`MeasuredDense`;
+        ``"exact"`` sets each :class:`Dense`'s one-row ``halves`` flag."""
+        projections = [(layer, name, proj) for layer in self.layers for name, proj in layer.projections().items()]
+        projections.append((self, "lm_head", self.lm_head))
+        groups: dict[str, list] = {}
+        for _, _, proj in projections:
+            groups.setdefault(kernel_choice.shape_key(proj.weight, proj.bias is not None), []).append(
+                (proj.weight, proj.bias))
+        if table is None:
+            table = kernel_choice.choices(groups, self.kernels, progress=progress)
+        self.kernel_table = {key: table[key] for key in groups}
+        for owner, name, proj in projections:
+            entry = self.kernel_table[kernel_choice.shape_key(proj.weight, proj.bias is not None)]
+            if self.kernels == "fast":
+                setattr(owner, name, MeasuredDense(proj.weight, proj.bias, entry["choice"]))
+            else:
+                proj.halves = entry["exact"]["1"] == "halves"
+
+    def kernel_summary(self) -> str:
+        """One line naming the measured product per weight shape and row bucket, e.g.
+        ``960x576: 1 halves, 2-3 linear, 4-32 onednn; ...`` (``"not measured"`` for packed / non-CPU weights)."""
+        if not self.kernel_table:
+            return "not measured"
+        parts = []
+        for key, entry in sorted(self.kernel_table.items()):
+            picks = entry["choice"] if self.kernels == "fast" else {"1": entry["exact"]["1"]}
+            runs: list[list] = []
+            prev = 0
+            for b in sorted(picks, key=int):
+                name = picks[b]
+                if runs and runs[-1][2] == name:
+                    runs[-1][1] = int(b)
+                else:
+                    runs.append([prev + 1, int(b), name])
+                prev = int(b)
+            spans = ", ".join(f"{lo if lo == hi else f'{lo}-{hi}'} {name}" for lo, hi, name in runs)
+            parts.append(f"{key}: {spans}")
+        return "; ".join(parts)
 
     def _halves_for(self, rows: int) -> bool:
         """Whether this step's float32 projections run as two half-matrix products in one ``bmm`` (see

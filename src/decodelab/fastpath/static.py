@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import MV_ROWS, Dense, FastDecoder, rms_norm, rope, weight_first
+from . import kernel_choice
+from .decoder import Dense, FastDecoder, rms_norm, rope
 
 
 class _Linear(nn.Module):
@@ -31,22 +32,22 @@ class _Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class _WeightMajor(nn.Module):
-    """:class:`~decodelab.fastpath.decoder.WeightMajorDense` in traceable form: up to ``MV_ROWS`` rows through
-    :func:`~decodelab.fastpath.decoder.weight_first`, more through ``F.linear`` (which Inductor's freezing turns
-    into a prepacked GEMM, as the eager path's oneDNN copy)."""
+class _Measured(nn.Module):
+    """:class:`~decodelab.fastpath.decoder.MeasuredDense` in traceable form: the product measured for the row count
+    (static in a compiled step), except that oneDNN's prepacked GEMM is written as ``F.linear``, which Inductor's
+    freezing pass turns into the same prepacked GEMM."""
 
-    def __init__(self, weight, bias) -> None:
+    def __init__(self, proj) -> None:
         super().__init__()
-        self.register_buffer("weight", weight.detach(), persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
+        self.register_buffer("weight", proj.weight.detach(), persistent=False)
+        self.register_buffer("bias", None if proj.bias is None else proj.bias.detach(), persistent=False)
+        self.choice = dict(proj.choice)
 
     def forward(self, x):
-        if x.numel() > MV_ROWS * x.shape[-1]:
-            return F.linear(x, self.weight, self.bias)
-        n, k = self.weight.shape
-        halves = self.weight.view(2, n // 2, k) if n % 2 == 0 else None
-        return weight_first(x, self.weight, halves, self.bias)
+        name = self.choice[kernel_choice.bucket(x.numel() // x.shape[-1])]
+        if name == "onednn":
+            name = "linear"
+        return kernel_choice.product(name, x, self.weight, self.bias)
 
 
 class _Int8(nn.Module):
@@ -83,10 +84,10 @@ def as_module(proj) -> nn.Module:
     """The ``nn.Module`` form of a fast-path projection (:class:`Dense` and its packed variant, or a quantized
     linear from :mod:`decodelab.quantize`)."""
     from ..quantize import Int4Linear, Int8Linear
-    from .decoder import WeightMajorDense
+    from .decoder import MeasuredDense
 
-    if isinstance(proj, WeightMajorDense):
-        return _WeightMajor(proj.weight, proj.bias)
+    if isinstance(proj, MeasuredDense):
+        return _Measured(proj)
     if isinstance(proj, Dense):  # and PackedDense: Inductor's freezing packs the plain weight itself
         return _Linear(proj.weight, proj.bias)
     if isinstance(proj, Int8Linear):
