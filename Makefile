@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install dev bench bench-load bench-peers serve clean browser
+.PHONY: demo test install dev bench bench-load bench-peers bench-grammar serve clean browser
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ bench-load: $(STAMP)
 bench-peers: $(STAMP)
 	$(PIP) install -q llama-cpp-python
 	$(PY) bench/peers.py
+
+# Grammar engines for json_schema / regex / grammar (llguidance, xgrammar, outlines-core): mask time per token on the
+# 49,152-token vocabulary, JSON-schema coverage, and decodelab's constraint overhead per decode step.
+bench-grammar: $(STAMP)
+	$(PIP) install -q -e '.[grammar-bench]'
+	$(PY) bench/grammar.py
 
 serve: $(STAMP)
 	$(VENV)/bin/decodelab serve

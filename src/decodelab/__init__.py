@@ -17,7 +17,7 @@ from .distribution import Distribution
 from .errors import ConfigError, DecodelabError, InputError, ModelLoadError
 from .lm import LM
 from .tokens import Tokens
-from .trace import BeamNode, Candidate, Generation, ProcessorChange, Sequence, Step, Trace
+from .trace import BeamNode, Candidate, ConstraintStep, Generation, ProcessorChange, Sequence, Step, Trace
 
 __version__ = "0.1.0"
 
@@ -101,6 +101,7 @@ __all__ = [
     "Sequence",
     "Trace",
     "Step",
+    "ConstraintStep",
     "Candidate",
     "BeamNode",
     "ProcessorChange",

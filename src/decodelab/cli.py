@@ -197,6 +197,13 @@ def generate(
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Never stop at eos.")] = False,
     presence_penalty: Annotated[Optional[float], typer.Option("--presence-penalty")] = None,
     frequency_penalty: Annotated[Optional[float], typer.Option("--frequency-penalty")] = None,
+    json_schema: Annotated[Optional[str], typer.Option("--json-schema", metavar="FILE", help="Constrain the new "
+                                                       "text to JSON valid under this JSON Schema file ('-': "
+                                                       "stdin).")] = None,
+    regex: Annotated[Optional[str], typer.Option("--regex", help="Constrain the new text to match this regular "
+                                                 "expression (whole text).")] = None,
+    grammar: Annotated[Optional[str], typer.Option("--grammar", metavar="FILE", help="Constrain the new text to "
+                                                   "this Lark or GBNF grammar file ('-': stdin).")] = None,
     trace: Annotated[bool, typer.Option("--trace", help="Record and show every decision.")] = False,
     trace_top_k: Annotated[Optional[int], typer.Option("--trace-top-k", help="Candidates kept per step.")] = None,
     stream: Annotated[bool, typer.Option("--stream", help="Print text as it is generated.")] = False,
@@ -219,6 +226,7 @@ def generate(
         top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, no_repeat_ngram_size=no_repeat_ngram_size,
         seed=seed, stop_strings=stop, eos_token_id=eos_token_id, ignore_eos=ignore_eos,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, trace=trace, trace_top_k=trace_top_k,
+        json_schema=_read_spec(json_schema, "--json-schema"), regex=regex, grammar=_read_spec(grammar, "--grammar"),
     )
     if stream and (json_out or trace):
         raise typer.BadParameter("prints plain text; it cannot be combined with --json or --trace",
@@ -237,6 +245,25 @@ def generate(
         _emit_json(out)
         return
     show_generation(_console(), gen)
+
+
+def _read_spec(path: str | None, option: str) -> str | None:
+    """The text of a ``--json-schema`` / ``--grammar`` file (``-``: standard input); checked later, with every
+    other option, by ``GenerationConfig``.
+
+    Raises:
+        InputError: the file cannot be read (one line naming the option and the path).
+    """
+    if path is None:
+        return None
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InputError(f"invalid {option}={path!r}: cannot read it ({reason})", param=option.lstrip("-")) from None
 
 
 def _stream(lm, prompt: str, kwargs: dict[str, Any]) -> None:

@@ -98,6 +98,10 @@ class GenerationConfig:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] | None = None
+    # constraint on the generated text, at most one (decodelab.grammar; applied by processors.GrammarConstraint)
+    json_schema: str | None = None  # JSON Schema as JSON text (a dict is accepted and serialised)
+    regex: str | None = None  # the whole generated text must match it
+    grammar: str | None = None  # Lark (or llama.cpp GBNF) grammar text
     # tracing
     trace: bool = False
     trace_top_k: int = 10
@@ -107,6 +111,15 @@ class GenerationConfig:
     def is_beam(self) -> bool:
         """True for beam search (``num_beams > 1``), sampled or not."""
         return self.num_beams > 1
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """``(kind, text)`` of the constraint (kind: ``json_schema``, ``regex`` or ``grammar``), or ``None``."""
+        for kind in ("json_schema", "regex", "grammar"):
+            text = getattr(self, kind)
+            if text is not None:
+                return kind, text
+        return None
 
     @classmethod
     def names(cls) -> frozenset[str]:
@@ -168,6 +181,7 @@ class GenerationConfig:
         v["stop_strings"] = _strings(given, "stop_strings")
         v["sequence_bias"] = _sequence_bias(given)
         v["logit_bias"] = _logit_bias(given)
+        _constraint(given, v)
 
         if v["num_return_sequences"] > v["num_beams"] and not (v["do_sample"] and v["num_beams"] == 1):
             raise ConfigError(
@@ -341,6 +355,24 @@ def _strings(given: dict, name: str) -> tuple[str, ...]:
         raise ConfigError(f"invalid {name}: {len(out)} strings given, at most {MAX_STOP_STRINGS} are allowed",
                           param=name)
     return out
+
+
+def _constraint(given: dict, v: dict) -> None:
+    """``json_schema`` / ``regex`` / ``grammar``: compiled now (by llguidance, :mod:`decodelab.grammar`), so that an
+    invalid or unenforceable constraint is refused before anything runs; at most one; it needs an eos token to end
+    the text, so not with ``ignore_eos`` or an empty ``eos_token_id``."""
+    from .grammar import KINDS, normalise
+
+    chosen = [k for k in KINDS if k in given]
+    for kind in KINDS:
+        v[kind] = normalise(kind, given[kind]) if kind in given else None
+    if len(chosen) > 1:
+        raise ConfigError(f"invalid {chosen[1]}: only one constraint per request, and {chosen[0]} is already set",
+                          param=chosen[1])
+    if chosen and (v["ignore_eos"] or v["eos_token_id"] == ()):
+        why = "ignore_eos=True" if v["ignore_eos"] else "eos_token_id=[]"
+        raise ConfigError(f"invalid {why} with {chosen[0]}: a constrained text ends with an eos token once the "
+                          "constraint is complete", param="ignore_eos" if v["ignore_eos"] else "eos_token_id")
 
 
 def _bias_value(name: str, value: Any) -> float:

@@ -240,7 +240,9 @@ class LM:
         Keywords are transformers' ``GenerationConfig`` names (``max_new_tokens``, ``num_beams``,
         ``num_return_sequences``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
         ``length_penalty``, ``early_stopping``, ``eos_token_id``, ...) plus ``stop_strings``, ``seed``,
-        ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``ignore_eos``, ``trace``, ``trace_top_k``.
+        ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``ignore_eos``, ``trace``, ``trace_top_k``,
+        and one constraint on the new text: ``json_schema`` (a dict or JSON text), ``regex`` or ``grammar`` (Lark or
+        GBNF text); see :mod:`decodelab.grammar` and ``Sequence.constraint_met``.
         Deterministic settings return exactly the ids of ``model.generate`` on the same model (float32, CPU).
 
         Returns:
@@ -343,7 +345,8 @@ class LM:
         eos_ids = self.stop_ids(cfg)
         batch = PromptBatch.from_lists(prompt_ids, self.pad_id)
         rows = batch.repeat(per_prompt) if not cfg.is_beam else batch.repeat(cfg.num_beams)
-        ctx = Context(batch.width, rows.pad_lengths.to(self.engine.device), eos_tensor(eos_ids, self.engine.device))
+        ctx = Context(batch.width, rows.pad_lengths.to(self.engine.device), eos_tensor(eos_ids, self.engine.device),
+                      tokenizer=self.tokenizer, vocab_size=self.vocab_size)
         procs = build_processors(cfg, ctx)
         stops = StopStrings(self.tokenizer, cfg.stop_strings)
         tracer = None
@@ -378,4 +381,5 @@ class LM:
             score=raw.score,
             finish_reason=raw.finish_reason,
             prompt_index=raw.prompt_index,
+            constraint_met=(raw.finish_reason == "eos") if cfg.constraint is not None else None,
         )

@@ -6,8 +6,18 @@ returns the ids ``model.generate`` returns), except the OpenAI / llama.cpp penal
 
 1. sequence bias, then OpenAI ``logit_bias`` (additive),
 2. repetition penalty, then presence / frequency penalties (generated tokens only, as in the OpenAI API),
-3. no-repeat n-gram, bad words, min new tokens, suppressed tokens,
+3. no-repeat n-gram, bad words, min new tokens, the constraint (``json_schema`` / ``regex`` / ``grammar``),
+   suppressed tokens,
 4. only when sampling: temperature, top-k, top-p, min-p, typical-p, epsilon, eta.
+
+The constraint sits where transformers puts its own constraint, ``PrefixConstrainedLogitsProcessor``: after
+``MinNewTokensLengthLogitsProcessor``, before ``SuppressTokensLogitsProcessor`` and before every warper.
+vLLM applies its grammar bitmask to the logits before its sampler's penalties and warpers (``apply_grammar_bitmask``
+in the v1 GPU model runner). Both agree on what matters: the mask comes before temperature / top-k / top-p / min-p,
+so those choose among allowed tokens only (a top-k taken first could keep only forbidden tokens and leave nothing).
+Among the processors before it the order does not change the result (a ``-inf`` stays ``-inf`` under additions,
+penalties and biases), so the trace's "mass removed" is measured on the distribution after penalties and biases,
+before temperature.
 
 ``input_ids`` rows are left-padded; ``pad_lengths`` (B,) says how many leading positions of each row are padding, so
 that padding never counts as a "seen" token. Scores may be logits (greedy, sampling) or log-probabilities (beam
@@ -19,7 +29,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from .config import GenerationConfig
@@ -35,11 +47,15 @@ class Context:
         prompt_len: padded prompt length T0 in tokens (generated tokens are ``input_ids[:, T0:]``).
         pad_lengths: (B,) int64, left-padding length of each row.
         eos_ids: (E,) int64 end-of-sequence ids (may be empty).
+        tokenizer: the Hugging Face tokenizer (needed only by :class:`GrammarConstraint`).
+        vocab_size: V, the model's output size (needed only by :class:`GrammarConstraint`).
     """
 
     prompt_len: int
     pad_lengths: torch.Tensor
     eos_ids: torch.Tensor
+    tokenizer: Any = None
+    vocab_size: int | None = None
 
 
 class Processor:
@@ -203,6 +219,92 @@ class SuppressTokens(Processor):
         return out
 
 
+class GrammarConstraint(Processor):
+    """A JSON schema, regex or grammar (:mod:`decodelab.grammar`, compiled by llguidance) as a processor: every token
+    that cannot continue the generated text towards a string the constraint accepts gets ``-inf``; the eos ids are
+    allowed exactly when the text so far is complete (so a constrained text ends on eos only when it is valid).
+    Plays the part of transformers' ``PrefixConstrainedLogitsProcessor`` (same place in the chain), with the
+    allowed set computed by llguidance's ``LLMatcher`` instead of a user function.
+
+    State: one matcher per distinct generated prefix, derived from the matcher of the same prefix minus its last
+    token at the previous call (copied when several rows continue it). Rows are identified by their generated ids
+    (``input_ids[:, prompt_len:]``), not their position, so beam search may reorder, drop and duplicate rows
+    between steps, sampled rows may diverge, and several prompts may share a call. A row whose last token is an
+    eos id (finished, fed padding) or that took a forbidden token (a ``-inf`` beam candidate) may only take eos.
+
+    ``allowed`` holds the last call's (B, V) bool mask, read by the tracer.
+
+    Raises:
+        ConfigError: (constructor) the constraint does not compile against this tokenizer; a tokenizer that is not
+            a fast one.
+    """
+
+    def __init__(self, kind: str, spec: str, ctx: Context):
+        from .grammar import new_matcher
+
+        if ctx.tokenizer is None or ctx.vocab_size is None:
+            raise ValueError("GrammarConstraint needs Context.tokenizer and Context.vocab_size")
+        self.name, self.ctx = kind, ctx
+        self._root = new_matcher(kind, spec, ctx.tokenizer, ctx.vocab_size)
+        self._eos = set(ctx.eos_ids.tolist())
+        self._ll_eos = {int(self.ctx.tokenizer.eos_token_id)} if self.ctx.tokenizer.eos_token_id is not None else set()
+        self._states: dict[tuple[int, ...], Any] = {}  # previous call: generated ids -> matcher (None: eos only)
+        self.allowed: torch.Tensor | None = None
+
+    def _advance(self, key: tuple[int, ...], uses: dict[tuple[int, ...], int]):
+        """The matcher after the generated ids ``key`` (``None``: only eos may follow)."""
+        if not key:
+            return self._root.deep_copy()  # the root itself stays untouched
+        if key[-1] in self._eos:
+            return None
+        parent_key = key[:-1]
+        if parent_key not in self._states:  # not seen at the previous call (a first call after some tokens): replay
+            m = self._root.deep_copy()
+            return m if m.consume_tokens(list(key)) else None
+        parent = self._states[parent_key]
+        if parent is None:
+            return None
+        uses[parent_key] -= 1
+        m = parent if uses[parent_key] == 0 else parent.deep_copy()  # the last child takes the parent itself
+        return m if m.consume_token(key[-1]) else None
+
+    def __call__(self, input_ids, scores):
+        B, V = scores.shape
+        keys = [tuple(row) for row in input_ids[:, self.ctx.prompt_len :].tolist()]
+        distinct = list(dict.fromkeys(keys))
+        uses: dict[tuple[int, ...], int] = {}
+        for key in distinct:
+            if key:
+                uses[key[:-1]] = uses.get(key[:-1], 0) + 1
+        states = {key: self._advance(key, uses) for key in distinct}
+        self._states = states
+        bits = torch.zeros((len(distinct), (V + 31) // 32), dtype=torch.int32)
+        accepting = []
+        for i, key in enumerate(distinct):
+            m = states[key]
+            if m is not None and not m.is_error():
+                m.unsafe_compute_mask_ptr(bits[i].data_ptr(), bits.shape[1] * 4)
+                accepting.append(m.is_accepting())
+            else:
+                accepting.append(True)
+        # bit j of word w is token 32 w + j. numpy, single-threaded, on purpose: on a busy 2-core CPU torch's
+        # threaded kernels for these (D, V) ops stall for milliseconds each; numpy takes microseconds
+        allowed = np.unpackbits(bits.numpy().view(np.uint8), axis=-1, bitorder="little").view(np.bool_)[:, :V]
+        ll_eos = [i for i in self._ll_eos if i < V and i not in self._eos]
+        if ll_eos:  # llguidance's own eos is the tokenizer's; the request's eos ids replace it
+            allowed[:, ll_eos] = False
+        eos = [i for i in sorted(self._eos) if i < V]
+        if eos:
+            allowed[:, eos] = np.array(accepting)[:, None]
+        row_of = {key: i for i, key in enumerate(distinct)}
+        allowed = allowed[[row_of[k] for k in keys]]  # (B, V)
+        self.allowed = torch.from_numpy(allowed)
+        if scores.device.type == "cpu" and scores.dtype == torch.float32 and not scores.requires_grad:
+            return torch.from_numpy(np.where(allowed, scores.numpy(), np.float32(NEG_INF)))
+        self.allowed = self.allowed.to(scores.device)
+        return scores.masked_fill(~self.allowed, NEG_INF)
+
+
 class Temperature(Processor):
     """transformers ``TemperatureLogitsWarper``: ``scores / temperature``."""
 
@@ -334,6 +436,8 @@ def build_processors(cfg: GenerationConfig, ctx: Context) -> list[Processor]:
             procs.append(SequenceBias(words, name="bad_words_ids"))
     if cfg.min_new_tokens > 0 and not cfg.ignore_eos:
         procs.append(MinNewTokens(cfg.min_new_tokens, ctx))
+    if cfg.constraint is not None:
+        procs.append(GrammarConstraint(*cfg.constraint, ctx))
     if cfg.suppress_tokens:
         procs.append(SuppressTokens(cfg.suppress_tokens))
     if cfg.do_sample:

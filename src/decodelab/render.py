@@ -140,23 +140,29 @@ def _alternatives(step, n: int = 3) -> str:
 
 
 def _changes(step, n: int = 2) -> str:
+    """The step's processor changes, except the constraint's (its own column shows them)."""
+    constraint = step.constraint.kind if getattr(step, "constraint", None) else None
+    changes = [ch for ch in step.changes if ch.processor != constraint]
     parts = []
-    for ch in step.changes[:n]:
+    for ch in changes[:n]:
         after = "removed" if ch.after == -math.inf else f"{ch.after:.2f}"
         parts.append(f"{ch.processor}: {quoted(ch.token)} {ch.before:.2f}→{after}")
-    more = len(step.changes) - n
+    more = len(changes) - n
     return "; ".join(parts) + (f"; +{more} more" if more > 0 else "")
 
 
 def trace_table(trace, max_alternatives: int = 3) -> Table:
     """Per-step decisions of a :class:`~decodelab.trace.Trace`: step, row (sequence, or beam slot for beam search),
     chosen token, its probability under the model and (when processors changed it) under the processed distribution,
-    its rank in the model's distribution (0 = argmax), the entropy (nats) and the strongest alternatives."""
+    its rank in the model's distribution (0 = argmax), the entropy (nats) and the strongest alternatives; for a
+    constrained generation (``json_schema`` / ``regex`` / ``grammar``) also what the constraint did
+    (:func:`constraint_cell`)."""
     table = Table(title=f"trace ({trace.strategy}; processors: {', '.join(trace.processors) or 'none'})",
                   title_justify="left")
     rows = {s.row for s in trace.steps}
     show_used = any(abs(s.logprob - s.logprob_processed) > 1e-6 for s in trace.steps)
-    show_changes = any(s.changes for s in trace.steps)
+    show_changes = any(_changes(s) for s in trace.steps)
+    show_constraint = any(getattr(s, "constraint", None) for s in trace.steps)
     fixed = {"no_wrap": True, "justify": "right"}
     table.add_column("step", style="dim", **fixed)
     if len(rows) > 1:
@@ -170,6 +176,8 @@ def trace_table(trace, max_alternatives: int = 3) -> Table:
     table.add_column("alternatives", min_width=24, max_width=44)
     if show_changes:
         table.add_column("processor changes", style="yellow", min_width=16, max_width=40)
+    if show_constraint:
+        table.add_column("constraint: allowed · removed · forbidden", min_width=24, max_width=48)
     for s in trace.steps:
         cells = [str(s.step)]
         if len(rows) > 1:
@@ -182,8 +190,28 @@ def trace_table(trace, max_alternatives: int = 3) -> Table:
                   Text(_alternatives(s, max_alternatives), no_wrap=True, overflow="ellipsis")]
         if show_changes:
             cells.append(Text(_changes(s), no_wrap=True, overflow="ellipsis"))
+        if show_constraint:
+            cells.append(constraint_cell(s.constraint))
         table.add_row(*cells)
     return table
+
+
+def constraint_cell(c, max_forbidden: int = 3) -> Text:
+    """One step's :class:`~decodelab.trace.ConstraintStep` in a line: how many tokens were allowed, the probability
+    mass removed (red when the model's first choice was forbidden), the JSON path, and the most likely forbidden
+    tokens struck through with their probabilities. ``None`` (no record) gives an empty cell."""
+    out = Text(no_wrap=True, overflow="ellipsis")
+    if c is None:
+        return out
+    out.append(f"{c.allowed:,} · ")
+    out.append(percent(c.mass_removed), style="red" if c.top_before.id != c.top_after.id else "")
+    if c.path:
+        out.append(f" · {c.path}", style="cyan")
+    for cand in c.forbidden[:max_forbidden]:
+        out.append(" ")
+        out.append(quoted(cand.token), style="strike dim")
+        out.append(f" {percent(cand.prob)}", style="dim")
+    return out
 
 
 def _node_label(node, on_returned_path: bool, rank_of_returned: dict[int, int]) -> Text:

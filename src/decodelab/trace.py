@@ -79,6 +79,29 @@ class ProcessorChange(_Plain):
 
 
 @dataclass
+class ConstraintStep(_Plain):
+    """What the constraint (``json_schema`` / ``regex`` / ``grammar``) did at one step of one row, measured on the
+    distribution that entered it (the model's, after penalties and biases, before temperature and top-k/p).
+
+    ``allowed``: how many of the V tokens it allowed; ``mass_removed``: the probability (in [0, 1]) of the tokens it
+    forbade; ``top_before`` / ``top_after``: the most likely token before and after the mask (the same token when
+    the model's first choice was allowed); ``forbidden``: the most likely forbidden tokens (up to ``trace_top_k``),
+    their probabilities before the mask; ``text_so_far``: the generated text the constraint had seen; ``path``
+    (``json_schema`` only, else ``None``): where that text stands in the JSON value, e.g. ``$.items[1].sku``
+    (:func:`decodelab.grammar.json_path`).
+    """
+
+    kind: str
+    allowed: int
+    mass_removed: float
+    top_before: Candidate
+    top_after: Candidate
+    forbidden: list[Candidate] = field(default_factory=list)
+    text_so_far: str = ""
+    path: str | None = None
+
+
+@dataclass
 class Step(_Plain):
     """One decoding decision of one row (greedy / sampling) or one beam slot (beam search).
 
@@ -98,6 +121,7 @@ class Step(_Plain):
     top: list[Candidate] = field(default_factory=list)
     top_processed: list[Candidate] = field(default_factory=list)
     changes: list[ProcessorChange] = field(default_factory=list)
+    constraint: ConstraintStep | None = None
 
 
 @dataclass
@@ -150,7 +174,10 @@ class Sequence(_Plain):
     out, cut right before a stop string; see :func:`decodelab.detokenize.continuation_text`); ``text`` = the decoded
     prompt + ``new_text``; ``score``: beam search's length-penalised sum of processed log-probabilities
     (transformers' ``sequences_scores``), else the sum of the chosen tokens' processed log-probabilities.
-    ``finish_reason``: ``eos``, ``stop`` (a stop string) or ``length``."""
+    ``finish_reason``: ``eos``, ``stop`` (a stop string) or ``length``. ``constraint_met`` (constrained requests
+    only, else ``None``): ``True`` when the text is complete under the ``json_schema`` / ``regex`` / ``grammar``
+    (it ended on eos, which the constraint allows only then); ``False`` when it was cut first (``length`` or a stop
+    string): the text is then an unfinished prefix, not a valid value."""
 
     ids: list[int]
     text: str
@@ -159,6 +186,7 @@ class Sequence(_Plain):
     score: float
     finish_reason: str
     prompt_index: int = 0
+    constraint_met: bool | None = None
 
 
 @dataclass

@@ -52,7 +52,8 @@ def _check_not_empty(lse: torch.Tensor, running: list[bool], step: int, cfg: Gen
     """
     empty = [r for r, (run, v) in enumerate(zip(running, lse.tolist())) if run and v == float("-inf")]
     if empty:
-        param = next((p for p in ("suppress_tokens", "bad_words_ids", "sequence_bias", "logit_bias")
+        param = next((p for p in ("suppress_tokens", "bad_words_ids", "sequence_bias", "logit_bias", "json_schema",
+                                  "regex", "grammar")
                       if getattr(cfg, p)), None)
         raise ConfigError(
             f"every token was removed at step {step} of row {empty[0]}: the processors left nothing to choose"
