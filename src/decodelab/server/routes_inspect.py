@@ -73,6 +73,12 @@ class GenerateRequest(RequestModel):
     seed: int | None = Field(None, description="Sampling seed (same seed, same text).")
     stop_strings: str | list[str] | None = Field(None, description="Stop when the text contains one of these.")
     trace_top_k: int | None = Field(None, description=f"Alternatives recorded per step (default 10, <= {MAX_TRACE_TOP_K}).")
+    json_schema: dict[str, Any] | bool | str | None = Field(
+        None, description="Constrain the new text to JSON valid under this JSON Schema (an object, or its JSON text); "
+                          "the trace then records, per step, the allowed count, the forbidden candidates and the "
+                          "probability mass removed, and the JSON path.")
+    regex: str | None = Field(None, description="Constrain the new text to match this regular expression.")
+    grammar: str | None = Field(None, description="Constrain the new text to this Lark or GBNF grammar.")
 
     def kwargs(self, max_tokens: int, max_n: int) -> dict[str, Any]:
         """``LM.generate`` keywords with ``trace=True``, after the server's caps.

@@ -7,6 +7,9 @@ chat the server's ``chat_default_max_tokens`` capped by the context left); ``tem
 penalties and ``logit_bias`` keep their names; ``max_completion_tokens`` is ``max_tokens`` (and wins when both are
 given). vLLM's extensions: ``ignore_eos``, and ``stop_token_ids`` -> ``eos_token_id`` (the model's eos ids plus
 these; with ``ignore_eos`` only these). ``prompt`` may be token ids (a list, or a list of lists), used exactly.
+Structured output: ``response_format`` (``json_object``, or ``json_schema`` with ``strict``) becomes ``json_schema``;
+the extensions ``regex`` and ``grammar`` pass through; an invalid or unenforceable schema is a 400 naming
+``response_format``; a reply cut by ``max_tokens`` before the value is complete has ``finish_reason: length``.
 ``finish_reason`` is ``stop`` for end-of-sequence, stop strings and stop token ids, ``length`` otherwise. An empty
 prompt is a 400 (nothing to continue from), as is every other invalid body (:mod:`decodelab.server.errors`). The
 ``model`` field is accepted and never used to load anything: every name uses the model the server started with,
@@ -28,6 +31,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ..errors import ConfigError, DecodelabError, InputError
+from ..grammar import ANY_JSON_OBJECT, check_openai_strict
 from .errors import ERROR_RESPONSES, exception_payload
 from .openai_gen import READY, ChoiceResult, Delta, Job, TokenInfo, plan_kwargs, run_job
 from .schemas import (
@@ -61,7 +65,7 @@ _OPENAI_NAMES = {"max_new_tokens": "max_tokens", "num_return_sequences": "n", "s
 _OURS = re.compile(r"\b(" + "|".join(_OPENAI_NAMES) + r")\b")
 _EXTENSIONS = ("top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
                "no_repeat_ngram_size", "num_beams", "length_penalty", "early_stopping", "min_new_tokens",
-               "ignore_eos", "suppress_tokens", "bad_words_ids")
+               "ignore_eos", "suppress_tokens", "bad_words_ids", "regex", "grammar")
 
 
 def _ctx(request: Request):
@@ -131,7 +135,41 @@ def _generation_kwargs(body, request: Request, max_tokens: int | None, n: int) -
     if body.stop_token_ids:  # vLLM: they stop even with ignore_eos, which then drops only the model's eos ids
         eos = [] if body.ignore_eos else list(request.app.state.lm.eos_ids)
         kwargs.update(eos_token_id=[*eos, *body.stop_token_ids], ignore_eos=False)
+    schema = _response_schema(body)
+    if schema is not None:
+        _check(body.regex is None and body.grammar is None, "response_format",
+               "invalid response_format: not combinable with regex or grammar (one constraint per request)")
+        kwargs["json_schema"] = schema
     return kwargs
+
+
+def _response_schema(body) -> dict | None:
+    """``response_format`` -> the JSON Schema to enforce (``None`` for ``text`` or absent): ``json_object`` is any
+    JSON object; ``json_schema`` its ``schema`` (absent: any object), checked against OpenAI's strict-mode rules when
+    ``strict`` is true. The schema itself is compiled (and refused when invalid or not enforceable) by
+    ``GenerationConfig``.
+
+    Raises:
+        ConfigError: ``param="response_format"``: ``json_schema`` missing for type ``json_schema`` or given for
+            another type, or a strict schema breaking OpenAI's rules.
+    """
+    fmt = body.response_format
+    if fmt is None:
+        return None
+    _check((fmt.type == "json_schema") == (fmt.json_schema is not None), "response_format",
+           "invalid response_format: 'json_schema' is required with type json_schema and not allowed otherwise"
+           if fmt.type == "json_schema" else f"invalid response_format: 'json_schema' is not allowed with type "
+           f"{fmt.type}")
+    if fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return json.loads(ANY_JSON_OBJECT)
+    schema = fmt.json_schema.schema_
+    if schema is None:
+        return json.loads(ANY_JSON_OBJECT)
+    if fmt.json_schema.strict:
+        check_openai_strict(schema)
+    return schema
 
 
 def _plan(request: Request, body, prompts: list[str | list[int]], max_tokens: int | None, n: int, logprobs: int | None,
@@ -142,6 +180,9 @@ def _plan(request: Request, body, prompts: list[str | list[int]], max_tokens: in
     try:
         kwargs, repeat = plan_kwargs(lm, _generation_kwargs(body, request, max_tokens, n), n)
     except DecodelabError as exc:
+        if exc.param == "json_schema" and body.response_format is not None:  # the caller's name for it
+            raise type(exc)(str(exc).replace("invalid json_schema", "invalid response_format", 1),
+                            param="response_format") from None
         raise _renamed(exc) from None
     return Job(prompts, kwargs, n=n, logprobs=logprobs, repeat=repeat, stream=bool(body.stream), **job_fields)
 

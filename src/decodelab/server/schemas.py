@@ -89,6 +89,33 @@ class Extensions(RequestModel):
                           "`stop`, the stop token's text is not returned.")
     suppress_tokens: list[int] | None = Field(None, description="Token ids that are never generated.")
     bad_words_ids: list[list[int]] | None = Field(None, description="Token id sequences that are never generated.")
+    regex: str | None = Field(None, description="Constrain the new text to match this regular expression (whole "
+                                                "text; Rust regex syntax). Not with response_format.")
+    grammar: str | None = Field(None, description="Constrain the new text to this Lark or llama.cpp GBNF grammar. "
+                                                  "Not with response_format.")
+
+
+class JsonSchemaFormat(RequestModel):
+    """``response_format.json_schema``, as OpenAI documents it. The schema is always enforced (decodelab has no
+    best-effort mode); ``strict: true`` also requires OpenAI's strict-mode rules (every object lists all its
+    properties in ``required`` and sets ``additionalProperties: false``), so a schema OpenAI would refuse is
+    refused here too."""
+
+    name: str = Field(..., pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="Name of the format (a-z, A-Z, 0-9, _ and "
+                                                                         "-, at most 64 characters).")
+    description: str | None = Field(None, description="Accepted and not used.")
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON Schema (absent: any JSON "
+                                                                             "object).")
+    strict: bool | None = Field(None, description="Also check OpenAI's strict-mode rules (see above).")
+
+
+class ResponseFormat(RequestModel):
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object) or ``json_schema``
+    (JSON valid under ``json_schema.schema``). The constraint is enforced token by token (llguidance); a reply cut
+    by ``max_tokens`` before the value is complete has ``finish_reason: "length"``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, description="Required with type json_schema, else absent.")
 
 
 class _Common(Extensions):
@@ -108,6 +135,8 @@ class _Common(Extensions):
     user: str | None = Field(None, description="Accepted and ignored.")
     max_completion_tokens: int | None = Field(None, ge=0, description="Same as max_tokens (newer OpenAI name); "
                                                                       "wins when both are given.")
+    response_format: ResponseFormat | None = Field(None, description="Structured output: json_object or "
+                                                                     "json_schema (see ResponseFormat).")
 
 
 Prompt = str | list[str] | list[StrictInt] | list[list[StrictInt]]

@@ -180,7 +180,25 @@
                                                  num_return_sequences: num("num_return_sequences"),
                                                  length_penalty: num("length_penalty") });
     for (const k of Object.keys(kw)) if (kw[k] == null) delete kw[k];
+    const kind = val("constraint");
+    if (kind && val("constraint_spec")) kw[kind] = val("constraint_spec");  // json_schema as JSON text: the server parses it
     return kw;
+  }
+
+  /** Examples shown when a constraint kind is chosen with an empty text box. */
+  const CONSTRAINT_EXAMPLES = {
+    json_schema: '{"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},\n' +
+                 ' "required": ["city", "country"], "additionalProperties": false}',
+    regex: "[A-Z][a-z]+, [A-Z][a-z]+\\.",
+    grammar: 'start: "The answer is " ANSWER "."\nANSWER: "yes" | "no"',
+  };
+
+  function syncConstraint(form) {
+    const kind = form.elements.constraint.value, spec = form.elements.constraint_spec;
+    $("gen-spec-label").hidden = !kind;
+    if (kind && (!spec.value.trim() || Object.values(CONSTRAINT_EXAMPLES).includes(spec.value))) {
+      spec.value = CONSTRAINT_EXAMPLES[kind];
+    }
   }
 
   function syncStrategy(form) {
@@ -202,19 +220,22 @@
       return best.map((n, i) => {
         const sibs = tr.beam_nodes.filter((m) => m.parent === n.parent && m.step === n.step)
           .sort((a, b) => b.logprob - a.logprob);
+        const st = tr.steps.find((x) => x.step === n.step && x.id === n.id && x.constraint);
         return { id: n.id, token: n.token, prob: Math.exp(n.logprob), special: eosLast && i === best.length - 1,
-                 alts: sibs.map((m) => ({ token: m.token, prob: Math.exp(m.logprob), chosen: m.node === n.node })) };
+                 alts: sibs.map((m) => ({ token: m.token, prob: Math.exp(m.logprob), chosen: m.node === n.node })),
+                 constraint: st ? st.constraint : null };
       });
     }
     const steps = tr.steps.filter((s) => s.row === 0).sort((a, b) => a.step - b.step);
     const showProcessed = (tr.processors || []).length > 0;
     return steps.map((s, i) => {
       const proc = new Map((s.top_processed || []).map((c) => [c.id, c.prob]));
-      const alts = s.top.map((c) => ({ token: c.token, prob: c.prob, chosen: c.id === s.id,
+      const alts = s.top.map((c) => ({ id: c.id, token: c.token, prob: c.prob, chosen: c.id === s.id,
                                        processed: showProcessed ? (proc.get(c.id) || 0) : null }));
       if (!alts.some((a) => a.chosen)) alts.push({ token: s.token, prob: Math.exp(s.logprob), chosen: true,
                                                    processed: showProcessed ? Math.exp(s.logprob_processed) : null });
-      return { id: s.id, token: s.token, prob: Math.exp(s.logprob), special: eosLast && i === steps.length - 1, alts };
+      return { id: s.id, token: s.token, prob: Math.exp(s.logprob), special: eosLast && i === steps.length - 1, alts,
+               constraint: s.constraint || null };
     });
   }
 
@@ -392,6 +413,8 @@
     form.addEventListener("submit", (e) => e.preventDefault());
     form.elements.strategy.addEventListener("change", () => syncStrategy(form));
     syncStrategy(form);
+    form.elements.constraint.addEventListener("change", () => syncConstraint(form));
+    syncConstraint(form);
     $("generate").addEventListener("click", generate);
     $("stop").addEventListener("click", () => genAbort && genAbort.abort());
     $("cmp-n").addEventListener("change", buildCompare);

@@ -104,16 +104,33 @@
     container.append(frag);
   }
 
-  /** The alternatives box for one generated token. */
+  /** The alternatives box for one generated token. With a constraint (item.constraint, a trace ConstraintStep):
+   *  how many tokens it allowed, the probability mass it removed, the JSON path, and every forbidden candidate
+   *  struck through (the model's most likely forbidden tokens are added after the alternatives). */
   function alternatives(container, item, index) {
+    const c = item.constraint;
+    const forbidden = new Set(c ? c.forbidden.map((f) => f.id) : []);
+    const alts = item.alts.map((a) => ({ ...a, forbidden: a.id != null ? forbidden.has(a.id) : false }));
+    if (c) {
+      const shown = new Set(alts.map((a) => a.token));
+      for (const f of c.forbidden) {
+        if (!shown.has(f.token)) alts.push({ token: f.token, prob: f.prob, forbidden: true });
+      }
+    }
+    const head = c ? el("p", { class: "constraint-h" }, [
+      t("constraintStep", { kind: t("constraint." + c.kind), n: c.allowed.toLocaleString(), mass: pct(c.mass_removed) }),
+      c.path ? [" · " + t("constraintAt") + " ", el("span", { class: "path", text: c.path })] : null,
+    ].flat()) : null;
     container.replaceChildren(
       el("p", { class: "alts-h" }, [t("alternatives", { step: index + 1 }) + ": " + t("chose") + " ",
         el("code", { text: visible(item.token) }), " (" + pct(item.prob) + ")"]),
-      el("ol", { class: "alts-list" }, item.alts.map((a) =>
-        el("li", { class: a.chosen ? "chosen" : "" }, [
+      head,
+      el("ol", { class: "alts-list" }, alts.map((a) =>
+        el("li", { class: (a.chosen ? "chosen" : "") + (a.forbidden ? " forbidden" : ""),
+                   "aria-label": a.forbidden ? visible(a.token) + " (" + t("forbidden") + ")" : null }, [
           el("code", { text: visible(a.token) }),
           el("span", { class: "altbar", style: "width:" + (100 * a.prob).toFixed(1) + "%" }),
-          el("span", { text: " " + pct(a.prob) + (a.processed != null ? " · " + t("processed") + " " + pct(a.processed) : "") }),
+          el("span", { text: " " + pct(a.prob) + (a.forbidden ? " · " + t("forbidden") : a.processed != null ? " · " + t("processed") + " " + pct(a.processed) : "") }),
         ])))
     );
   }
