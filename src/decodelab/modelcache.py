@@ -85,8 +85,9 @@ def _sha256(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
-def _safetensors_reason(path: pathlib.Path) -> str | None:
-    """Why a safetensors file is unusable (unreadable header, truncated data), or None when it looks whole."""
+def safetensors_reason(path: pathlib.Path) -> str | None:
+    """Why a safetensors file is unusable (unreadable header, truncated data), or None when it looks whole.
+    Raises nothing."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -121,7 +122,7 @@ def verify_cache(entry: os.PathLike | str, *, deep: bool = False) -> str | None:
             return f"'{rel}' is missing"
         if size != info.get("size"):
             return f"'{rel}' is {size} bytes, the manifest says {info.get('size')}"
-        if path.suffix == ".safetensors" and (reason := _safetensors_reason(path)):
+        if path.suffix == ".safetensors" and (reason := safetensors_reason(path)):
             return reason
         if deep and info.get("sha256") and _sha256(path) != info["sha256"]:
             return f"'{rel}' does not match its sha256"

@@ -1,5 +1,7 @@
 """Load a causal LM and its tokenizer: the embedded default, a hub id, a local directory or a ``.gguf`` file.
 
+A hub id becomes a complete snapshot directory through :func:`decodelab.hub.snapshot` (the local Hugging Face cache,
+else a download with huggingface_hub) and is then loaded exactly as a local directory is.
 GGUF files (the embedded SmolLM2-135M-Instruct included) are dequantized to float32 once and kept as a safetensors
 cache under :func:`cache_dir`; later loads read that cache. Every cache entry is built in a temporary directory,
 gets a ``manifest.json`` (file sizes and sha256) written last, and is renamed into place, so a reader never sees a
@@ -16,6 +18,7 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from decodelab import hub
 from decodelab.errors import ConfigError, ModelLoadError
 from decodelab.modelcache import (cache_dir, cached, content_key, env_flag, package_dir, quiet, short_reason,
                                   verify_cache)
@@ -25,8 +28,8 @@ EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_QWEN = "Qwen/Qwen2-0.5B"
-__all__ = ["EMBEDDED_MODEL", "DEFAULT_QWEN", "LoadedModel", "default_model_name", "embedded_gguf_path", "cache_dir",
-           "load_model", "load_tokenizer", "qwen2_tokenizer", "verify_cache"]
+__all__ = ["EMBEDDED_MODEL", "DEFAULT_QWEN", "LoadedModel", "default_model_name", "download_model",
+           "embedded_gguf_path", "cache_dir", "load_model", "load_tokenizer", "qwen2_tokenizer", "verify_cache"]
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16", "half": "float16"}
 
@@ -112,40 +115,6 @@ def _in_hub_cache(repo: str) -> bool:
     return False
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return env_flag("HF_HUB_OFFLINE") or env_flag("TRANSFORMERS_OFFLINE") or bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick HEAD request to the hub endpoint (huggingface_hub otherwise retries for ~25 s)."""
-    if _offline():
-        return False
-    from huggingface_hub import constants, get_session
-
-    try:
-        get_session().head(constants.ENDPOINT, timeout=timeout)
-        return True
-    except Exception:
-        return False
-
-
-def _unreachable(repo: str) -> ModelLoadError:
-    return ModelLoadError(f"model '{repo}' is not in the local Hugging Face cache and the hub is unreachable; pass a "
-                          f"local directory or .gguf file (--model PATH) or set DECODELAB_MODEL", param="model")
-
-
-def _check_hub_id(repo: str) -> None:
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo)
-    except Exception as err:
-        raise ModelLoadError(f"model '{repo}' is not a hub id (org/name), a local directory or a .gguf file",
-                             param="model") from err
-
-
 def _gguf_magic(path: pathlib.Path) -> None:
     try:
         with open(path, "rb") as f:
@@ -229,7 +198,7 @@ def load_tokenizer(model: str | os.PathLike | None = None):
             {"source": str(path)}, lambda: _gguf_tokenizer(path))))
     if kind == "dir":
         return _with_pad(_local_tokenizer(path, name))
-    _check_hub_id(name)
+    hub.check_id(name)
     return _with_pad(_hub_tokenizer(name))
 
 
@@ -252,20 +221,15 @@ def _local_tokenizer(path: pathlib.Path, name: str):
     return tok
 
 
-def _hub_tokenizer(repo: str):
-    with contextlib.suppress(Exception):
-        tok = _dir_tokenizer(repo, local_files_only=True)
-        if len(tok):  # transformers builds an empty tokenizer when only config.json is cached
-            return tok
-    if _is_qwen2_id(repo):
-        return qwen2_tokenizer()
-    if not _hub_reachable():
-        raise _unreachable(repo)
-    try:
-        return _dir_tokenizer(repo)
-    except Exception as err:
-        raise ModelLoadError(f"cannot load the tokenizer of '{repo}' from the hub: {short_reason(err)}",
-                             param="model") from err
+def _hub_tokenizer(repo: str, folder: pathlib.Path | None = None):
+    """The tokenizer of hub model ``repo``: from its downloaded snapshot (``folder``, else a cached one); else, for
+    ``Qwen/Qwen2*`` ids, :func:`qwen2_tokenizer` (no download); else its tokenizer files are downloaded."""
+    if folder is None:
+        cached, _ = hub.cached_snapshot(repo, "tokenizer")
+        if cached is None and _is_qwen2_id(repo):
+            return qwen2_tokenizer()
+        folder = (cached or hub.snapshot(repo, "tokenizer")).path
+    return _local_tokenizer(folder, repo)
 
 
 def _config_model_type(path: pathlib.Path) -> str | None:
@@ -332,13 +296,13 @@ def _from_pretrained(where: str, dtype, **kwargs):
 def _load_dir(path: pathlib.Path, name: str, dtype):
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"model directory '{name}' has no config.json", param="model")
+    hub.refuse_remote_code(path / "config.json", name)
+    pickles = sorted(p.name for pat in ("*.bin", "*.pt", "*.pth") for p in path.glob(pat))
     if any(path.glob("*.safetensors")):
         use_safetensors = True
-    elif any(path.glob(pat) for pat in ("*.bin", "*.pt", "*.pth")):
+    elif pickles:
         if not env_flag("DECODELAB_ALLOW_PICKLE"):
-            raise ModelLoadError(f"model directory '{name}' holds only pickle (.bin/.pt) weights, which can run "
-                                 f"code when loaded; refused unless DECODELAB_ALLOW_PICKLE=1 (or convert it to "
-                                 f"safetensors)", param="model")
+            raise hub.pickle_refusal(f"model directory '{name}'", ", ".join(pickles))
         use_safetensors = False
     else:
         raise ModelLoadError(f"model directory '{name}' has no *.safetensors weights", param="model")
@@ -349,27 +313,26 @@ def _load_dir(path: pathlib.Path, name: str, dtype):
 
 
 def _load_hub(repo: str, dtype):
-    _check_hub_id(repo)
-    safetensors = None if env_flag("DECODELAB_ALLOW_PICKLE") else True
-    try:
-        model = _from_pretrained(repo, dtype, local_files_only=True, use_safetensors=safetensors)
-        return model, _hub_tokenizer(repo), "hub-cache"
-    except ModelLoadError:
-        raise
-    except OSError:
-        pass  # not (wholly) in the local cache
-    except Exception as err:
-        raise ModelLoadError(f"cannot load model '{repo}' from the local cache: {short_reason(err)}",
-                             param="model") from err
-    if not _hub_reachable():
-        raise _unreachable(repo)
-    try:
-        model = _from_pretrained(repo, dtype, use_safetensors=safetensors)
-        return model, _hub_tokenizer(repo), "hub"
-    except ModelLoadError:
-        raise
-    except Exception as err:
-        raise ModelLoadError(f"cannot load model '{repo}' from the hub: {short_reason(err)}", param="model") from err
+    """Load hub model ``repo`` from a complete snapshot (cached, else downloaded now): the local-directory loader
+    reads it, so the same checks apply (pickle weights, ``trust_remote_code``)."""
+    snap = hub.snapshot(repo, "model")
+    return _load_dir(snap.path, repo, dtype), _hub_tokenizer(repo, snap.path), snap.source
+
+
+def download_model(model: str | os.PathLike | None = None) -> hub.Snapshot:
+    """Make hub model ``model`` (default :func:`default_model_name`) available offline: download what
+    :func:`load_model` needs into the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``) unless it is there, and
+    return the :class:`~decodelab.hub.Snapshot` (``path``, ``files``, ``bytes`` on disk, ``source``). The embedded
+    model returns its GGUF file (``source="embedded"``); nothing is downloaded. Loads no weights.
+    Raises :class:`ModelLoadError` as :func:`decodelab.hub.snapshot` does, and for a local path (nothing to
+    download)."""
+    kind, name, path = _resolve(model)
+    if kind == "embedded":
+        return hub.Snapshot(name, path.parent, "embedded", [path.name], path.stat().st_size)
+    if kind != "hub":
+        raise ModelLoadError(f"model '{name}' is a local path, so there is nothing to download; download takes a "
+                             f"hub id such as {DEFAULT_QWEN}", param="model")
+    return hub.snapshot(name, "model")
 
 
 def load_model(model: str | os.PathLike | None = None, *, device=None, dtype=None) -> LoadedModel:
@@ -378,9 +341,11 @@ def load_model(model: str | os.PathLike | None = None, *, device=None, dtype=Non
 
     ``model``: None (→ :func:`default_model_name`), ``"SmolLM2-135M-Instruct"``/``"embedded"`` (the embedded GGUF,
     via the safetensors cache), a ``.gguf`` path (cached the same way), a local directory with ``config.json`` and
-    safetensors weights, or a hub id (local HF cache first, then the hub unless ``HF_HUB_OFFLINE``).
+    safetensors weights, or a hub id (a complete snapshot in the local Hugging Face cache, else downloaded from
+    ``$HF_ENDPOINT`` unless ``HF_HUB_OFFLINE``: see :func:`decodelab.hub.snapshot`).
     Raises :class:`ConfigError` for a bad ``device``/``dtype`` and :class:`ModelLoadError` when the model cannot be
-    loaded (unknown id offline, missing path, corrupt GGUF, pickle-only weights).
+    loaded (unknown id offline, missing path, corrupt GGUF, pickle-only weights, ``trust_remote_code`` models, a
+    repository that does not exist or needs a login, a failed download).
     """
     dev, dt = _resolve_device(device), _resolve_dtype(dtype)
     kind, name, path = _resolve(model)
