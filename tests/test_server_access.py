@@ -207,6 +207,14 @@ def test_empty_keys_file_is_an_error(tmp_path):
         Settings(api_keys_file=str(empty))
 
 
+def test_per_client_limit_defaults_to_4_on_a_shared_server_only():
+    assert Settings().max_client_requests == 0  # loopback, no key: one user, who may batch freely
+    assert Settings(host="0.0.0.0").max_client_requests == 4
+    assert Settings(api_keys=("k-123456",)).max_client_requests == 4
+    assert Settings(max_client_requests=9, api_keys=("k-123456",)).max_client_requests == 9
+    assert Settings(max_client_requests=0, host="0.0.0.0").max_client_requests == 0
+
+
 def test_exposure_warning():
     assert Settings().exposure_warning() is None
     assert Settings(host="::1").exposure_warning() is None
@@ -358,7 +366,7 @@ def slow_server(tiny_llama):
         yield srv
 
 
-LONG = {"prompt": "Hello", "max_tokens": 60, "temperature": 0, "ignore_eos": True, "stream": True}
+LONG = {"prompt": "Hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}  # >= 6 s
 
 
 def test_a_client_over_its_limit_gets_429_and_others_do_not(slow_server):
@@ -366,8 +374,11 @@ def test_a_client_over_its_limit_gets_429_and_others_do_not(slow_server):
         with client.stream("POST", "/v1/completions", json=LONG, headers=_auth(KEY)) as stream:
             lines = stream.iter_lines()
             assert next(lines).startswith("data: ")  # this client's one request is in flight
+            start = time.monotonic()
             r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, headers=_auth(KEY))
+            waited = time.monotonic() - start
             assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+            assert 1.0 <= waited < 5, waited  # it waited a second for the client's slot, then was refused
             err = r.json()["error"]
             assert err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded"
             assert "max_client_requests=1" in err["message"]
@@ -386,6 +397,52 @@ def test_a_client_over_its_limit_gets_429_and_others_do_not(slow_server):
             time.sleep(0.05)
         assert r.status_code == 200, r.text
         assert client.get("/health").json()["rate_limited"] >= 2
+
+
+def test_a_request_over_the_limit_gets_the_slot_that_frees_within_the_wait(slow_server):
+    short = {**LONG, "max_tokens": 8}  # about 0.3 s of decoding
+    with httpx.Client(base_url=slow_server.url, timeout=30) as client:
+        before = client.get("/health").json()["rate_limited"]
+        with client.stream("POST", "/v1/completions", json=short, headers=_auth(KEY)) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")
+            r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "temperature": 0},
+                            headers=_auth(KEY))
+            assert r.status_code == 200, r.text  # waited for the stream's slot instead of a 429
+        assert client.get("/health").json()["rate_limited"] == before
+
+
+def test_client_limiter_waits_first_come_first_served():
+    import asyncio
+
+    async def main():
+        lim = ClientLimiter(1, wait_s=0.3)
+        assert await lim.acquire("a") and await lim.acquire("b")
+        start = time.monotonic()
+        assert not await lim.acquire("a")  # nobody left: refused after the wait
+        assert 0.3 <= time.monotonic() - start < 1 and lim.rejected == 1 and lim.active == {"a": 1, "b": 1}
+        order: list[str] = []
+
+        async def wait(name):
+            if await lim.acquire("a"):
+                order.append(name)
+
+        first, second = asyncio.create_task(wait("first")), asyncio.create_task(wait("second"))
+        await asyncio.sleep(0.05)
+        lim.leave("a")  # the slot goes to the first waiter, the count stays 1
+        await asyncio.sleep(0.01)
+        assert order == ["first"] and lim.active["a"] == 1
+        lim.leave("a")
+        await asyncio.gather(first, second)
+        assert order == ["first", "second"] and lim.active["a"] == 1
+        gone = asyncio.create_task(lim.acquire("a"))  # a waiter whose connection closes holds nothing
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        lim.leave("a")
+        assert "a" not in lim.active and not lim._waiting and lim.rejected == 1
+
+    asyncio.run(main())
 
 
 def test_without_keys_the_client_is_its_address(tiny_llama):

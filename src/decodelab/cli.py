@@ -416,8 +416,9 @@ def serve(
                                                         "line ('#' comments).")] = None,
     max_client_requests: Annotated[Optional[int], typer.Option("--max-client-requests", help="Requests one client "
                                                                "(its key, else its IP address) may have in flight "
-                                                               "and queued; more get a 429 (default 8; 0: no "
-                                                               "limit).")] = None,
+                                                               "and queued; more get a 429 (default 4 with "
+                                                               "--api-key or a non-loopback --host, else no limit; "
+                                                               "0: no limit).")] = None,
     allowed_origins: Annotated[Optional[list[str]], typer.Option("--allowed-origins", help="Web origin allowed to "
                                                                  "call from a browser (CORS; repeatable; '*' for "
                                                                  "any; default: none).")] = None,

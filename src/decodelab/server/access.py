@@ -10,8 +10,11 @@ GET / HEAD outside the open paths) it
    key's place in the settings' list;
 2. counts the request against its client (:class:`ClientLimiter`): the key when keys are set, else the peer's IP
    address as uvicorn reports it (uvicorn believes ``X-Forwarded-For`` only from its ``--forwarded-allow-ips``,
-   by default 127.0.0.1: a reverse proxy on the same machine, never a remote client). A client already holding ``max_client_requests`` requests (generating, queued for the model, or
-   streaming) gets a 429 with ``Retry-After`` until one of them ends.
+   by default 127.0.0.1: a reverse proxy on the same machine, never a remote client). A client already holding
+   ``max_client_requests`` requests (generating, queued for the model, or streaming) has its next request wait up
+   to :data:`RETRY_AFTER_S` for one of them to end (first come, first served), then gets a 429 with
+   ``Retry-After``. The wait is what keeps a flood cheap: a client that ignores ``Retry-After`` gets one answer per
+   connection per second, not hundreds of instant 429s that would take the server's CPU from everyone else.
 
 This gate sits in front of the :class:`~decodelab.server.runner.Runner` (``max_concurrent`` generating,
 ``max_queue`` waiting, shared by all) and the batching scheduler behind it: with the per-client cap no one client
@@ -22,8 +25,10 @@ can fill the shared queue, and a newcomer's request joins the next decode step b
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+from collections import deque
 from typing import Iterable
 
 from starlette.responses import JSONResponse
@@ -33,6 +38,7 @@ from .errors import error_payload
 
 GUARDED_PREFIXES = ("/v1", "/api")
 CLIENT_SCOPE_KEY = "decodelab.client"  # the scope entry naming the client (``key#2``, ``1.2.3.4``) for the log
+RETRY_AFTER_S = 1  # seconds an over-limit request waits for its client's slot before the 429 (its Retry-After)
 
 
 def is_guarded(path: str, method: str, open_paths: Iterable[str]) -> bool:
@@ -86,30 +92,81 @@ def bearer_token(scope: Scope) -> bytes | None:
 
 
 class ClientLimiter:
-    """Requests in flight per client (event-loop thread only: no lock).
+    """Requests in flight per client, with a short first-come-first-served wait for a slot (event-loop thread
+    only: no lock).
 
     Args:
         limit: most requests one client may hold at once; ``0``: no limit.
+        wait_s: seconds :meth:`acquire` waits for one of the client's requests to end before refusing.
 
-    Counters: ``rejected`` (429s sent); ``active`` (client -> requests held now).
+    Counters: ``rejected`` (refusals: 429s sent); ``active`` (client -> requests held now).
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, wait_s: float = RETRY_AFTER_S) -> None:
         self.limit = limit
+        self.wait_s = wait_s
         self.active: dict[str, int] = {}
         self.rejected = 0
+        self._waiting: dict[str, deque[asyncio.Future]] = {}  # client -> requests waiting for its slot, in order
 
-    def enter(self, client: str) -> bool:
-        """Count one more request for ``client``; ``False`` (and nothing counted) when it is at the limit."""
+    def _take(self, client: str) -> bool:
         held = self.active.get(client, 0)
         if self.limit and held >= self.limit:
-            self.rejected += 1
             return False
         self.active[client] = held + 1
         return True
 
+    def enter(self, client: str) -> bool:
+        """Count one more request for ``client`` without waiting; ``False`` (a refusal, nothing counted) when it is
+        at the limit."""
+        if self._take(client):
+            return True
+        self.rejected += 1
+        return False
+
+    async def acquire(self, client: str) -> bool:
+        """Count one more request for ``client``, waiting up to ``wait_s`` seconds (behind the client's earlier
+        waiters) for one of its requests to end; ``False`` (a refusal, nothing counted) when none ended in time.
+        A waiter cancelled meanwhile (its connection closed) holds nothing."""
+        if self._take(client):
+            return True
+        if self.wait_s <= 0:
+            self.rejected += 1
+            return False
+        granted = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(client, deque()).append(granted)
+        try:
+            await asyncio.wait((granted,), timeout=self.wait_s)
+        except BaseException:
+            if granted.done():  # handed the slot just as the request went away: pass it on
+                self.leave(client)
+            else:
+                self._forget(client, granted)
+            raise
+        if granted.done():
+            return True
+        self._forget(client, granted)
+        self.rejected += 1
+        return False
+
+    def _forget(self, client: str, granted: asyncio.Future) -> None:
+        """Take a waiter that timed out or went away out of its client's line."""
+        granted.cancel()
+        waiters = self._waiting.get(client)
+        if waiters is not None and granted in waiters:
+            waiters.remove(granted)
+            if not waiters:
+                del self._waiting[client]
+
     def leave(self, client: str) -> None:
-        """One request of ``client`` ended."""
+        """One request of ``client`` ended: its slot goes to the client's first waiter, else is freed."""
+        waiters = self._waiting.get(client)
+        if waiters:
+            granted = waiters.popleft()  # only live waiters are in line (see _forget)
+            if not waiters:
+                del self._waiting[client]
+            granted.set_result(True)  # the count stays: the slot changes hands
+            return
         held = self.active.get(client, 0) - 1
         if held > 0:
             self.active[client] = held
@@ -160,12 +217,13 @@ class AccessMiddleware:
             client = f"key#{index + 1}"
         scope[CLIENT_SCOPE_KEY] = client
         limiter = access.limiter
-        if not limiter.enter(client):
+        if not await limiter.acquire(client):
             body = error_payload(
                 f"too many requests from this client: {limiter.limit} already in flight or queued "
-                f"(max_client_requests={limiter.limit}); retry when one of them has finished",
+                f"(max_client_requests={limiter.limit}) and none ended within {limiter.wait_s:g} s; retry when "
+                "one of them has finished",
                 "rate_limit_error", code="rate_limit_exceeded")
-            await JSONResponse(body, status_code=429, headers={"Retry-After": "1"})(scope, receive, send)
+            await JSONResponse(body, status_code=429, headers={"Retry-After": str(RETRY_AFTER_S)})(scope, receive, send)
             return
         try:
             await self.app(scope, receive, send)

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import ConfigError
 
 API_KEY_ENV = "DECODELAB_API_KEY"
+SHARED_CLIENT_REQUESTS = 4  # max_client_requests of a shared server (keys, or beyond loopback) unless given
 _KEY = re.compile(r"[\x21-\x2b\x2d-\x7e]{1,512}")  # printable ASCII, no space, no comma
 _ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?")
 
@@ -48,8 +49,12 @@ class Settings:
             (else a 401); ``/health``, the API docs and the playground's files stay open. Printable ASCII, no spaces
             or commas. Never shown: left out of ``repr`` and of every log line.
         api_keys_file: a file of more keys, one per line (blank lines and ``#`` comments skipped); read once here.
-        max_client_requests: requests one client may have in flight and queued at once (one more gets a 429 with
-            ``Retry-After``); a client is its API key when keys are set, else its IP address. ``0``: no limit.
+        max_client_requests: requests one client may have in flight and queued at once; one more waits up to 1 s
+            for one of them to end, then gets a 429 with ``Retry-After``. A client is its API key when keys are set,
+            else its IP address. ``0``: no limit. ``None`` (default) becomes :data:`SHARED_CLIENT_REQUESTS` (4: a
+            quarter of the default 16-row decode step; a step's time grows with its rows, so this bounds what one
+            client adds to everyone's time to first token) on a shared server (API keys set, or ``host`` beyond
+            loopback), and ``0`` on a loopback server without keys, whose one user may batch as much as they like.
         allowed_origins: web origins (``https://host[:port]`` or ``*``) allowed to call the server from a browser
             (CORS); empty (default): none, CORS stays off.
         log_requests: log each request's body and the response body too (prompts and outputs); off by default: the
@@ -77,7 +82,7 @@ class Settings:
     request_timeout_s: float = 300.0
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     api_keys_file: str | None = None
-    max_client_requests: int = 8
+    max_client_requests: int | None = None
     allowed_origins: tuple[str, ...] = ()
     log_requests: bool = False
     keys: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
@@ -99,7 +104,7 @@ class Settings:
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"invalid port={self.port!r}: expected 0..65535", param="port")
         limit = self.max_client_requests
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise ConfigError(f"invalid max_client_requests={limit!r}: expected an integer >= 0 (0: no per-client "
                               "limit)", param="max_client_requests")
         if not isinstance(self.log_requests, bool):
@@ -115,6 +120,9 @@ class Settings:
                 raise ConfigError(f"invalid API key (key {i + 1} of {len(keys)}): expected 1 to 512 printable ASCII "
                                   "characters without spaces or commas", param="api_keys")
         object.__setattr__(self, "keys", tuple(dict.fromkeys(keys)))
+        if limit is None:
+            shared = bool(self.keys) or not _is_loopback(self.host)
+            object.__setattr__(self, "max_client_requests", SHARED_CLIENT_REQUESTS if shared else 0)
         for origin in self.allowed_origins:
             if origin != "*" and not _ORIGIN.fullmatch(origin):
                 raise ConfigError(f"invalid allowed_origins={origin!r}: expected '*' or scheme://host[:port] with no "
