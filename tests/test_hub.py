@@ -224,6 +224,7 @@ def test_second_load_works_with_the_server_stopped(qwen_first_load, tiny_qwen_hu
 def test_download_command_with_the_model_cached(qwen_first_load, monkeypatch):
     home, server, *_ = qwen_first_load
     use_hub(monkeypatch, server.url, home)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     no_network(monkeypatch)
     result = CliRunner().invoke(cli.app, ["download", QWEN])
     assert result.exit_code == 0, result.output
