@@ -51,10 +51,16 @@ class Int8Linear:
         return self.q.float() * self.scale.float()[:, None]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.q, self.scale.to(x.dtype))
-        y = y.reshape(*lead, y.shape[-1])
-        return y if self.bias is None else y + self.bias
+        return int8_product(x, self.q, self.scale, self.bias)
+
+
+def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:class:`Int8Linear`'s product (``torch._weight_int8pack_mm``), traceable: (..., K) -> (..., N). Shared by
+    the eager projection and the compiled step (:mod:`decodelab.fastpath.static`)."""
+    lead = x.shape[:-1]
+    y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q, scale.to(x.dtype))
+    y = y.reshape(*lead, y.shape[-1])
+    return y if bias is None else y + bias
 
 
 class Int4Linear:
@@ -97,11 +103,17 @@ class Int4Linear:
         return cls(packed, scale_zero, group_size, bias, weight.shape[0])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, self.group_size,
-                                              self.scale_zero.to(x.dtype))
-        y = y.reshape(*lead, self.n)
-        return y if self.bias is None else y + self.bias
+        return int4_product(x, self.packed, self.scale_zero, self.group_size, self.n, self.bias)
+
+
+def int4_product(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int, n: int,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """:class:`Int4Linear`'s product (``torch._weight_int4pack_mm_for_cpu``), traceable: (..., K) -> (..., N).
+    Shared by the eager projection and the compiled step (:mod:`decodelab.fastpath.static`)."""
+    lead = x.shape[:-1]
+    y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), packed, group_size, scale_zero.to(x.dtype))
+    y = y.reshape(*lead, n)
+    return y if bias is None else y + bias
 
 
 def quantize_decoder(decoder: FastDecoder, scheme: str, *, lm_head: bool = False,

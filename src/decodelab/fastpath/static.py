@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernel_choice
-from .decoder import Dense, FastDecoder, rms_norm, rope
+from .decoder import Dense, FastDecoder, fast_rms_norm, rms_norm, rope
 
 
 class _Linear(nn.Module):
@@ -58,10 +58,9 @@ class _Int8(nn.Module):
         self.register_buffer("bias", proj.bias, persistent=False)
 
     def forward(self, x):
-        lead = x.shape[:-1]
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.q, self.scale.to(x.dtype))
-        y = y.reshape(*lead, y.shape[-1])
-        return y if self.bias is None else y + self.bias
+        from ..quantize import int8_product
+
+        return int8_product(x, self.q, self.scale, self.bias)
 
 
 class _Int4(nn.Module):
@@ -73,11 +72,9 @@ class _Int4(nn.Module):
         self.group_size, self.n = proj.group_size, proj.n
 
     def forward(self, x):
-        lead = x.shape[:-1]
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, self.group_size,
-                                              self.scale_zero.to(x.dtype))
-        y = y.reshape(*lead, self.n)
-        return y if self.bias is None else y + self.bias
+        from ..quantize import int4_product
+
+        return int4_product(x, self.packed, self.scale_zero, self.group_size, self.n, self.bias)
 
 
 def as_module(proj) -> nn.Module:
@@ -133,6 +130,7 @@ class StaticStep(nn.Module):
         self.blocks = nn.ModuleList([_Block(layer) for layer in decoder.layers])
         self.lm_head = as_module(decoder.lm_head)
         self.act32, self.mm_dtype = decoder.act32, decoder.dtype
+        self.rms_norm = fast_rms_norm if decoder.fused else rms_norm  # the eager decoder's choice (_layers)
 
     def _in(self, x):
         return x.to(self.mm_dtype) if self.act32 else x
@@ -151,7 +149,7 @@ class StaticStep(nn.Module):
         mask = pad[:, None, None, :]
         shape = (b, 1, -1, self.head_dim)
         for i, blk in enumerate(self.blocks):
-            x = self._in(rms_norm(h, blk.ln1, blk.eps1))
+            x = self._in(self.rms_norm(h, blk.ln1, blk.eps1))
             if blk.qkv_sizes is not None:
                 q, k, v = self._out(blk.qkv(x)).split(blk.qkv_sizes, -1)
             else:
@@ -164,11 +162,11 @@ class StaticStep(nn.Module):
                                                  values[i], attn_mask=mask, scale=self.scaling)
             att = att.reshape(b, -1, 1, self.head_dim).transpose(1, 2).reshape(b, 1, -1)
             h = h + blk.o(self._in(att))
-            x = self._in(rms_norm(h, blk.ln2, blk.eps2))
+            x = self._in(self.rms_norm(h, blk.ln2, blk.eps2))
             if blk.qkv_sizes is not None:
                 gate, up = blk.gate_up(x).chunk(2, -1)
             else:
                 gate, up = blk.gate(x), blk.up(x)
             h = h + blk.down(F.silu(gate) * up)
-        h = self._in(rms_norm(h, self.norm, self.norm_eps))
+        h = self._in(self.rms_norm(h, self.norm, self.norm_eps))
         return self.lm_head(h)[:, -1]
