@@ -445,6 +445,44 @@ def test_client_limiter_waits_first_come_first_served():
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("calm_owner,expected", [("calm", ["c", "f0", "f1", "f2"]), ("flood", ["f0", "f1", "f2", "c"])])
+def test_scheduler_takes_waiting_prompts_round_robin_between_clients(calm_owner, expected):
+    from decodelab.scheduler import PASS_OWNER, Scheduler
+
+    sched = Scheduler(engine=None, max_batch_size=4)
+    gate, order, threads = threading.Event(), [], []
+
+    def submit(owner, fn):
+        def go():
+            PASS_OWNER.set(owner)
+            sched.run_pass(fn)
+
+        threads.append(threading.Thread(target=go))
+        threads[-1].start()
+
+    def until(condition):
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+
+    try:
+        submit("flood", lambda: gate.wait(10))  # the scheduler thread is busy with the flooder's first prompt
+        until(lambda: sched.passes_started == 1)
+        for i in range(3):  # the flooder's next three prompts wait, then one of another client
+            submit("flood", lambda i=i: order.append(f"f{i}"))
+            until(lambda: len(sched._passes) == i + 1)
+        submit(calm_owner, lambda: order.append("c"))
+        until(lambda: len(sched._passes) == 4)
+        gate.set()
+        for t in threads:
+            t.join(10)
+    finally:
+        gate.set()
+        sched.close()
+    assert order == expected  # another client's prompt goes first; the same client's stay in order
+
+
 def test_without_keys_the_client_is_its_address(tiny_llama):
     lm = _lm(tiny_llama)
     step = lm.engine.step

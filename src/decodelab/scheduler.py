@@ -13,7 +13,8 @@ What it does:
    (:meth:`decodelab.fastpath.FastDecoder.forward_many`) whose logits are, on the default exact float32 engine, bit
    for bit those of each request alone (:mod:`decodelab.fastpath.rows` explains how); on the plain path one
    forward over the requests' merged left-padded caches (:mod:`decodelab.padded_batch`, within float rounding).
-3. Prompts join between steps. After a decode step that took d seconds, the scheduler spends at most about d
+3. Prompts join between steps, the waiting ones taken round-robin between their owners (:data:`PASS_OWNER`: the
+   server's clients), so one client's burst of prompts does not hold another's first token. After a decode step that took d seconds, the scheduler spends at most about d
    more (:data:`PASS_SHARE` times d, at least :data:`MIN_PASS_S`) on prefills and other whole-sequence passes
    before the next step, so running streams' inter-token latency at most roughly doubles while prompts join,
    whatever their number and length. A fast-path prefill is cut between decoder layers, not between tokens
@@ -32,6 +33,7 @@ What it does not know: anything of processors, search or text. It sees decode st
 from __future__ import annotations
 
 import collections
+import contextvars
 import threading
 import time
 from concurrent.futures import Future
@@ -43,12 +45,17 @@ import torch
 DEFAULT_GATHER_S = 0.05  # longest wait for the slowest active request before a step runs without it
 PASS_SHARE = 1.0  # time for prefills between two decode steps, as a multiple of the last decode step's time
 MIN_PASS_S = 0.02  # ... but at least this many seconds
+# Who a pass is for (the server sets the client: its API key's place or its address). Waiting passes are served
+# round-robin between owners, oldest first within one owner, so one client's burst of prompts cannot queue ahead of
+# another client's prompt; with no owner set (the Python API), passes run in arrival order.
+PASS_OWNER: contextvars.ContextVar[str | None] = contextvars.ContextVar("decodelab_pass_owner", default=None)
 
 
 @dataclass
 class _PassOp:
     fn: Callable[[], Any]
     sliced: bool
+    owner: str | None = None
     future: Future = field(default_factory=Future)
     slices: Any = None  # the running generator of a sliced pass
 
@@ -75,7 +82,7 @@ class Scheduler:
 
     Counters (read-only): ``steps`` (decode steps run), ``rows_stepped`` (rows fed in them; ``rows_stepped /
     steps`` is the mean batch), ``max_rows`` (largest step), ``passes`` (prefills and other whole passes
-    finished), ``slices`` (pieces of cut passes run), ``steps_within_passes`` (decode steps run while a cut pass
+    finished; ``passes_started``: begun), ``slices`` (pieces of cut passes run), ``steps_within_passes`` (decode steps run while a cut pass
     was under way: the streams it did not hold up).
 
     Raises:
@@ -98,9 +105,11 @@ class Scheduler:
         self._first_step_at = 0.0
         self._passes: collections.deque[_PassOp] = collections.deque()
         self._current: _PassOp | None = None  # the pass under way (only the scheduler thread touches it)
+        self._served: dict[str | None, int] = {}  # owner -> number of the last pass started for it
         self._active: set[int] = set()  # id() of the decode states that have stepped and not been released
         self._closed = False
         self.steps = self.rows_stepped = self.max_rows = self.passes = self.slices = self.steps_within_passes = 0
+        self.passes_started = 0
         self._thread = threading.Thread(target=self._loop, name="decodelab-scheduler", daemon=True)
         self._thread.start()
 
@@ -113,7 +122,7 @@ class Scheduler:
         """Run ``fn()`` (a prefill or a full forward pass) in the scheduler thread between decode steps; block
         until it is done and return its result (or raise its exception). ``sliced``: ``fn()`` returns a generator
         whose ``yield`` statements are the points where decode steps may run, and whose return value is the result."""
-        op = _PassOp(fn, sliced)
+        op = _PassOp(fn, sliced, PASS_OWNER.get())
         with self._cond:
             self._check_open()
             self._passes.append(op)
@@ -203,7 +212,7 @@ class Scheduler:
                 with self._cond:
                     if not self._passes:
                         return
-                    op = self._current = self._passes.popleft()
+                    op = self._current = self._next_pass()
             self._advance(op)
             if deadline is not None:
                 if time.monotonic() >= deadline:
@@ -212,6 +221,18 @@ class Scheduler:
                 with self._cond:
                     if self._steps and (self._closed or self._ready()):
                         return
+
+    def _next_pass(self) -> _PassOp:
+        """Take the waiting pass whose owner was served longest ago (never served first), oldest of that owner's
+        (caller holds the lock; the queue is not empty)."""
+        op = min(self._passes, key=lambda p: self._served.get(p.owner, -1))  # min keeps the first of equals
+        self._passes.remove(op)
+        self.passes_started += 1
+        self._served[op.owner] = self.passes_started
+        if len(self._served) > 4 * self.max_batch_size:  # forget owners long gone
+            waiting = {p.owner for p in self._passes}
+            self._served = {o: n for o, n in self._served.items() if o in waiting or o == op.owner}
+        return op
 
     def _advance(self, op: _PassOp) -> None:
         """Run ``op`` to its next cut (a sliced pass) or to its end; settle its future when it ends."""

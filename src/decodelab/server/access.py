@@ -18,7 +18,9 @@ GET / HEAD outside the open paths) it
 
 This gate sits in front of the :class:`~decodelab.server.runner.Runner` (``max_concurrent`` generating,
 ``max_queue`` waiting, shared by all) and the batching scheduler behind it: with the per-client cap no one client
-can fill the shared queue, and a newcomer's request joins the next decode step beside the others'.
+can fill the shared queue, a newcomer's prompt is taken before a flooder's next ones (the scheduler serves waiting
+prompts round-robin by client, :data:`~decodelab.scheduler.PASS_OWNER`), and its request joins the next decode step
+beside the others'.
 
 ``/health``, the API docs (``/docs``, ``/redoc``, ``/openapi.json``) and the playground's files stay open.
 """
@@ -34,6 +36,7 @@ from typing import Iterable
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..scheduler import PASS_OWNER
 from .errors import error_payload
 
 GUARDED_PREFIXES = ("/v1", "/api")
@@ -225,9 +228,11 @@ class AccessMiddleware:
                 "rate_limit_error", code="rate_limit_exceeded")
             await JSONResponse(body, status_code=429, headers={"Retry-After": str(RETRY_AFTER_S)})(scope, receive, send)
             return
+        owner = PASS_OWNER.set(client)  # the scheduler takes waiting prompts round-robin between clients
         try:
             await self.app(scope, receive, send)
         finally:
+            PASS_OWNER.reset(owner)
             limiter.leave(client)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -117,10 +118,15 @@ class Runner:
 
         fut.add_done_callback(done)
 
+    def _submit(self, fn: Callable[[], Any]):
+        """Submit ``fn`` to a worker thread, run in a copy of the caller's context variables (so the scheduler sees
+        the request's :data:`~decodelab.scheduler.PASS_OWNER`). Raises ``RuntimeError`` when shut down."""
+        return self._executor().submit(contextvars.copy_context().run, fn)
+
     def _submit_or_release(self, fn: Callable[[], Any]):
         """Submit ``fn`` to the worker; if the executor is shut down, give the slot back and raise a 503."""
         try:
-            return self._executor().submit(fn)
+            return self._submit(fn)
         except RuntimeError:
             self._release()
             raise QueueFullError("server is shutting down") from None
@@ -214,7 +220,7 @@ class Runner:
             await _wait(last, deadline, loop)
             while True:
                 try:
-                    last = self._executor().submit(_next, box)
+                    last = self._submit(functools.partial(_next, box))
                 except RuntimeError:  # interpreter or app shutting down
                     raise QueueFullError("server is shutting down") from None
                 try:
