@@ -206,6 +206,10 @@ def generate(
                                                    "this Lark or GBNF grammar file ('-': stdin).")] = None,
     trace: Annotated[bool, typer.Option("--trace", help="Record and show every decision.")] = False,
     trace_top_k: Annotated[Optional[int], typer.Option("--trace-top-k", help="Candidates kept per step.")] = None,
+    lens: Annotated[bool, typer.Option("--lens", help="Logit lens: what every layer would predict at every step "
+                                       "(implies --trace).")] = False,
+    lens_top_k: Annotated[Optional[int], typer.Option("--lens-top-k", help="Tokens kept per layer and step by the "
+                                                      "lens (5; implies --lens).")] = None,
     stream: Annotated[bool, typer.Option("--stream", help="Print text as it is generated.")] = False,
     model: Model = None,
     json_out: Json = False,
@@ -226,10 +230,11 @@ def generate(
         top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, no_repeat_ngram_size=no_repeat_ngram_size,
         seed=seed, stop_strings=stop, eos_token_id=eos_token_id, ignore_eos=ignore_eos,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, trace=trace, trace_top_k=trace_top_k,
+        lens=lens_top_k if lens_top_k is not None else lens,
         json_schema=_read_spec(json_schema, "--json-schema"), regex=regex, grammar=_read_spec(grammar, "--grammar"),
     )
-    if stream and (json_out or trace):
-        raise typer.BadParameter("prints plain text; it cannot be combined with --json or --trace",
+    if stream and (json_out or trace or "lens" in kwargs):
+        raise typer.BadParameter("prints plain text; it cannot be combined with --json, --trace or --lens",
                                  param_hint="--stream")
     GenerationConfig.from_kwargs(**kwargs)  # fail fast on bad options, before the (slow) model load
     lm = _load_lm(model, device, dtype, quantize=quantize, compile=compile, kernels=kernels,
@@ -297,6 +302,11 @@ def show_generation(con: Console, gen) -> None:
     if gen.trace.beam_nodes:
         con.print(beam_tree(gen.trace, prompt_label=f"prompt ({len(gen.prompt_ids[0])} tokens)"))
     con.print(stop_reason_text(gen.trace))
+    if gen.trace.lens:
+        from .render import lens_table
+
+        for i in sorted({s.sequence for s in gen.trace.lens}):
+            con.print(lens_table(gen.trace, sequence=i))
 
 
 # --- score -------------------------------------------------------------------------------------------------------------

@@ -38,6 +38,12 @@ MIN_TEMPERATURE = 1e-5
 MAX_STOP_STRINGS = 4
 """At most this many ``stop_strings`` (OpenAI's documented limit for ``stop``), on every surface."""
 
+LENS_TOP_K = 5
+"""``lens=True`` keeps this many tokens per layer and step (``decodelab generate --lens``)."""
+
+MAX_LENS_TOP_K = 100
+"""``lens`` (top-k per layer and step of the logit lens) is at most this."""
+
 LOGIT_BIAS_RANGE = (-100.0, 100.0)
 """``logit_bias`` values must lie in this closed range (OpenAI's documented limit); ``sequence_bias`` is unbounded."""
 
@@ -105,6 +111,7 @@ class GenerationConfig:
     # tracing
     trace: bool = False
     trace_top_k: int = 10
+    lens: int = 0  # logit lens: top-k tokens kept per layer and step (0: off; True: 5); turns trace on (decodelab.lens)
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -154,6 +161,10 @@ class GenerationConfig:
         v["ignore_eos"] = _bool(given, "ignore_eos", False)
         v["trace"] = _bool(given, "trace", False)
         v["trace_top_k"] = _int(given, "trace_top_k", 10, lo=0)
+        if isinstance(given.get("lens"), bool):
+            given["lens"] = LENS_TOP_K if given["lens"] else 0
+        v["lens"] = _int(given, "lens", 0, lo=0, hi=MAX_LENS_TOP_K)
+        v["trace"] = v["trace"] or v["lens"] > 0
         v["temperature"] = _float(given, "temperature", 1.0, lo=0.0, lo_open=False)
         v["top_k"] = _int(given, "top_k", 50, lo=0)
         v["top_p"] = _float(given, "top_p", 1.0, lo=0.0, hi=1.0)

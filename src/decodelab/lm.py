@@ -241,6 +241,8 @@ class LM:
         ``num_return_sequences``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
         ``length_penalty``, ``early_stopping``, ``eos_token_id``, ...) plus ``stop_strings``, ``seed``,
         ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``ignore_eos``, ``trace``, ``trace_top_k``,
+        ``lens`` (logit lens: ``lens=k`` or ``True`` for 5 keeps each layer's top-k per step in ``trace.lens``, see
+        :mod:`decodelab.lens`; it turns ``trace`` on),
         and one constraint on the new text: ``json_schema`` (a dict or JSON text), ``regex`` or ``grammar`` (Lark or
         GBNF text); see :mod:`decodelab.grammar` and ``Sequence.constraint_met``.
         Deterministic settings return exactly the ids of ``model.generate`` on the same model (float32, CPU).
@@ -358,6 +360,10 @@ class LM:
         else:
             raw = yield from token_search(self.engine, batch.repeat(per_prompt), cfg, procs, ctx, stops, per_prompt, tracer)
         sequences = [self._sequence(r, prompt_ids[r.prompt_index], cfg) for r in raw]
+        if trace is not None and cfg.lens:
+            from .lens import generation_lens
+
+            trace.lens = generation_lens(self.engine, self.tokenizer, sequences, prompt_ids, cfg.lens)
         return Generation(
             model=self.name,
             prompt_ids=prompt_ids,

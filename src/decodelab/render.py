@@ -36,6 +36,7 @@ __all__ = [
     "beam_tree",
     "stop_reason_text",
     "score_table",
+    "lens_table",
     "tokens_html",
     "distribution_html",
     "generation_html",
@@ -310,4 +311,28 @@ def score_table(result) -> Table:
             "-" if rank is None else Text(str(rank), style="" if rank == 0 else "yellow"),
             "-" if ent is None else f"{ent:.2f}",
         )
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------- lens
+def lens_table(trace, sequence: int = 0) -> Table:
+    """The logit lens of one returned sequence (``trace.lens``, see :mod:`decodelab.lens`) as a layers x steps
+    table: one column per new token (its text in the header), one row per decoder layer, last layer (the model's
+    real prediction) at the bottom. A cell shows the layer's most likely token and, below it, the probability the
+    layer gives the token finally chosen at that step (bold green when the layer's top token is the chosen one).
+    """
+    steps = [s for s in trace.lens if s.sequence == sequence]
+    table = Table(title=f"logit lens · sequence {sequence}: top token per layer, p(chosen) below", show_lines=False)
+    table.add_column("layer", justify="right", style="dim")
+    for s in steps:
+        table.add_column(quoted(s.token), justify="center", no_wrap=True)
+    n_layers = len(steps[0].layers) if steps else 0
+    for layer in range(n_layers):
+        cells = []
+        for s in steps:
+            lay = s.layers[layer]
+            top = lay.top[0].token if lay.top else ""
+            style = "bold green" if lay.top and lay.top[0].id == s.id else ""
+            cells.append(Text.assemble((quoted(top), style), "\n", (percent(lay.prob), "dim")))
+        table.add_row(f"layer {layer}", *cells)
     return table

@@ -150,13 +150,41 @@ class BeamNode(_Plain):
 
 
 @dataclass
+class LensLayer(_Plain):
+    """Logit lens of one decoder layer at one step (:mod:`decodelab.lens`): the distribution
+    ``softmax(lm_head(final_norm(h)))`` of the layer's output ``h``. ``layer`` is 0-based (the last layer's lens is
+    the model's real prediction); ``prob`` (in [0, 1]), ``logprob`` (natural log) and ``rank`` (0-based) are those
+    of the token finally chosen at this step; ``top`` the layer's most likely tokens (``logit``: the lens logit)."""
+
+    layer: int
+    prob: float
+    logprob: float
+    rank: int
+    top: list[Candidate] = field(default_factory=list)
+
+
+@dataclass
+class LensStep(_Plain):
+    """Logit lens of one step of one returned sequence: ``sequence`` indexes ``Generation.sequences``, ``step`` is
+    the 0-based new-token index, ``id`` / ``token`` the token chosen there; ``layers``: one :class:`LensLayer` per
+    decoder layer, first layer first."""
+
+    sequence: int
+    step: int
+    id: int
+    token: str
+    layers: list[LensLayer] = field(default_factory=list)
+
+
+@dataclass
 class Trace(_Plain):
     """Everything decided during one ``generate`` call.
 
     ``steps`` hold, for greedy / sampling, one :class:`Step` per row and step; for beam search, one per kept beam.
     ``beam_nodes`` is the beam tree (empty for greedy / sampling). ``stop_reason`` says why the search as a whole
     ended: ``"max_new_tokens"``, ``"all_finished"`` (every row hit eos / a stop string), ``"early_stopping"``
-    (beam search: no running beam can beat the finished ones).
+    (beam search: no running beam can beat the finished ones). ``lens`` (only with ``lens=k``): the logit lens of
+    every returned sequence, one :class:`LensStep` per sequence and new token.
     """
 
     strategy: Literal["greedy", "sampling", "beam_search", "beam_sampling"]
@@ -165,6 +193,7 @@ class Trace(_Plain):
     stop_reason: str = ""
     processors: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    lens: list[LensStep] = field(default_factory=list)  # opt-in (lens=k): see decodelab.lens
 
 
 @dataclass
