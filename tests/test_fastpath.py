@@ -388,3 +388,51 @@ def test_compiled_quantized_bfloat16_step_keeps_float32_activations(tiny_llama, 
     stat = compiled.engine.compiled.stats[(1, 256)]
     assert stat["ok"] and stat["max_rel_err"] < 1e-2
     assert a.sequences[0].new_ids == b.sequences[0].new_ids
+
+
+def tiny_qwen3():
+    """A seeded tiny random Qwen3ForCausalLM (head_dim 32 != hidden / heads, q/k/v biases on) whose per-head query /
+    key norm weights are random, not the initial ones (which would make the norms' scaling a no-op)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                      tie_word_embeddings=True, initializer_range=0.1, attention_bias=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = Qwen3ForCausalLM(cfg).to(torch.float32).eval()
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                    norm.weight.normal_(1.0, 0.3)
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.1)
+    return model
+
+
+def test_qwen3_fast_path_is_bit_exact_and_its_fused_form_close(tiny_llama):
+    """Qwen3 on the fast path (query / key RMSNorm per head before the rotary embedding): prefill and decode-step
+    logits bit for bit the plain path's, padded batch included; ``kernels="fast"`` (q and k heads normalised in
+    one call with stacked weights) within float32 rounding; greedy and beam ids equal ``model.generate``'s."""
+    model = tiny_qwen3()
+    assert unsupported_reason(model) is None
+    exact, fused, plain = Engine(model), Engine(model, kernels="fast"), Engine(model, fast=False)
+    assert exact.fast.layers[0].q_norm is not None and fused.fast.layers[0].qk_norm.shape == (6, 1, 32)
+    ids = torch.tensor([[0, 0, 5, 17, 300, 42], [7, 9, 11, 13, 15, 17]])
+    mask = (ids != 0).long()
+    mask[1] = 1
+    a, _ = run_steps(exact, ids, mask, 8, hint=8)
+    b, _ = run_steps(plain, ids, mask, 8, hint=8)
+    c, _ = run_steps(fused, ids, mask, 8, hint=8)
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y)
+        torch.testing.assert_close(z, y, rtol=1e-4, atol=1e-4)
+    prompt = torch.tensor([[5, 17, 300, 42, 7, 9]])
+    for kw in (dict(max_new_tokens=12), dict(max_new_tokens=8, num_beams=4, repetition_penalty=2.0)):
+        with torch.inference_mode():
+            ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=0,
+                                 eos_token_id=None, **kw)[0, 6:].tolist()
+        lm = decodelab.LM(model, tiny_llama.tokenizer, "tiny-qwen3")  # ids in, ids out: any tokenizer
+        lm.engine = exact
+        ours = lm.generate(prompt[0].tolist(), ignore_eos=True, **kw).sequences[0].new_ids
+        assert ours == ref

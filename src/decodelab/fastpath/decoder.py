@@ -1,4 +1,4 @@
-"""The fast path's forward pass: a Llama / Qwen2 decoder run straight from the weight tensors over a
+"""The fast path's forward pass: a Llama / Qwen2 / Qwen3 decoder run straight from the weight tensors over a
 :class:`StaticKVCache`, with no module calls, no cache objects and no mask building per step.
 
 Every operation is the one transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` run (``modeling_llama.py``:
@@ -30,14 +30,16 @@ from . import kernel_choice
 from .cache import StaticKVCache
 from .rows import RowPlan, Segment, attention_mask
 
-SUPPORTED_TYPES = ("llama", "qwen2")
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen3")
 
 
 def unsupported_reason(model) -> str | None:
     """Why the fast path cannot run ``model`` exactly as transformers would, or ``None`` when it can.
 
-    Supported: ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` with SDPA attention, SiLU MLP, full attention in every
-    layer (no sliding window) and a plain ``nn.Linear`` output layer.
+    Supported: ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` (Qwen2's layer without q/k/v biases
+    by default, plus an RMSNorm over each query and key head before the rotary embedding: ``Qwen3Attention``'s
+    ``q_norm`` / ``k_norm``) with SDPA attention, SiLU MLP, full attention in every layer (no sliding window) and a
+    plain ``nn.Linear`` output layer.
     """
     cfg = getattr(model, "config", None)
     if cfg is None:
@@ -57,6 +59,10 @@ def unsupported_reason(model) -> str | None:
     if inner is None or not hasattr(inner, "layers") or not isinstance(getattr(model, "lm_head", None),
                                                                           torch.nn.Linear):
         return "unexpected module layout"
+    attn = inner.layers[0].self_attn
+    if mtype == "qwen3" and not (hasattr(attn, "q_norm") and attn.q_norm.variance_epsilon
+                                 == attn.k_norm.variance_epsilon):
+        return "unexpected Qwen3 query/key norms"
     return None
 
 
@@ -142,12 +148,22 @@ class Layer:
     """
 
     __slots__ = ("ln1", "eps1", "q", "k", "v", "o", "ln2", "eps2", "gate", "up", "down", "qkv", "qkv_sizes",
+                 "q_norm", "k_norm", "qk_norm", "qk_eps",
                  "gate_up")
 
     def __init__(self, block, dense: type[Dense] = Dense, fuse: bool = False) -> None:
         attn, mlp = block.self_attn, block.mlp
         self.ln1, self.eps1 = block.input_layernorm.weight, block.input_layernorm.variance_epsilon
         self.ln2, self.eps2 = block.post_attention_layernorm.weight, block.post_attention_layernorm.variance_epsilon
+        # Qwen3: per-head RMSNorm of queries and keys (weights (D,)); qk_norm: both stacked per head (H + H_kv, 1, D)
+        # for the fused layout, where q and k heads are normalised in one call
+        self.q_norm = self.k_norm = self.qk_norm = self.qk_eps = None
+        if getattr(attn, "q_norm", None) is not None:
+            self.q_norm, self.k_norm, self.qk_eps = attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon
+            n_q = attn.config.num_attention_heads
+            n_kv = attn.config.num_key_value_heads
+            self.qk_norm = torch.cat([self.q_norm.detach().expand(n_q, -1), self.k_norm.detach().expand(n_kv, -1)])[
+                :, None, :]
         self.o, self.down = dense(attn.o_proj.weight, attn.o_proj.bias), dense(mlp.down_proj.weight, mlp.down_proj.bias)
         self.qkv = self.gate_up = self.qkv_sizes = None
         if fuse:
@@ -339,6 +355,8 @@ class FastDecoder:
         if self.act32:  # float32 copies of the (small) norm weights
             for layer in self.layers:
                 layer.ln1, layer.ln2 = layer.ln1.detach().float(), layer.ln2.detach().float()
+                if layer.qk_norm is not None:
+                    layer.qk_norm = layer.qk_norm.float()
             self.norm = self.norm.detach().float()
         self._exact_shapes: dict = {}  # rows.RowPlan: per weight shape, whether the grouped product is exact here
         self.halves = ((self.device.type == "cpu" and self.dtype == torch.float32 and kernels == "exact")
@@ -506,11 +524,16 @@ class FastDecoder:
             if fused:  # one product for q, k, v; one rotary call for q and k together
                 qkv = linear(layer.qkv, x.to(mm_dtype)).float() if act32 else linear(layer.qkv, x)
                 heads = qkv.view(shape).transpose(1, 2)
-                qk = rope(heads[:, :n_qk], cos, sin)
+                qk = heads[:, :n_qk]
+                if layer.qk_norm is not None:  # Qwen3: every q and k head normalised in one call
+                    qk = rms_norm(qk, layer.qk_norm, layer.qk_eps)
+                qk = rope(qk, cos, sin)
                 q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], heads[:, n_qk:]
             else:
-                q, k, v = linear(layer.q, x), linear(layer.k, x), linear(layer.v, x)
-                q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+                q, k, v = linear(layer.q, x).view(shape), linear(layer.k, x).view(shape), linear(layer.v, x).view(shape)
+                if layer.q_norm is not None:  # Qwen3Attention: q_norm / k_norm on (B, T, H, D), then transpose
+                    q, k = rms_norm(q, layer.q_norm, layer.qk_eps), rms_norm(k, layer.k_norm, layer.qk_eps)
+                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
                 q, k = rope(q, cos, sin), rope(k, cos, sin)
             att = self._segment_attention(i, plan, q, k, v, t)
             if act32:

@@ -101,6 +101,9 @@ class _Block(nn.Module):
         self.register_buffer("ln2", layer.ln2.detach(), persistent=False)
         self.eps1, self.eps2 = layer.eps1, layer.eps2
         self.qkv_sizes = layer.qkv_sizes
+        self.qk_eps = layer.qk_eps  # Qwen3's per-head query / key norms, or None
+        self.register_buffer("q_norm", None if layer.q_norm is None else layer.q_norm.detach(), persistent=False)
+        self.register_buffer("k_norm", None if layer.k_norm is None else layer.k_norm.detach(), persistent=False)
         for name, proj in layer.projections().items():
             setattr(self, name, as_module(proj))
 
@@ -154,7 +157,10 @@ class StaticStep(nn.Module):
                 q, k, v = self._out(blk.qkv(x)).split(blk.qkv_sizes, -1)
             else:
                 q, k, v = self._out(blk.q(x)), self._out(blk.k(x)), self._out(blk.v(x))
-            q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+            q, k, v = q.view(shape), k.view(shape), v.view(shape)
+            if blk.q_norm is not None:
+                q, k = rms_norm(q, blk.q_norm.to(q.dtype), blk.qk_eps), rms_norm(k, blk.k_norm.to(k.dtype), blk.qk_eps)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             q, k = rope(q, cos, sin), rope(k, cos, sin)
             keys[i].index_copy_(2, index, k)
             values[i].index_copy_(2, index, v)
