@@ -436,3 +436,35 @@ def test_qwen3_fast_path_is_bit_exact_and_its_fused_form_close(tiny_llama):
         lm.engine = exact
         ours = lm.generate(prompt[0].tolist(), ignore_eos=True, **kw).sequences[0].new_ids
         assert ours == ref
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_mistral_takes_the_fast_path_unless_its_window_binds(tiny_llama, window):
+    """Mistral without a binding sliding window (Mistral-7B-v0.3's ``sliding_window: null``) is Llama's layer: fast
+    path, logits bit for bit the plain path's, greedy ids equal ``model.generate``'s. A window shorter than the
+    context (transformers then trims the cache and masks) keeps the plain path, with the reason."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        sliding_window=window, initializer_range=0.1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        model = MistralForCausalLM(cfg).eval()
+    engine = Engine(model)
+    if window is not None:
+        assert engine.fast is None and engine.fast_reason == "sliding window of 4 positions"
+        return
+    plain = Engine(model, fast=False)
+    ids = torch.tensor([[0, 0, 5, 17, 300, 42], [7, 9, 11, 13, 15, 17]])
+    mask = (ids != 0).long()
+    mask[1] = 1
+    for x, y in zip(run_steps(engine, ids, mask, 6, hint=6)[0], run_steps(plain, ids, mask, 6, hint=6)[0]):
+        assert torch.equal(x, y)
+    prompt = torch.tensor([[5, 17, 300, 42, 7, 9]])
+    with torch.inference_mode():
+        ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=10,
+                             pad_token_id=0, eos_token_id=None)[0, 6:].tolist()
+    lm = decodelab.LM(model, tiny_llama.tokenizer, "tiny-mistral")
+    lm.engine = engine
+    assert lm.generate(prompt[0].tolist(), max_new_tokens=10, ignore_eos=True).sequences[0].new_ids == ref

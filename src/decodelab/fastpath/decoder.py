@@ -30,7 +30,7 @@ from . import kernel_choice
 from .cache import StaticKVCache
 from .rows import RowPlan, Segment, attention_mask
 
-SUPPORTED_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def unsupported_reason(model) -> str | None:
@@ -39,7 +39,9 @@ def unsupported_reason(model) -> str | None:
     Supported: ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` (Qwen2's layer without q/k/v biases
     by default, plus an RMSNorm over each query and key head before the rotary embedding: ``Qwen3Attention``'s
     ``q_norm`` / ``k_norm``) with SDPA attention, SiLU MLP, full attention in every layer (no sliding window) and a
-    plain ``nn.Linear`` output layer.
+    plain ``nn.Linear`` output layer. ``MistralForCausalLM`` is Llama's layer with a sliding attention window: supported
+    when the window cannot bind (``sliding_window`` unset, as in Mistral-7B-v0.2/v0.3, or at least
+    ``max_position_embeddings``); a binding window (transformers trims the cache and masks) stays on the plain path.
     """
     cfg = getattr(model, "config", None)
     if cfg is None:
@@ -53,6 +55,9 @@ def unsupported_reason(model) -> str | None:
         return f"hidden_act {cfg.hidden_act!r} is not 'silu'"
     if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
         return "sliding-window layers"
+    window = getattr(cfg, "sliding_window", None) if mtype == "mistral" else None
+    if window is not None and window < (getattr(cfg, "max_position_embeddings", None) or float("inf")):
+        return f"sliding window of {window} positions"
     if getattr(cfg, "pretraining_tp", 1) != 1:
         return "pretraining_tp != 1"
     inner = getattr(model, "model", None)
