@@ -468,3 +468,30 @@ def test_mistral_takes_the_fast_path_unless_its_window_binds(tiny_llama, window)
     lm = decodelab.LM(model, tiny_llama.tokenizer, "tiny-mistral")
     lm.engine = engine
     assert lm.generate(prompt[0].tolist(), max_new_tokens=10, ignore_eos=True).sequences[0].new_ids == ref
+
+
+def test_phi3_fast_path_uses_its_stacked_projections_bit_exactly():
+    """Phi-3's stacked ``qkv_proj`` / ``gate_up_proj`` are used as they are (one product each, as transformers runs
+    them, views of the model's weights): logits bit for bit the plain path's in the exact mode, padded batch
+    included; ``kernels="fast"`` within float32 rounding."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     initializer_range=0.1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        model = Phi3ForCausalLM(cfg).eval()
+    exact, fused, plain = Engine(model), Engine(model, kernels="fast"), Engine(model, fast=False)
+    layer = exact.fast.layers[0]
+    assert layer.q is None and layer.qkv.weight is model.model.layers[0].self_attn.qkv_proj.weight
+    assert layer.qkv_sizes == [64, 32, 32]
+    ids = torch.tensor([[0, 0, 5, 17, 300, 42], [7, 9, 11, 13, 15, 17]])
+    mask = (ids != 0).long()
+    mask[1] = 1
+    a, _ = run_steps(exact, ids, mask, 8, hint=8)
+    b, _ = run_steps(plain, ids, mask, 8, hint=8)
+    c, _ = run_steps(fused, ids, mask, 8, hint=8)
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y)
+        torch.testing.assert_close(z, y, rtol=1e-4, atol=1e-4)

@@ -30,7 +30,7 @@ from . import kernel_choice
 from .cache import StaticKVCache
 from .rows import RowPlan, Segment, attention_mask
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_TYPES = ("llama", "mistral", "phi3", "qwen2", "qwen3")
 
 
 def unsupported_reason(model) -> str | None:
@@ -42,6 +42,8 @@ def unsupported_reason(model) -> str | None:
     plain ``nn.Linear`` output layer. ``MistralForCausalLM`` is Llama's layer with a sliding attention window: supported
     when the window cannot bind (``sliding_window`` unset, as in Mistral-7B-v0.2/v0.3, or at least
     ``max_position_embeddings``); a binding window (transformers trims the cache and masks) stays on the plain path.
+    ``Phi3ForCausalLM`` likewise (window permitting), with full rotary embedding (``partial_rotary_factor`` 1): its
+    q/k/v and gate/up weights come stacked (``qkv_proj``, ``gate_up_proj``), one product each, as in the model.
     """
     cfg = getattr(model, "config", None)
     if cfg is None:
@@ -55,9 +57,12 @@ def unsupported_reason(model) -> str | None:
         return f"hidden_act {cfg.hidden_act!r} is not 'silu'"
     if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
         return "sliding-window layers"
-    window = getattr(cfg, "sliding_window", None) if mtype == "mistral" else None
+    window = getattr(cfg, "sliding_window", None) if mtype in ("mistral", "phi3") else None
     if window is not None and window < (getattr(cfg, "max_position_embeddings", None) or float("inf")):
         return f"sliding window of {window} positions"
+    if ((getattr(cfg, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) != 1.0
+            or getattr(cfg, "partial_rotary_factor", 1.0) != 1.0):
+        return "partial rotary embedding"
     if getattr(cfg, "pretraining_tp", 1) != 1:
         return "pretraining_tp != 1"
     inner = getattr(model, "model", None)
@@ -171,7 +176,13 @@ class Layer:
                 :, None, :]
         self.o, self.down = dense(attn.o_proj.weight, attn.o_proj.bias), dense(mlp.down_proj.weight, mlp.down_proj.bias)
         self.qkv = self.gate_up = self.qkv_sizes = None
-        if fuse:
+        if hasattr(attn, "qkv_proj"):  # Phi-3: stacked in the model already, one product as transformers runs
+            n_q, n_kv = attn.config.num_attention_heads * attn.head_dim, attn.num_key_value_heads * attn.head_dim
+            self.qkv_sizes = [n_q, n_kv, n_kv]
+            self.qkv = dense(attn.qkv_proj.weight, attn.qkv_proj.bias)
+            self.gate_up = dense(mlp.gate_up_proj.weight, mlp.gate_up_proj.bias)
+            self.q = self.k = self.v = self.gate = self.up = None
+        elif fuse:
             qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
             self.qkv_sizes = [m.weight.shape[0] for m in qkv]
             self.qkv = dense(*_stack_weights(qkv))
@@ -517,8 +528,7 @@ class FastDecoder:
         half = self.head_dim // 2
         cos, sin = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
         shape = (b, t, -1, self.head_dim)
-        fused = self.fused
-        norm = fast_rms_norm if fused else rms_norm
+        norm = fast_rms_norm if self.fused else rms_norm  # exact layers: LlamaRMSNorm's own operations
         n_qk = self.n_heads + self.n_kv
 
         def linear(proj, x):
@@ -526,7 +536,7 @@ class FastDecoder:
 
         for i, layer in enumerate(self.layers):
             x = norm(h, layer.ln1, layer.eps1)
-            if fused:  # one product for q, k, v; one rotary call for q and k together
+            if layer.qkv is not None:  # one product for q, k, v; one rotary call for q and k together
                 qkv = linear(layer.qkv, x.to(mm_dtype)).float() if act32 else linear(layer.qkv, x)
                 heads = qkv.view(shape).transpose(1, 2)
                 qk = heads[:, :n_qk]
@@ -545,7 +555,7 @@ class FastDecoder:
                 att = att.to(mm_dtype)
             h = h + linear(layer.o, att)
             x = norm(h, layer.ln2, layer.eps2)
-            if fused:
+            if layer.gate_up is not None:
                 gate, up = linear(layer.gate_up, x.to(mm_dtype) if act32 else x).chunk(2, -1)
                 h = h + linear(layer.down, F.silu(gate) * up)
             else:
