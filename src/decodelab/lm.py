@@ -303,6 +303,18 @@ class LM:
 
         return batching(self, max_batch_size)
 
+    def explore(self, text: str):
+        """An interactive notebook widget on this model starting at ``text``: token chips, the next-token chart with
+        live temperature / top-k / top-p / min-p, step mode, generation with alternatives, the beam tree and the
+        logit lens (:class:`decodelab.widget.Explorer`, an anywidget; the model runs in the kernel).
+
+        Raises:
+            ConfigError: the ``anywidget`` package is missing. InputError: a bad ``text``.
+        """
+        from .widget import explore
+
+        return explore(self, text)
+
     # --- internals -----------------------------------------------------------------------------------------------
     def _check_length(self, prompt_len: int, max_new: int, param: str = "prompt") -> None:
         window = self.context_window

@@ -206,42 +206,9 @@
     form.querySelectorAll("[data-show]").forEach((l) => { l.hidden = l.dataset.show !== strategy; });
   }
 
-  /** Items for coloured output: one per generated token of sequence 0, with its alternatives. */
-  function tokenItems(gen) {
-    const tr = gen.trace, seq = gen.sequences[0];
-    if (!tr) return [];
-    const eosLast = seq.finish_reason === "eos";
-    if (tr.beam_nodes && tr.beam_nodes.length) {
-      const byId = new Map(tr.beam_nodes.map((n) => [n.node, n]));
-      const path = (n) => { const p = []; for (let c = n; c; c = c.parent == null ? null : byId.get(c.parent)) p.unshift(c); return p; };
-      const same = (p) => p.length === seq.new_ids.length && p.every((n, i) => n.id === seq.new_ids[i]);
-      const paths = tr.beam_nodes.filter((n) => n.status === "returned").map(path);
-      const best = paths.find(same) || paths[0] || [];
-      return best.map((n, i) => {
-        const sibs = tr.beam_nodes.filter((m) => m.parent === n.parent && m.step === n.step)
-          .sort((a, b) => b.logprob - a.logprob);
-        const st = tr.steps.find((x) => x.step === n.step && x.id === n.id && x.constraint);
-        return { id: n.id, token: n.token, prob: Math.exp(n.logprob), special: eosLast && i === best.length - 1,
-                 alts: sibs.map((m) => ({ token: m.token, prob: Math.exp(m.logprob), chosen: m.node === n.node })),
-                 constraint: st ? st.constraint : null };
-      });
-    }
-    const steps = tr.steps.filter((s) => s.row === 0).sort((a, b) => a.step - b.step);
-    const showProcessed = (tr.processors || []).length > 0;
-    return steps.map((s, i) => {
-      const proc = new Map((s.top_processed || []).map((c) => [c.id, c.prob]));
-      const alts = s.top.map((c) => ({ id: c.id, token: c.token, prob: c.prob, chosen: c.id === s.id,
-                                       processed: showProcessed ? (proc.get(c.id) || 0) : null }));
-      if (!alts.some((a) => a.chosen)) alts.push({ token: s.token, prob: Math.exp(s.logprob), chosen: true,
-                                                   processed: showProcessed ? Math.exp(s.logprob_processed) : null });
-      return { id: s.id, token: s.token, prob: Math.exp(s.logprob), special: eosLast && i === steps.length - 1, alts,
-               constraint: s.constraint || null };
-    });
-  }
-
   function renderGeneration(gen, prompt, out, alts, seqs) {
     out.replaceChildren(el("span", { class: "prompt-text", text: prompt }));
-    const items = tokenItems(gen);
+    const items = DL.views.tokenItems(gen);
     DL.views.coloured(out, items, (it, i) => DL.views.alternatives(alts, it, i));
     alts.replaceChildren(el("p", { class: "hint", text: DL.t("altHint") }));
     if (!seqs) return;

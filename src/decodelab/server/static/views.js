@@ -135,6 +135,66 @@
     );
   }
 
+  /** Items for coloured output: one per generated token of sequence 0, with its alternatives. */
+  function tokenItems(gen) {
+    const tr = gen.trace, seq = gen.sequences[0];
+    if (!tr) return [];
+    const eosLast = seq.finish_reason === "eos";
+    if (tr.beam_nodes && tr.beam_nodes.length) {
+      const byId = new Map(tr.beam_nodes.map((n) => [n.node, n]));
+      const path = (n) => { const p = []; for (let c = n; c; c = c.parent == null ? null : byId.get(c.parent)) p.unshift(c); return p; };
+      const same = (p) => p.length === seq.new_ids.length && p.every((n, i) => n.id === seq.new_ids[i]);
+      const paths = tr.beam_nodes.filter((n) => n.status === "returned").map(path);
+      const best = paths.find(same) || paths[0] || [];
+      return best.map((n, i) => {
+        const sibs = tr.beam_nodes.filter((m) => m.parent === n.parent && m.step === n.step)
+          .sort((a, b) => b.logprob - a.logprob);
+        const st = tr.steps.find((x) => x.step === n.step && x.id === n.id && x.constraint);
+        return { id: n.id, token: n.token, prob: Math.exp(n.logprob), special: eosLast && i === best.length - 1,
+                 alts: sibs.map((m) => ({ token: m.token, prob: Math.exp(m.logprob), chosen: m.node === n.node })),
+                 constraint: st ? st.constraint : null };
+      });
+    }
+    const steps = tr.steps.filter((s) => s.row === 0).sort((a, b) => a.step - b.step);
+    const showProcessed = (tr.processors || []).length > 0;
+    return steps.map((s, i) => {
+      const proc = new Map((s.top_processed || []).map((c) => [c.id, c.prob]));
+      const alts = s.top.map((c) => ({ id: c.id, token: c.token, prob: c.prob, chosen: c.id === s.id,
+                                       processed: showProcessed ? (proc.get(c.id) || 0) : null }));
+      if (!alts.some((a) => a.chosen)) alts.push({ token: s.token, prob: Math.exp(s.logprob), chosen: true,
+                                                   processed: showProcessed ? Math.exp(s.logprob_processed) : null });
+      return { id: s.id, token: s.token, prob: Math.exp(s.logprob), special: eosLast && i === steps.length - 1, alts,
+               constraint: s.constraint || null };
+    });
+  }
+
+  /** The logit lens of one returned sequence (trace.lens, see decodelab/lens.py) as a layers x steps heatmap: one
+   *  row per decoder layer (the last, the model's own prediction, at the bottom), one column per generated token;
+   *  a cell is coloured by the probability that layer gives the finally chosen token and labelled with the layer's
+   *  top-1 token; its title lists the layer's top-k. Returns the number of layers drawn. */
+  function lensHeatmap(container, trace, sequence) {
+    container.replaceChildren();
+    const steps = ((trace && trace.lens) || []).filter((s) => s.sequence === (sequence || 0));
+    if (!steps.length) return 0;
+    const layers = steps[0].layers.length;
+    const head = el("tr", {}, [el("th", { text: t("layer") })].concat(
+      steps.map((s) => el("th", { class: "lens-step", text: visible(s.token), title: JSON.stringify(s.token) }))));
+    const rows = [];
+    for (let l = 0; l < layers; l++) {
+      rows.push(el("tr", { class: "lens-row", dataset: { layer: String(l) } }, [el("th", { text: String(l) })].concat(
+        steps.map((s) => {
+          const lay = s.layers[l], top = lay.top[0];
+          const title = JSON.stringify(s.token) + " · p " + pct(lay.prob) + " · rank " + lay.rank + "\n" +
+            lay.top.map((c) => JSON.stringify(c.token) + " " + pct(c.prob)).join("\n");
+          return el("td", { class: "lens-cell" + (top && top.id === s.id ? " hit" : ""), tabindex: "0", title,
+                            style: "background:" + probColor(lay.prob), dataset: { prob: String(lay.prob) },
+                            text: top ? visible(top.token) : "" });
+        }))));
+    }
+    container.append(el("table", { class: "lens" }, [el("thead", {}, [head]), el("tbody", {}, rows)]));
+    return layers;
+  }
+
   window.DL = window.DL || {};
-  window.DL.views = { el, visible, pct, probColor, chips, bars, coloured, alternatives };
+  window.DL.views = { el, visible, pct, probColor, chips, bars, coloured, alternatives, tokenItems, lensHeatmap };
 })();
