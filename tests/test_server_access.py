@@ -293,7 +293,8 @@ def test_cors_is_off_by_default(keyed):
 
 
 def test_allowed_origins_open_cors_to_those_origins_only(tiny_llama):
-    app = create_app(_lm(tiny_llama), Settings(max_tokens=8, api_keys=(KEY,), allowed_origins=("http://localhost:3000",)))
+    app = create_app(_lm(tiny_llama), Settings(max_tokens=8, api_keys=(KEY,),
+                                               allowed_origins=("http://localhost:3000",)))
     with TestClient(app) as client:
         r = client.options("/v1/completions", headers=PREFLIGHT)  # a preflight carries no key
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"

@@ -2,19 +2,19 @@
 other is served every time, and its time to first token (TTFT) is measured against the same requests on an idle
 server.
 
-The server runs the embedded SmolLM2-135M-Instruct in this process with the default limits (``max_client_requests``
-4, ``max_batch_size`` 16) and two API keys, so the two clients are told apart by key. The flooder is a separate
-process (so its loop does not share this process's interpreter lock with the server): ``FLOOD_WORKERS`` connections,
-twice the per-client limit, each sending the next completion as soon as the last one answered, 429s included,
-ignoring ``Retry-After``. The calm client sends a streamed completion every second and times its first token: idle (before the flood and
-after it, pooled, since other work on the machine changes its speed), then flooded.
+The server runs the embedded SmolLM2-135M-Instruct in this process with the default limits (``max_client_requests`` 4,
+``max_batch_size`` 16) and two API keys, so the two clients are told apart by key. The flooder is a separate process (so
+its loop does not share this process's interpreter lock with the server): ``FLOOD_WORKERS`` connections, twice the
+per-client limit, each sending the next completion as soon as the last one answered, 429s included, ignoring
+``Retry-After``. The calm client sends a streamed completion every second and times its first token: idle (before the
+flood and after it, pooled, since other work on the machine changes its speed), then flooded.
 
 The figures are printed and written to ``test-artifacts/flood.json``. The issue's goal is a median TTFT under flood
 within 2x of idle; the test holds it to ``DECODELAB_FLOOD_TTFT_RATIO`` (default 4, a guard against gross regressions;
 set 2 on a quiet machine), since on a 2-core machine shared with other work the phases are measured under different
-loads: there the ratio ranged from 1.05x to 3.4x between runs of the same code (README, "Serving a class"). What it always asserts: the flooder's 429s carry ``Retry-After``, come at most about one per connection per
-second (each after a 1 s wait for a slot), the flooder still gets its share served, and the calm client is never
-refused.
+loads: there the ratio ranged from 1.05x to 3.4x between runs of the same code (README, "Serving a class"). What it
+always asserts: the flooder's 429s carry ``Retry-After``, come at most about one per connection per second (each after a
+1 s wait for a slot), the flooder still gets its share served, and the calm client is never refused.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ ARTIFACT = Path(__file__).resolve().parents[1] / "test-artifacts" / "flood.json"
 # one token: the request ends at its first token, so the calm client really sends one a second, however slow
 CALM_BODY = {"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0, "stream": True}
 
-# The flooding client: argv = base URL, key, stop file, workers; it stops sending once the stop file exists. Prints {"statuses": {code: count}, "retry_after":
-# [distinct Retry-After values of the 429s], "missing_retry_after": n} as JSON.
+# The flooding client: argv = base URL, key, stop file, workers; it stops sending once the stop file exists. Prints
+# {"statuses": {code: count}, "retry_after": [distinct Retry-After values of the 429s], "missing_retry_after": n}.
 FLOODER = textwrap.dedent("""
     import asyncio, collections, json, os, sys
     import httpx
@@ -155,7 +155,8 @@ def test_a_flooding_client_gets_429s_and_the_other_keeps_its_time_to_first_token
         "ttft_idle_median_s": statistics.median(idle), "ttft_flooded_median_s": statistics.median(flooded),
         "ratio_of_medians": statistics.median(flooded) / statistics.median(idle),
         "ttft_idle_max_s": max(idle), "ttft_flooded_max_s": max(flooded),
-        "flooder_statuses": statuses, "flooder_seconds": duration, "seconds_to_fill_its_share": filled, "flooder_workers": FLOOD_WORKERS,
+        "flooder_statuses": statuses, "flooder_seconds": duration, "seconds_to_fill_its_share": filled,
+        "flooder_workers": FLOOD_WORKERS,
         "running_while_flooded": busy["running"], "max_rows_of_a_step": after["batching"]["max_rows"],
     }
     ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +168,7 @@ def test_a_flooding_client_gets_429s_and_the_other_keeps_its_time_to_first_token
 
     # the flooder: 429s with Retry-After, and still its fair share served
     assert rejected > 0 and flood["missing_retry_after"] == 0 and flood["retry_after"] == ["1"]
-    assert rejected <= FLOOD_WORKERS * (duration + 1)  # refusals come after a 1 s wait: a flood costs the server little
+    assert rejected <= FLOOD_WORKERS * (duration + 1)  # each refusal after a 1 s wait: a flood costs little
     assert statuses.get("200", 0) > 0 and set(statuses) <= {"200", "429"}, statuses
     assert after["rate_limited"] - before["rate_limited"] == rejected
     assert busy["running"] <= SHARE + 1  # its share, plus at most the calm client's one

@@ -13,15 +13,15 @@ What it does:
    (:meth:`decodelab.fastpath.FastDecoder.forward_many`) whose logits are, on the default exact float32 engine, bit
    for bit those of each request alone (:mod:`decodelab.fastpath.rows` explains how); on the plain path one
    forward over the requests' merged left-padded caches (:mod:`decodelab.padded_batch`, within float rounding).
-3. Prompts join between steps, the waiting ones taken round-robin between their owners (:data:`PASS_OWNER`: the
-   server's clients), so one client's burst of prompts does not hold another's first token. After a decode step that took d seconds, the scheduler spends at most about d
-   more (:data:`PASS_SHARE` times d, at least :data:`MIN_PASS_S`) on prefills and other whole-sequence passes
-   before the next step, so running streams' inter-token latency at most roughly doubles while prompts join,
-   whatever their number and length. A fast-path prefill is cut between decoder layers, not between tokens
-   (:meth:`Engine._prefill_slices`): each layer sees the whole prompt at once, exactly as alone, so the answer
-   is unchanged (cutting the prompt into token chunks would change the sums, so the answer would no longer equal
-   the request alone), and a long prompt holds the streams for one layer's share at a time, never for the whole
-   prefill. Passes that cannot be cut (the plain path's prefill, full-sequence logits) run in one piece. With no
+3. Prompts join between steps, the waiting ones taken round-robin between their owners (:data:`PASS_OWNER`: the server's
+   clients), so one client's burst of prompts does not hold another's first token. After a decode step that took d
+   seconds, the scheduler spends at most about d more (:data:`PASS_SHARE` times d, at least :data:`MIN_PASS_S`) on
+   prefills and other whole-sequence passes before the next step, so running streams' inter-token latency at most
+   roughly doubles while prompts join, whatever their number and length. A fast-path prefill is cut between decoder
+   layers, not between tokens (:meth:`Engine._prefill_slices`): each layer sees the whole prompt at once, exactly as
+   alone, so the answer is unchanged (cutting the prompt into token chunks would change the sums, so the answer would no
+   longer equal the request alone), and a long prompt holds the streams for one layer's share at a time, never for the
+   whole prefill. Passes that cannot be cut (the plain path's prefill, full-sequence logits) run in one piece. With no
    decode step waiting, passes run back to back, and a step that becomes due stops them at the next cut.
 4. Requests leave when their search loop ends or is closed (a client that went away): the loop's ``finally``
    calls :meth:`Engine.release`, and its rows are not waited for at the next step. Each request's KV cache is its
@@ -80,10 +80,10 @@ class Scheduler:
             step; >= 1. A single request with more rows still runs, alone.
         gather_s: seconds to wait, after the first request of a step asked, for the other active requests.
 
-    Counters (read-only): ``steps`` (decode steps run), ``rows_stepped`` (rows fed in them; ``rows_stepped /
-    steps`` is the mean batch), ``max_rows`` (largest step), ``passes`` (prefills and other whole passes
-    finished; ``passes_started``: begun), ``slices`` (pieces of cut passes run), ``steps_within_passes`` (decode steps run while a cut pass
-    was under way: the streams it did not hold up).
+    Counters (read-only): ``steps`` (decode steps run), ``rows_stepped`` (rows fed in them; ``rows_stepped / steps`` is
+    the mean batch), ``max_rows`` (largest step), ``passes`` (prefills and other whole passes finished;
+    ``passes_started``: begun), ``slices`` (pieces of cut passes run), ``steps_within_passes`` (decode steps run while a
+    cut pass was under way: the streams it did not hold up).
 
     Raises:
         ConfigError: ``max_batch_size`` < 1 or ``gather_s`` < 0.
