@@ -31,6 +31,8 @@ print("CHECK" + json.dumps({
     "beams": [[s.new_ids, s.score] for s in beams.sequences], "statuses": sorted({n.status for n in beams.trace.beam_nodes}),
     "samples": [s.new_ids for s in samples.sequences],
     "sweep": [[r["strategy"], r["rows"]] for r in result.metrics],
+    "lens": [[s.id, len(s.layers), s.layers[-1].prob, s.layers[-1].rank] for s in looked.trace.lens],
+    "night_first_top": first_top, "night_last": night[0][-1],
     "qwen_cached": qwen_snapshot is not None,
 }))"""
 
@@ -82,6 +84,8 @@ def test_walkthrough_notebook_executes_with_the_expected_outputs(name, greedy_id
     tree = _text(_tagged(nb, "tree"))
     assert "returned" in tree and "pruned" in tree and "★" in tree
     assert "greedy" in _text(_tagged(nb, "sweep")) and "topk40" in _text(_tagged(nb, "sweep"))
+    shown = [o["data"] for o in _tagged(nb, "widget").outputs if "data" in o]
+    assert any("application/vnd.jupyter.widget-view+json" in d and "1589" in d.get("text/html", "") for d in shown)
     if not state["qwen_cached"]:
         assert "skipped" in _text(_tagged(nb, "qwen")) or "pominięte" in _text(_tagged(nb, "qwen"))
 
@@ -98,3 +102,9 @@ def test_walkthrough_notebook_executes_with_the_expected_outputs(name, greedy_id
     assert {"kept", "pruned", "returned"} <= set(state["statuses"])
     assert len(state["samples"]) == 2 and all(len(s) <= 8 for s in state["samples"])
     assert state["sweep"] == [["greedy", 2], ["topk40", 2]]
+    # the logit lens: 30 layers per step, the last one the model's own distribution (' night' at 97.07 %, rank 0)
+    assert [s[0] for s in state["lens"]] == greedy_ids[:3] and all(s[1] == 30 for s in state["lens"])
+    assert state["lens"][0][2] == pytest.approx(state["probs"][0], abs=1e-5) and all(s[3] == 0 for s in state["lens"])
+    assert state["night_last"][0] == 0 and state["night_last"][1] == pytest.approx(state["probs"][0], abs=1e-5)
+    assert 15 <= state["night_first_top"] < 30  # ' night' surfaces only in the upper layers (24 on x86 CPUs)
+    assert "logit lens" in _text(_tagged(nb, "lens")) and "layer 29" in _text(_tagged(nb, "lens"))
