@@ -16,7 +16,8 @@ Part 2, ``overhead`` (decodelab itself, the chosen engine): greedy ``lm.generate
 without ``json_schema``; per decode step, the model's step time and the constraint processor's time (mask computed,
 state advanced, applied to the (B, V) scores), and end-to-end ms per token with and without the constraint.
 ``--unconstrained-only`` times only unconstrained generation (run it with ``PYTHONPATH`` pointing at an older
-checkout's ``src`` to compare unconstrained speed before and after).
+checkout's ``src`` to compare unconstrained speed before and after). ``--prompts N`` / ``--tokens`` / ``--rounds``
+shorten it; ``--threads 1`` keeps the model step from stalling in OpenMP barriers on an oversubscribed machine.
 
 The CPU model is printed and everything is written to ``bench/results/grammar-<stamp>.json``.
 """
@@ -345,7 +346,7 @@ PROMPTS = ["Describe a person as JSON.", "Give me a user record.", "A JSON profi
            "Who wrote Hamlet? Answer as JSON.", "Make up a customer.", "Invent a character for a story."]
 
 
-def bench_overhead(lm, tokens: int, rounds: int, unconstrained_only: bool) -> dict:
+def bench_overhead(lm, tokens: int, rounds: int, unconstrained_only: bool, prompts: list[str] = PROMPTS) -> dict:
     """Greedy generation with and without the constraint; per-step model and constraint times."""
     import decodelab.processors as procs_mod
     from decodelab.engine import Engine
@@ -373,7 +374,7 @@ def bench_overhead(lm, tokens: int, rounds: int, unconstrained_only: bool) -> di
 
     def run(kwargs):
         out = []
-        for p in PROMPTS:
+        for p in prompts:
             start = time.perf_counter()
             g = lm.generate(lm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                            add_generation_prompt=True), max_new_tokens=tokens, **kwargs)
@@ -384,7 +385,8 @@ def bench_overhead(lm, tokens: int, rounds: int, unconstrained_only: bool) -> di
     if not unconstrained_only:
         modes["json_schema (person)"] = {"json_schema": PERSON}
     lm.generate("warm up", max_new_tokens=4)
-    results: dict[str, dict] = {m: {"ms_per_token": [], "step_ms": [], "constraint_ms": []} for m in modes}
+    results: dict[str, dict] = {m: {"ms_per_token": [], "step_ms": [], "constraint_ms": [], "new_tokens": []}
+                                for m in modes}
     Engine.step = timed_step
     if cls:
         cls.__call__ = timed_call
@@ -396,9 +398,14 @@ def bench_overhead(lm, tokens: int, rounds: int, unconstrained_only: bool) -> di
                 runs = run(kwargs)
                 r = results[mode]
                 r["ms_per_token"].append(1e3 * sum(s for s, _ in runs) / sum(n for _, n in runs))
+                r["new_tokens"].append(sum(n for _, n in runs))
                 r["step_ms"].append(1e3 * statistics.fmean(step_times))
                 if constraint_times:
                     r["constraint_ms"].append(1e3 * statistics.fmean(constraint_times))
+                print(f"   round {len(r['step_ms'])} {mode:24s} {r['new_tokens'][-1]:4d} tokens, "
+                      f"{r['ms_per_token'][-1]:7.2f} ms/token (prefill included), step "
+                      f"{r['step_ms'][-1]:7.2f} ms" + (f", constraint {r['constraint_ms'][-1]:.3f} ms"
+                                                       if constraint_times else ""), flush=True)
     finally:
         Engine.step = orig_step
         if cls:
@@ -427,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64, help="max new tokens per generation (overhead)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (overhead)")
     ap.add_argument("--unconstrained-only", action="store_true")
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the chat prompts (overhead)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 avoids thread stalls on a busy machine)")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.engines.split(",") if n.strip()]
     bad = [n for n in names if n not in ENGINES]
@@ -438,22 +447,27 @@ def main(argv: list[str] | None = None) -> int:
 
     import decodelab
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     cpu = cpu_model()
-    print(f"CPU: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"CPU: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     lm = decodelab.load()
     vocab = lm.vocab_size
     print(f"model {lm.name}, vocabulary {vocab}")
-    result: dict = {"cpu": cpu, "cores": os.cpu_count(), "vocab": vocab, "date": dt.datetime.now().isoformat()}
-    if args.part in ("engines", "all") and not args.unconstrained_only:
-        result["engines"] = bench_engines(names, lm.tokenizer, vocab, args.repeats)
-    if args.part in ("overhead", "all"):
-        print("\n== decodelab overhead (greedy, chat prompts)")
-        result["overhead"] = bench_overhead(lm, args.tokens, args.rounds, args.unconstrained_only)
+    result: dict = {"cpu": cpu, "cores": os.cpu_count(), "vocab": vocab, "date": dt.datetime.now().isoformat(),
+                    "args": vars(args)}
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = HERE / "results" / f"grammar-{stamp}.json"
+    if args.part in ("engines", "all") and not args.unconstrained_only:
+        result["engines"] = bench_engines(names, lm.tokenizer, vocab, args.repeats)
+        path.write_text(json.dumps(result, indent=1))  # each part is kept even if a later one is stopped
+    if args.part in ("overhead", "all"):
+        print("\n== decodelab overhead (greedy, chat prompts)")
+        result["overhead"] = bench_overhead(lm, args.tokens, args.rounds, args.unconstrained_only,
+                                            PROMPTS[: max(1, args.prompts)])
+    result["load_average"] = os.getloadavg()
     path.write_text(json.dumps(result, indent=1))
-    print(f"\nwritten {path.relative_to(HERE.parent)}")
+    print(f"\nwritten {path.relative_to(HERE.parent)} (load average {result['load_average'][0]:.1f} on "
+          f"{os.cpu_count()} cores: a busy machine slows the model step more than the mask)")
     return 0
 
 
