@@ -48,7 +48,8 @@ def _check_not_empty(lse: torch.Tensor, running: list[bool], step: int, cfg: Gen
 
     Raises:
         ConfigError: naming the first of ``suppress_tokens`` / ``bad_words_ids`` / ``sequence_bias`` /
-            ``logit_bias`` that is set (the only settings that can remove every token).
+            ``logit_bias`` / ``json_schema`` / ``regex`` / ``grammar`` that is set (the only settings that can remove
+            every token; a constraint alone never does, but with suppressed tokens it can).
     """
     empty = [r for r, (run, v) in enumerate(zip(running, lse.tolist())) if run and v == float("-inf")]
     if empty:
