@@ -1,0 +1,117 @@
+"""The widget in a real JupyterLab: the test starts ``jupyter lab`` on loopback (its own config and runtime
+directories, a random token), opens a notebook with Playwright on Debian's chromium (no browser download), runs its
+cells (``lm = decodelab.load(); lm.explore(...)``) and checks the widget's DOM: " night" first in the chart, a click
+on it appends the token (the kernel recomputes the chips: 7 instead of 6), and a generation with the logit lens
+draws one heatmap row per layer (30). Screenshots: test-artifacts/screenshots/jupyterlab-widget-*.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytest.importorskip("anywidget")
+pytest.importorskip("jupyterlab")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+CHROMIUM = os.environ.get("DECODELAB_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+SHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots"
+WAIT_MS = 240_000  # kernel start + model load + a generation on a busy 2-core machine
+CELLS = ["import decodelab\nlm = decodelab.load()", "w = lm.explore('It was a dark and stormy')\nw"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(embedded, tmp_path_factory):
+    """A JupyterLab server on loopback serving a directory with widget.ipynb; yields (url, token)."""
+    root = tmp_path_factory.mktemp("lab")
+    nb = {"nbformat": 4, "nbformat_minor": 5, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                          "language": "python"}},
+          "cells": [{"cell_type": "code", "id": f"c{i}", "metadata": {}, "source": src, "outputs": [],
+                     "execution_count": None} for i, src in enumerate(CELLS)]}
+    (root / "widget.ipynb").write_text(json.dumps(nb), encoding="utf-8")
+    token, port = secrets.token_hex(16), _free_port()
+    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(root / ".config"), JUPYTER_RUNTIME_DIR=str(root / ".runtime"),
+               JUPYTERLAB_WORKSPACES_DIR=str(root / ".workspaces"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
+         "--allow-root", "--ServerApp.terminals_enabled=False",
+         "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+         "--LabServerApp.extension_manager=readonly"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(root / "lab.log", "wb"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/api/status", params={"token": token}, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("jupyter lab did not start: " + (root / "lab.log").read_text(errors="replace")[-2000:])
+            time.sleep(0.5)
+        yield url, token
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_widget_runs_in_jupyterlab(lab):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} not found: run `make browser` (apt-get install chromium, as root)")
+    from playwright.sync_api import sync_playwright
+
+    url, token = lab
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1600})
+            page.set_default_timeout(WAIT_MS)
+            page.goto(f"{url}/lab/tree/widget.ipynb?token={token}")
+            page.wait_for_selector(".jp-NotebookPanel .jp-Cell")
+            page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget "
+                                   "&& window.jupyterapp.shell.currentWidget.sessionContext "
+                                   "&& window.jupyterapp.shell.currentWidget.sessionContext.session")
+            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            bars = page.locator(".dl-widget ol.bars button.cand")
+            bars.first.wait_for()
+            assert bars.count() == 10
+            assert bars.nth(0).get_attribute("data-id") == "3163" and "night" in bars.nth(0).inner_text()
+            assert page.locator(".dl-widget .chip").count() == 6
+            page.screenshot(path=str(SHOTS / "jupyterlab-widget-chart.png"), full_page=True)
+
+            bars.nth(0).click()  # step mode: the kernel appends " night" and recomputes chips and chart
+            page.wait_for_function("document.querySelectorAll('.dl-widget .chip').length === 7")
+            assert page.locator(".dl-widget .dl-prompt").inner_text() == "It was a dark and stormy night"
+
+            page.locator(".dl-widget input[name=max_new_tokens]").fill("3")
+            page.locator(".dl-widget input[name=lens]").check()
+            page.locator(".dl-widget button.dl-generate").click()
+            page.wait_for_selector(".dl-widget table.lens tr.lens-row")
+            assert page.locator(".dl-widget table.lens tr.lens-row").count() == 30
+            assert page.locator(".dl-widget .dl-gen .gtok").count() == 3
+            page.screenshot(path=str(SHOTS / "jupyterlab-widget-lens.png"), full_page=True)
+        finally:
+            browser.close()
