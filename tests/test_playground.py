@@ -237,6 +237,21 @@ def test_generate_beam_tree(page, lm):
     page.screenshot(path=str(SHOTS / "07-generate-beam-page.png"), full_page=True)
 
 
+def test_generate_with_logit_lens(page, lm):
+    page.select_option("#gen-strategy", "greedy")
+    page.fill("#gen-max", "3")
+    page.check("#gen-lens-on")
+    page.click("#generate")
+    page.wait_for_selector("#gen-lens tr.lens-row")
+    ref = lm.generate(PROMPT, max_new_tokens=3, lens=5)
+    assert page.locator("#gen-lens tr.lens-row").count() == lm.model.config.num_hidden_layers == 30
+    last = page.eval_on_selector_all("#gen-lens tr.lens-row:last-child td", "els => els.map(e => e.textContent)")
+    assert last == [s.layers[-1].top[0].token.replace(" ", "␣") for s in ref.trace.lens]
+    assert "97.1%" in page.get_attribute("#gen-lens tr.lens-row:last-child td >> nth=0", "title")  # p(' night')
+    page.locator("#gen-lens").screenshot(path=str(SHOTS / "07b-logit-lens.png"))
+    page.uncheck("#gen-lens-on")
+
+
 def test_compare_two_strategies(page, lm):
     page.select_option("#cmp-n", "2")
     page.fill("#gen-max", "4")

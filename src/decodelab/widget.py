@@ -59,9 +59,6 @@ def widget_css() -> str:
 .dl-widget { font: 14px system-ui, sans-serif; display: grid; gap: 6px; }
 .dl-sliders label { margin-right: 12px; }
 .dl-error { color: #b00020; margin: 0; }
-table.lens { border-collapse: collapse; font-size: 11px; }
-table.lens td, table.lens th { padding: 1px 4px; border: 1px solid #ddd; white-space: pre; }
-table.lens td.hit { font-weight: bold; }
 """
 
 

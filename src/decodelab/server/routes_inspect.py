@@ -28,6 +28,7 @@ from .schemas import RequestModel
 router = APIRouter(prefix="/api", tags=["inspect"], responses=ERROR_RESPONSES)
 
 MAX_TRACE_TOP_K = 50  # alternatives recorded per generated token (trace_top_k)
+MAX_LENS_TOP_K = 20  # tokens per layer and step of the logit lens (lens)
 
 
 # --- request bodies ------------------------------------------------------------------------------------------------
@@ -79,6 +80,8 @@ class GenerateRequest(RequestModel):
                           "probability mass removed, and the JSON path.")
     regex: str | None = Field(None, description="Constrain the new text to match this regular expression.")
     grammar: str | None = Field(None, description="Constrain the new text to this Lark or GBNF grammar.")
+    lens: int | None = Field(None, description=f"Logit lens: each layer's top tokens per step in trace.lens "
+                                               f"(0 or null: off; <= {MAX_LENS_TOP_K}).")
 
     def kwargs(self, max_tokens: int, max_n: int) -> dict[str, Any]:
         """``LM.generate`` keywords with ``trace=True``, after the server's caps.
@@ -89,7 +92,8 @@ class GenerateRequest(RequestModel):
         """
         kw = self.model_dump(exclude={"prompt"}, exclude_none=True)
         caps = {"max_new_tokens": (max_tokens, "--max-tokens"), "num_beams": (max_n, "--max-n"),
-                "num_return_sequences": (max_n, "--max-n"), "trace_top_k": (MAX_TRACE_TOP_K, "fixed")}
+                "num_return_sequences": (max_n, "--max-n"), "trace_top_k": (MAX_TRACE_TOP_K, "fixed"),
+                "lens": (MAX_LENS_TOP_K, "fixed")}
         for name, (cap, flag) in caps.items():
             value = kw.get(name)
             if isinstance(value, int) and value > cap:

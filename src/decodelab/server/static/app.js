@@ -182,6 +182,7 @@
     for (const k of Object.keys(kw)) if (kw[k] == null) delete kw[k];
     const kind = val("constraint");
     if (kind && val("constraint_spec")) kw[kind] = val("constraint_spec");  // json_schema as JSON text: the server parses it
+    if (form.elements.lens && form.elements.lens.checked) kw.lens = 5;  // logit lens: top 5 per layer and step
     return kw;
   }
 
@@ -249,6 +250,7 @@
           state.generation = { gen: ev.generation, prompt };
           best.hidden = true;
           renderGeneration(ev.generation, prompt, out, $("gen-alts"), $("gen-seqs"));
+          DL.views.lensHeatmap($("gen-lens"), ev.generation.trace, 0);
           renderTree();
         }
       }, genAbort.signal);
