@@ -4,8 +4,8 @@ JavaScript (the playground's own files + widget.js) in Debian's chromium with th
 The browser test loads the widget's ES module in a page with a stand-in for anywidget's model object (``get``,
 ``set``, ``on``, ``save_changes``, ``send``, as anywidget documents them) holding the state the kernel computed, and
 checks the DOM: " night" first in the chart, the sliders reshape it, a click sets the text one token longer (step
-mode), the generation is coloured with alternatives on hover, the beam tree is drawn and the lens heatmap has one
-row per layer. Screenshot: test-artifacts/screenshots/widget.png. Running it inside JupyterLab is not tested here.
+mode), the generation is coloured with alternatives on hover, the beam tree is drawn, the lens heatmap and the
+"follow a token" heatmap have one row per layer. Screenshot: test-artifacts/screenshots/widget.png. Running it inside JupyterLab is not tested here.
 """
 
 from __future__ import annotations
@@ -49,6 +49,18 @@ def test_kernel_side_state_step_mode_generation_and_fallback(tiny):
     assert w.error == "" and len(g["sequences"]) == 4 and g["prompt_text"] == w.text
     assert g["sequences"][0]["ids"] == tiny.generate(w.text, num_beams=4, max_new_tokens=3).sequences[0].ids
     assert len(g["trace"]["lens"]) == 4 * 3 and len(g["trace"]["lens"][0]["layers"]) == 2
+    w._on_msg(w, {"type": "follow", "token": " night"}, [])  # follow a token through the layers
+    from decodelab.lens import follow_token
+
+    grid = follow_token(tiny, tiny.generate(w.text, num_beams=4, num_return_sequences=4, max_new_tokens=3), " night")
+    assert w.error == "" and len(w.follow["grid"]) == 3 and len(w.follow["grid"][0]) == 2
+    assert w.follow["grid"] == [[list(c) for c in row] for row in grid]
+    assert w.follow["steps"] == [tiny.tokenizer.decode([i]) for i in g["sequences"][0]["new_ids"]]
+    w.follow_token(" dark and")
+    assert w.error.startswith("invalid token=' dark and'")
+    fresh = tiny.explore(PROMPT)
+    fresh.follow_token(" night")
+    assert fresh.error.startswith("generate first") and fresh.follow == {}
     w.settings = {"temperature": 0.7, "top_k": 5, "top_p": 0.9, "min_p": 0.0}
     w.run_generation("sampling", 2)
     assert w.generation["trace"]["config"]["top_k"] == 5 and w.generation["trace"]["strategy"] == "sampling"
@@ -79,7 +91,8 @@ def test_widget_in_chromium(embedded, tmp_path):
     lm = decodelab.LM(embedded.model, embedded.tokenizer, embedded.name)
     w = lm.explore(PROMPT)
     w.run_generation("beam search", 3, lens=True)
-    state = {k: getattr(w, k) for k in ("text", "tokens", "next", "settings", "generation", "error")}
+    w.follow_token(" night")
+    state = {k: getattr(w, k) for k in ("text", "tokens", "next", "settings", "generation", "error", "follow")}
     stub = """
 const state = %s, handlers = {};
 window.sets = []; window.sent = [];
@@ -120,7 +133,12 @@ window.ready = true;
             page.locator(".dl-gen .gtok").nth(0).hover()
             assert "night" in page.locator(".alts").inner_text()
             assert page.locator(".beamtree svg").count() == 1
-            assert page.locator("table.lens tr.lens-row").count() == embedded.model.config.num_hidden_layers == 30
+            assert page.locator(".dl-lens table.lens tr.lens-row").count() == embedded.model.config.num_hidden_layers == 30
+            assert page.locator(".dl-follow tr.lens-row").count() == 30  # ' night' followed through the layers
+            assert page.locator(".dl-follow tr.lens-row").last.locator("td").first.inner_text() == "0"
+            page.locator("input[name=follow]").fill(" day")
+            page.locator("button.dl-follow-go").click()
+            assert page.evaluate("window.sent")[-1] == {"type": "follow", "token": " day"}
             page.locator("button.dl-generate").click()
             assert page.evaluate("window.sent")[-1] == {"type": "generate", "strategy": "greedy",
                                                           "max_new_tokens": 12, "lens": False}

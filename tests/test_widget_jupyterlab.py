@@ -1,8 +1,9 @@
 """The widget in a real JupyterLab: the test starts ``jupyter lab`` on loopback (its own config and runtime
 directories, a random token), opens a notebook with Playwright on Debian's chromium (no browser download), runs its
 cells (``lm = decodelab.load(); lm.explore(...)``) and checks the widget's DOM: " night" first in the chart, a click
-on it appends the token (the kernel recomputes the chips: 7 instead of 6), and a generation with the logit lens
-draws one heatmap row per layer (30). Screenshots: test-artifacts/screenshots/jupyterlab-widget-*.png.
+on it appends the token (the kernel recomputes the chips: 7 instead of 6), a generation with the logit lens draws
+one heatmap row per layer (30), and following " night" draws its rank at every layer (30 rows).
+Screenshots: test-artifacts/screenshots/jupyterlab-widget-*.png.
 """
 
 from __future__ import annotations
@@ -109,9 +110,13 @@ def test_widget_runs_in_jupyterlab(lab):
             page.locator(".dl-widget input[name=max_new_tokens]").fill("3")
             page.locator(".dl-widget input[name=lens]").check()
             page.locator(".dl-widget button.dl-generate").click()
-            page.wait_for_selector(".dl-widget table.lens tr.lens-row")
-            assert page.locator(".dl-widget table.lens tr.lens-row").count() == 30
+            page.wait_for_selector(".dl-widget .dl-lens tr.lens-row")
+            assert page.locator(".dl-widget .dl-lens tr.lens-row").count() == 30
             assert page.locator(".dl-widget .dl-gen .gtok").count() == 3
+            page.locator(".dl-widget input[name=follow]").fill(" night")  # follow a token through the layers
+            page.locator(".dl-widget button.dl-follow-go").click()
+            page.wait_for_selector(".dl-widget .dl-follow tr.lens-row")
+            assert page.locator(".dl-widget .dl-follow tr.lens-row").count() == 30
             page.screenshot(path=str(SHOTS / "jupyterlab-widget-lens.png"), full_page=True)
         finally:
             browser.close()

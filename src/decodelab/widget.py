@@ -11,7 +11,8 @@ without a build step or a CDN: its JavaScript is the playground's own files (``s
   from the same logit summary ``/api/next-token`` sends: the model is not run again);
 - step mode: clicking a bar appends that token to the text (the kernel then recomputes chips and chart);
 - generation (greedy, sampling, beam search) coloured by probability, alternatives on hover, the beam tree, and
-  the logit lens heatmap (layers x steps) when "logit lens" is ticked.
+  the logit lens heatmap (layers x steps) when "logit lens" is ticked;
+- "follow a token": any token's rank and probability at every layer and step of that generation.
 
 Saved and reopened without a kernel (or rendered by nbconvert / GitHub), the output falls back to the static HTML
 views of :mod:`decodelab.render_html` (token chips and the next-token table), which the widget puts beside its
@@ -74,7 +75,8 @@ if anywidget is not None:
         Synced state: ``text``; ``tokens`` (``Tokens.to_dict()``); ``next`` (the logit summary of
         :func:`decodelab.server.reshape.logit_summary`: the :data:`LOGITS_K` highest raw logits and the tail's
         bins); ``settings`` (``temperature``, ``top_k``, ``top_p``, ``min_p``); ``generation``
-        (``Generation.to_dict()`` with the trace, plus ``prompt_text``); ``error`` (one line, or empty).
+        (``Generation.to_dict()`` with the trace, plus ``prompt_text``); ``follow`` (see :meth:`follow_token`);
+        ``error`` (one line, or empty).
 
         Raises:
             InputError: ``text`` is not a non-empty valid string (from :meth:`~decodelab.lm.LM.tokenize`).
@@ -88,11 +90,13 @@ if anywidget is not None:
         settings = traitlets.Dict({"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}).tag(sync=True)
         generation = traitlets.Dict({}).tag(sync=True)
         error = traitlets.Unicode("").tag(sync=True)
+        follow = traitlets.Dict({}).tag(sync=True)
 
         def __init__(self, lm, text: str, **kwargs: Any) -> None:
             lm.tokenize(text)  # a bad text fails here, before the widget exists
             super().__init__(**kwargs)
             self._lm = lm
+            self._generation = None
             self.observe(self._on_text, names="text")
             self.on_msg(self._on_msg)
             self.text = text
@@ -114,6 +118,8 @@ if anywidget is not None:
             if isinstance(content, dict) and content.get("type") == "generate":
                 self.run_generation(content.get("strategy", "greedy"), content.get("max_new_tokens", 12),
                                     bool(content.get("lens")))
+            elif isinstance(content, dict) and content.get("type") == "follow":
+                self.follow_token(content.get("token", ""))
 
         def run_generation(self, strategy: str = "greedy", max_new_tokens: int = 12, lens: bool = False) -> None:
             """Generate from the current text (what the Generate button does) and show it: ``strategy`` one of
@@ -132,7 +138,29 @@ if anywidget is not None:
             except DecodelabError as err:
                 self.error = str(err)
                 return
+            self._generation = g
             self.generation = {**g.to_dict(), "prompt_text": self.text}
+            self.follow = {}
+            self.error = ""
+
+        def follow_token(self, token: int | str) -> None:
+            """Follow ``token`` (an id or a one-token text) through every layer and step of the last generation's
+            first sequence (:func:`decodelab.lens.follow_token`): sets ``follow`` to ``{"token", "steps" (the
+            chosen tokens), "grid": [step][layer] -> [rank (0-based), prob in [0, 1]]}``. Errors (no generation
+            yet, not one token) are shown in ``error``, not raised."""
+            from .lens import follow_token
+
+            if self._generation is None:
+                self.error = "generate first: a token is followed through the layers of a generation"
+                return
+            try:
+                grid = follow_token(self._lm, self._generation, token)
+            except DecodelabError as err:
+                self.error = str(err)
+                return
+            seq = self._generation.sequences[0]
+            steps = [self._lm.tokenizer.decode([i]) for i in seq.new_ids]
+            self.follow = {"token": token, "steps": steps, "grid": [[list(c) for c in row] for row in grid]}
             self.error = ""
 
         def _repr_mimebundle_(self, **kwargs: Any):

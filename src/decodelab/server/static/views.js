@@ -168,33 +168,51 @@
     });
   }
 
-  /** The logit lens of one returned sequence (trace.lens, see decodelab/lens.py) as a layers x steps heatmap: one
-   *  row per decoder layer (the last, the model's own prediction, at the bottom), one column per generated token;
-   *  a cell is coloured by the probability that layer gives the finally chosen token and labelled with the layer's
-   *  top-1 token; its title lists the layer's top-k. Returns the number of layers drawn. */
-  function lensHeatmap(container, trace, sequence) {
+  /** A layers x steps heatmap table: one row per layer (the last at the bottom), one column per step, headed by
+   *  `tokens`; cell(step, layer) -> {text, prob, title, hit} (background: probColor(prob)). Returns the rows drawn. */
+  function heatmap(container, tokens, layers, cell) {
     container.replaceChildren();
-    const steps = ((trace && trace.lens) || []).filter((s) => s.sequence === (sequence || 0));
-    if (!steps.length) return 0;
-    const layers = steps[0].layers.length;
+    if (!tokens.length || !layers) return 0;
     const head = el("tr", {}, [el("th", { text: t("layer") })].concat(
-      steps.map((s) => el("th", { class: "lens-step", text: visible(s.token), title: JSON.stringify(s.token) }))));
+      tokens.map((tok) => el("th", { class: "lens-step", text: visible(tok), title: JSON.stringify(tok) }))));
     const rows = [];
     for (let l = 0; l < layers; l++) {
       rows.push(el("tr", { class: "lens-row", dataset: { layer: String(l) } }, [el("th", { text: String(l) })].concat(
-        steps.map((s) => {
-          const lay = s.layers[l], top = lay.top[0];
-          const title = JSON.stringify(s.token) + " · p " + pct(lay.prob) + " · rank " + lay.rank + "\n" +
-            lay.top.map((c) => JSON.stringify(c.token) + " " + pct(c.prob)).join("\n");
-          return el("td", { class: "lens-cell" + (top && top.id === s.id ? " hit" : ""), tabindex: "0", title,
-                            style: "background:" + probColor(lay.prob), dataset: { prob: String(lay.prob) },
-                            text: top ? visible(top.token) : "" });
+        tokens.map((_, i) => {
+          const c = cell(i, l);
+          return el("td", { class: "lens-cell" + (c.hit ? " hit" : ""), tabindex: "0", title: c.title,
+                            style: "background:" + probColor(c.prob), dataset: { prob: String(c.prob) }, text: c.text });
         }))));
     }
     container.append(el("table", { class: "lens" }, [el("thead", {}, [head]), el("tbody", {}, rows)]));
     return layers;
   }
 
+  /** The logit lens of one returned sequence (trace.lens, see decodelab/lens.py): a cell is coloured by the
+   *  probability that layer gives the finally chosen token and labelled with the layer's top-1 token; its title
+   *  lists the layer's top-k. Returns the number of layers drawn. */
+  function lensHeatmap(container, trace, sequence) {
+    const steps = ((trace && trace.lens) || []).filter((s) => s.sequence === (sequence || 0));
+    return heatmap(container, steps.map((s) => s.token), steps.length ? steps[0].layers.length : 0, (i, l) => {
+      const s = steps[i], lay = s.layers[l], top = lay.top[0];
+      return { text: top ? visible(top.token) : "", prob: lay.prob, hit: Boolean(top && top.id === s.id),
+               title: JSON.stringify(s.token) + " · p " + pct(lay.prob) + " · rank " + lay.rank + "\n" +
+                      lay.top.map((c) => JSON.stringify(c.token) + " " + pct(c.prob)).join("\n") };
+    });
+  }
+
+  /** "Follow a token": follow = {token, steps: [chosen token per step], grid: [step][layer] -> [rank, prob]}
+   *  (decodelab.lens.follow_token); a cell shows the followed token's rank at that layer, coloured by its
+   *  probability. Returns the number of layers drawn. */
+  function followHeatmap(container, follow) {
+    const grid = (follow && follow.grid) || [];
+    return heatmap(container, (follow && follow.steps) || [], grid.length ? grid[0].length : 0, (i, l) => {
+      const [rank, p] = grid[i][l];
+      return { text: String(rank), prob: p, hit: rank === 0,
+               title: JSON.stringify(follow.token) + " · rank " + rank + " · p " + pct(p) };
+    });
+  }
+
   window.DL = window.DL || {};
-  window.DL.views = { el, visible, pct, probColor, chips, bars, coloured, alternatives, tokenItems, lensHeatmap };
+  window.DL.views = { el, visible, pct, probColor, chips, bars, coloured, alternatives, tokenItems, lensHeatmap, followHeatmap };
 })();

@@ -5,7 +5,7 @@
  * State (traitlets in decodelab/widget.py): text, tokens (Tokens.to_dict()), next (logit summary of /api/next-token:
  * candidates + tail bins), settings {temperature, top_k, top_p, min_p}, generation (Generation.to_dict() with the
  * trace, and the lens when asked), error. Actions: set "text" (a bar click appends its token: step mode), send
- * {type: "generate", strategy, max_new_tokens, lens}. */
+ * {type: "generate", strategy, max_new_tokens, lens}, {type: "follow", token} (follow: {token, steps, grid}). */
 
 const h = (tag, attrs, children) => DL.views.el(tag, attrs, children);
 
@@ -17,6 +17,10 @@ function render({ model, el }) {
   const bars = h("ol", { class: "bars" });
   const gen = h("div", { class: "output dl-gen" }), alts = h("div", { class: "alts" });
   const tree = h("div", { class: "beamtree" }), lens = h("div", { class: "dl-lens" });
+  const follow = h("div", { class: "dl-follow" });
+  const followInput = h("input", { type: "text", name: "follow", placeholder: "a token, e.g. ' night'", size: "16" });
+  const followGo = h("button", { type: "button", class: "dl-follow-go", text: "Follow",
+    onclick: () => model.send({ type: "follow", token: followInput.value }) });
   const error = h("p", { class: "dl-error", role: "alert" });
 
   const settings = () => Object.assign({ temperature: 1, top_k: 0, top_p: 1, min_p: 0 }, model.get("settings") || {});
@@ -44,7 +48,9 @@ function render({ model, el }) {
   root.append(h("div", { class: "dl-prompt" }), chips, chipDetail, sliders, bars,
               h("div", { class: "dl-controls" }, [strategy, " ", count, " new tokens ",
                                                    h("label", {}, [withLens, " logit lens"]), " ", go]),
-              error, gen, alts, tree, lens);
+              error, gen, alts, tree, lens,
+              h("div", { class: "dl-controls" }, ["follow a token through the layers: ", followInput, " ", followGo]),
+              follow);
 
   function drawText() {
     root.querySelector(".dl-prompt").textContent = model.get("text");
@@ -72,6 +78,7 @@ function render({ model, el }) {
     }
   }
   const drawError = () => { error.textContent = model.get("error") || ""; };
+  const drawFollow = () => DL.views.followHeatmap(follow, model.get("follow"));
 
   model.on("change:text", drawText);
   model.on("change:tokens", drawText);
@@ -79,7 +86,8 @@ function render({ model, el }) {
   model.on("change:settings", drawBars);
   model.on("change:generation", drawGeneration);
   model.on("change:error", drawError);
-  drawText(); drawBars(); drawGeneration(); drawError();
+  model.on("change:follow", drawFollow);
+  drawText(); drawBars(); drawGeneration(); drawError(); drawFollow();
 }
 
 export default { render };
