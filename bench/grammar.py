@@ -29,7 +29,6 @@ import datetime as dt
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -37,16 +36,7 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or ``platform.processor()``."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from decodelab.fastpath.kernel_choice import cpu_model  # noqa: E402
 
 
 def _compact(x) -> str:
