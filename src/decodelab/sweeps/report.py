@@ -118,13 +118,18 @@ def plots(table: list[dict], rows: Sequence[dict]) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in table:
+    for i, r in enumerate(table):
         if r["perplexity"] is None or r["repetition"] is None:
             continue
         ax.scatter(r["perplexity"], 100 * r["repetition"], s=40)
+        # labels alternately above and below the point: strategies with near-equal values stay readable
         ax.annotate(r["strategy"], (r["perplexity"], 100 * r["repetition"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
+                    xytext=(5, 4 if i % 2 == 0 else -11), fontsize=8)
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # 1, 10, 100 rather than 10^0 ... with crowded minor labels
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("perplexity under the model (log scale)")
     ax.set_ylabel("generations ending in a loop (%)")
     ax.set_title("Repetition vs perplexity per strategy")
