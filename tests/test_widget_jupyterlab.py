@@ -2,8 +2,9 @@
 directories, a random token), opens a notebook with Playwright on Debian's chromium (no browser download), runs its
 cells (``lm = decodelab.load(); lm.explore(...)``) and checks the widget's DOM: " night" first in the chart, a click
 on it appends the token (the kernel recomputes the chips: 7 instead of 6), a generation with the logit lens draws
-one heatmap row per layer (30), and following " night" draws its rank at every layer (30 rows).
-Screenshots: test-artifacts/screenshots/jupyterlab-widget-*.png.
+one heatmap row per layer (30), and following " night" draws its rank at every layer (30 rows). It also opens the
+saved examples/walkthrough.ipynb without running it: the widget cell shows its static fallback (chips, next-token
+table). Screenshots: test-artifacts/screenshots/jupyterlab-*.png.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ CHROMIUM = os.environ.get("DECODELAB_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 SHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots"
 WAIT_MS = 240_000  # kernel start + model load + a generation on a busy 2-core machine
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "walkthrough.ipynb"
 CELLS = ["import decodelab\nlm = decodelab.load()", "w = lm.explore('It was a dark and stormy')\nw"]
 
 
@@ -47,6 +49,7 @@ def lab(embedded, tmp_path_factory):
           "cells": [{"cell_type": "code", "id": f"c{i}", "metadata": {}, "source": src, "outputs": [],
                      "execution_count": None} for i, src in enumerate(CELLS)]}
     (root / "widget.ipynb").write_text(json.dumps(nb), encoding="utf-8")
+    (root / "walkthrough.ipynb").write_bytes(EXAMPLE.read_bytes())
     token, port = secrets.token_hex(16), _free_port()
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(root / ".config"), JUPYTER_RUNTIME_DIR=str(root / ".runtime"),
                JUPYTERLAB_WORKSPACES_DIR=str(root / ".workspaces"))
@@ -118,5 +121,34 @@ def test_widget_runs_in_jupyterlab(lab):
             page.wait_for_selector(".dl-widget .dl-follow tr.lens-row")
             assert page.locator(".dl-widget .dl-follow tr.lens-row").count() == 30
             page.screenshot(path=str(SHOTS / "jupyterlab-widget-lens.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_saved_widget_output_shows_its_static_view_when_reopened(lab):
+    """The walk-through as saved (outputs kept, no widget state, nothing run): the lm.explore cell shows the
+    static fallback (token chips and the next-token table) instead of an empty or broken widget."""
+    from playwright.sync_api import sync_playwright
+
+    url, token = lab
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1200})
+            page.set_default_timeout(WAIT_MS)
+            page.goto(f"{url}/lab/tree/walkthrough.ipynb?token={token}")
+            page.wait_for_selector(".jp-NotebookPanel .jp-Cell")
+            page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget "
+                                   "&& window.jupyterapp.shell.currentWidget.content")
+            output = """() => { const nb = window.jupyterapp.shell.currentWidget.content;
+                const i = nb.widgets.findIndex((w) => w.model.sharedModel.getSource().includes("lm.explore(PROMPT)"));
+                if (i < 0) return "";
+                nb.activeCellIndex = i; nb.scrollToItem(i, "start");
+                const area = nb.widgets[i].node.querySelector(".jp-OutputArea");
+                return area ? area.innerText : ""; }"""
+            page.wait_for_function(f"({output})().includes('3163')")
+            text = page.evaluate(output)
+            assert "1589" in text and "43471" in text and '" night"' in text and "97.07%" in text
+            page.screenshot(path=str(SHOTS / "jupyterlab-reopened-fallback.png"))
         finally:
             browser.close()
