@@ -81,74 +81,77 @@ def lab(embedded, tmp_path_factory):
             proc.kill()
 
 
-def test_widget_runs_in_jupyterlab(lab):
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium through Playwright (no browser download)."""
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} not found: run `make browser` (apt-get install chromium, as root)")
     from playwright.sync_api import sync_playwright
 
-    url, token = lab
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1600})
-            page.set_default_timeout(WAIT_MS)
-            page.goto(f"{url}/lab/tree/widget.ipynb?token={token}")
-            page.wait_for_selector(".jp-NotebookPanel .jp-Cell")
-            page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget "
-                                   "&& window.jupyterapp.shell.currentWidget.sessionContext "
-                                   "&& window.jupyterapp.shell.currentWidget.sessionContext.session")
-            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            bars = page.locator(".dl-widget ol.bars button.cand")
-            bars.first.wait_for()
-            assert bars.count() == 10
-            assert bars.nth(0).get_attribute("data-id") == "3163" and "night" in bars.nth(0).inner_text()
-            assert page.locator(".dl-widget .chip").count() == 6
-            page.screenshot(path=str(SHOTS / "jupyterlab-widget-chart.png"), full_page=True)
-
-            bars.nth(0).click()  # step mode: the kernel appends " night" and recomputes chips and chart
-            page.wait_for_function("document.querySelectorAll('.dl-widget .chip').length === 7")
-            assert page.locator(".dl-widget .dl-prompt").inner_text() == "It was a dark and stormy night"
-
-            page.locator(".dl-widget input[name=max_new_tokens]").fill("3")
-            page.locator(".dl-widget input[name=lens]").check()
-            page.locator(".dl-widget button.dl-generate").click()
-            page.wait_for_selector(".dl-widget .dl-lens tr.lens-row")
-            assert page.locator(".dl-widget .dl-lens tr.lens-row").count() == 30
-            assert page.locator(".dl-widget .dl-gen .gtok").count() == 3
-            page.locator(".dl-widget input[name=follow]").fill(" night")  # follow a token through the layers
-            page.locator(".dl-widget button.dl-follow-go").click()
-            page.wait_for_selector(".dl-widget .dl-follow tr.lens-row")
-            assert page.locator(".dl-widget .dl-follow tr.lens-row").count() == 30
-            page.screenshot(path=str(SHOTS / "jupyterlab-widget-lens.png"), full_page=True)
-        finally:
-            browser.close()
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
 
 
-def test_saved_widget_output_shows_its_static_view_when_reopened(lab):
+def _open_notebook(browser, lab, name: str, height: int):
+    """A new page showing notebook ``name`` of the ``lab`` server, once JupyterLab exposes it as the current widget."""
+    url, token = lab
+    page = browser.new_page(viewport={"width": 1280, "height": height})
+    page.set_default_timeout(WAIT_MS)
+    page.goto(f"{url}/lab/tree/{name}?token={token}")
+    page.wait_for_selector(".jp-NotebookPanel .jp-Cell")
+    page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget "
+                           "&& window.jupyterapp.shell.currentWidget.content")
+    return page
+
+
+def test_widget_runs_in_jupyterlab(browser, lab):
+    page = _open_notebook(browser, lab, "widget.ipynb", 1600)
+    try:
+        page.wait_for_function("window.jupyterapp.shell.currentWidget.sessionContext.session")
+        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        bars = page.locator(".dl-widget ol.bars button.cand")
+        bars.first.wait_for()
+        assert bars.count() == 10
+        assert bars.nth(0).get_attribute("data-id") == "3163" and "night" in bars.nth(0).inner_text()
+        assert page.locator(".dl-widget .chip").count() == 6
+        page.screenshot(path=str(SHOTS / "jupyterlab-widget-chart.png"), full_page=True)
+
+        bars.nth(0).click()  # step mode: the kernel appends " night" and recomputes chips and chart
+        page.wait_for_function("document.querySelectorAll('.dl-widget .chip').length === 7")
+        assert page.locator(".dl-widget .dl-prompt").inner_text() == "It was a dark and stormy night"
+
+        page.locator(".dl-widget input[name=max_new_tokens]").fill("3")
+        page.locator(".dl-widget input[name=lens]").check()
+        page.locator(".dl-widget button.dl-generate").click()
+        page.wait_for_selector(".dl-widget .dl-lens tr.lens-row")
+        assert page.locator(".dl-widget .dl-lens tr.lens-row").count() == 30
+        assert page.locator(".dl-widget .dl-gen .gtok").count() == 3
+        page.locator(".dl-widget input[name=follow]").fill(" night")  # follow a token through the layers
+        page.locator(".dl-widget button.dl-follow-go").click()
+        page.wait_for_selector(".dl-widget .dl-follow tr.lens-row")
+        assert page.locator(".dl-widget .dl-follow tr.lens-row").count() == 30
+        page.screenshot(path=str(SHOTS / "jupyterlab-widget-lens.png"), full_page=True)
+    finally:
+        page.close()
+
+
+def test_saved_widget_output_shows_its_static_view_when_reopened(browser, lab):
     """The walk-through as saved (outputs kept, no widget state, nothing run): the lm.explore cell shows the
     static fallback (token chips and the next-token table) instead of an empty or broken widget."""
-    from playwright.sync_api import sync_playwright
-
-    url, token = lab
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1200})
-            page.set_default_timeout(WAIT_MS)
-            page.goto(f"{url}/lab/tree/walkthrough.ipynb?token={token}")
-            page.wait_for_selector(".jp-NotebookPanel .jp-Cell")
-            page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget "
-                                   "&& window.jupyterapp.shell.currentWidget.content")
-            output = """() => { const nb = window.jupyterapp.shell.currentWidget.content;
-                const i = nb.widgets.findIndex((w) => w.model.sharedModel.getSource().includes("lm.explore(PROMPT)"));
-                if (i < 0) return "";
-                nb.activeCellIndex = i; nb.scrollToItem(i, "start");
-                const area = nb.widgets[i].node.querySelector(".jp-OutputArea");
-                return area ? area.innerText : ""; }"""
-            page.wait_for_function(f"({output})().includes('3163')")
-            text = page.evaluate(output)
-            assert "1589" in text and "43471" in text and '" night"' in text and "97.07%" in text
-            page.screenshot(path=str(SHOTS / "jupyterlab-reopened-fallback.png"))
-        finally:
-            browser.close()
+    page = _open_notebook(browser, lab, "walkthrough.ipynb", 1200)
+    try:
+        output = """() => { const nb = window.jupyterapp.shell.currentWidget.content;
+            const i = nb.widgets.findIndex((w) => w.model.sharedModel.getSource().includes("lm.explore(PROMPT)"));
+            if (i < 0) return "";
+            nb.activeCellIndex = i; nb.scrollToItem(i, "start");
+            const area = nb.widgets[i].node.querySelector(".jp-OutputArea");
+            return area ? area.innerText : ""; }"""
+        page.wait_for_function(f"({output})().includes('3163')")
+        text = page.evaluate(output)
+        assert "1589" in text and "43471" in text and '" night"' in text and "97.07%" in text
+        page.screenshot(path=str(SHOTS / "jupyterlab-reopened-fallback.png"))
+    finally:
+        page.close()
