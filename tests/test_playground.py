@@ -211,6 +211,7 @@ def test_generate_greedy_streamed_and_coloured(page, lm):
     page.hover("#gen-output .gtok >> nth=2")
     alts = page.inner_text("#gen-alts")
     assert "Alternatives at step 3" in alts and "␣and" in alts
+    assert "null" not in alts  # no constraint: no header, not the text "null"
     assert page.inner_text("#gen-alts li.chosen code") == "␣with"
     page.locator("#panel-generate").screenshot(path=str(SHOTS / "05-generate-greedy.png"))
 

@@ -121,7 +121,8 @@
       t("constraintStep", { kind: t("constraint." + c.kind), n: c.allowed.toLocaleString(), mass: pct(c.mass_removed) }),
       c.path ? [" · " + t("constraintAt") + " ", el("span", { class: "path", text: c.path })] : null,
     ].flat()) : null;
-    container.replaceChildren(
+    // replaceChildren turns null into the text "null": leave the constraint header out when there is none
+    container.replaceChildren(...[
       el("p", { class: "alts-h" }, [t("alternatives", { step: index + 1 }) + ": " + t("chose") + " ",
         el("code", { text: visible(item.token) }), " (" + pct(item.prob) + ")"]),
       head,
@@ -131,8 +132,8 @@
           el("code", { text: visible(a.token) }),
           el("span", { class: "altbar", style: "width:" + (100 * a.prob).toFixed(1) + "%" }),
           el("span", { text: " " + pct(a.prob) + (a.forbidden ? " · " + t("forbidden") : a.processed != null ? " · " + t("processed") + " " + pct(a.processed) : "") }),
-        ])))
-    );
+        ]))),
+    ].filter((node) => node != null));
   }
 
   /** Items for coloured output: one per generated token of sequence 0, with its alternatives. */
