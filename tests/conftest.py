@@ -99,3 +99,26 @@ def tiny_qwen2():
     from decodelab.testing import tiny_random_model
 
     return tiny_random_model("qwen2", seed=0)
+
+
+CHROMIUM = os.environ.get("DECODELAB_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium (``$DECODELAB_CHROMIUM``, default /usr/bin/chromium) through Playwright, headless, one per
+    test module; never a browser download. Fails (not skips) when chromium is missing: ``make browser`` installs it.
+    Screenshots go to ``test-artifacts/screenshots`` (created here)."""
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} not found: run `make browser` (apt-get install chromium, as root)")
+    from pathlib import Path
+
+    from playwright.sync_api import sync_playwright
+
+    (Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots").mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

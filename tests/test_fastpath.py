@@ -410,6 +410,20 @@ def tiny_qwen3():
     return model
 
 
+def assert_padded_batch_parity(exact: Engine, plain: Engine, fused: Engine | None = None, steps: int = 8) -> None:
+    """On a left-padded batch of two (vocabulary >= 301), prefill and ``steps`` greedy decode steps: ``exact``'s logits
+    bit for bit ``plain``'s, ``fused``'s (``kernels="fast"``) within float32 rounding."""
+    ids = torch.tensor([[0, 0, 5, 17, 300, 42], [7, 9, 11, 13, 15, 17]])
+    mask = (ids != 0).long()
+    mask[1] = 1
+    b, _ = run_steps(plain, ids, mask, steps, hint=steps)
+    a, _ = run_steps(exact, ids, mask, steps, hint=steps)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    if fused is not None:
+        for z, y in zip(run_steps(fused, ids, mask, steps, hint=steps)[0], b):
+            torch.testing.assert_close(z, y, rtol=1e-4, atol=1e-4)
+
+
 def test_qwen3_fast_path_is_bit_exact_and_its_fused_form_close(tiny_llama):
     """Qwen3 on the fast path (query / key RMSNorm per head before the rotary embedding): prefill and decode-step
     logits bit for bit the plain path's, padded batch included; ``kernels="fast"`` (q and k heads normalised in
@@ -418,15 +432,7 @@ def test_qwen3_fast_path_is_bit_exact_and_its_fused_form_close(tiny_llama):
     assert unsupported_reason(model) is None
     exact, fused, plain = Engine(model), Engine(model, kernels="fast"), Engine(model, fast=False)
     assert exact.fast.layers[0].q_norm is not None and fused.fast.layers[0].qk_norm.shape == (6, 1, 32)
-    ids = torch.tensor([[0, 0, 5, 17, 300, 42], [7, 9, 11, 13, 15, 17]])
-    mask = (ids != 0).long()
-    mask[1] = 1
-    a, _ = run_steps(exact, ids, mask, 8, hint=8)
-    b, _ = run_steps(plain, ids, mask, 8, hint=8)
-    c, _ = run_steps(fused, ids, mask, 8, hint=8)
-    for x, y, z in zip(a, b, c):
-        assert torch.equal(x, y)
-        torch.testing.assert_close(z, y, rtol=1e-4, atol=1e-4)
+    assert_padded_batch_parity(exact, plain, fused)
     prompt = torch.tensor([[5, 17, 300, 42, 7, 9]])
     for kw in (dict(max_new_tokens=12), dict(max_new_tokens=8, num_beams=4, repetition_penalty=2.0)):
         with torch.inference_mode():
@@ -456,11 +462,7 @@ def test_mistral_takes_the_fast_path_unless_its_window_binds(tiny_llama, window)
         assert engine.fast is None and engine.fast_reason == "sliding window of 4 positions"
         return
     plain = Engine(model, fast=False)
-    ids = torch.tensor([[0, 0, 5, 17, 300, 42], [7, 9, 11, 13, 15, 17]])
-    mask = (ids != 0).long()
-    mask[1] = 1
-    for x, y in zip(run_steps(engine, ids, mask, 6, hint=6)[0], run_steps(plain, ids, mask, 6, hint=6)[0]):
-        assert torch.equal(x, y)
+    assert_padded_batch_parity(engine, plain)
     prompt = torch.tensor([[5, 17, 300, 42, 7, 9]])
     with torch.inference_mode():
         ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=10,
@@ -486,12 +488,4 @@ def test_phi3_fast_path_uses_its_stacked_projections_bit_exactly():
     layer = exact.fast.layers[0]
     assert layer.q is None and layer.qkv.weight is model.model.layers[0].self_attn.qkv_proj.weight
     assert layer.qkv_sizes == [64, 32, 32]
-    ids = torch.tensor([[0, 0, 5, 17, 300, 42], [7, 9, 11, 13, 15, 17]])
-    mask = (ids != 0).long()
-    mask[1] = 1
-    a, _ = run_steps(exact, ids, mask, 8, hint=8)
-    b, _ = run_steps(plain, ids, mask, 8, hint=8)
-    c, _ = run_steps(fused, ids, mask, 8, hint=8)
-    for x, y, z in zip(a, b, c):
-        assert torch.equal(x, y)
-        torch.testing.assert_close(z, y, rtol=1e-4, atol=1e-4)
+    assert_padded_batch_parity(exact, plain, fused)

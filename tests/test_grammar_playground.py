@@ -7,7 +7,6 @@ test-artifacts/screenshots/."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,30 +17,22 @@ from test_grammar import CITY, lm  # noqa: F401 -- lm: the module-scoped LM fixt
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
-CHROMIUM = os.environ.get("DECODELAB_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots"
 SCHEMA = CITY
 PROMPT = "The Eiffel Tower as JSON: "
 
 
 @pytest.fixture(scope="module")
-def page(lm):
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} not found: run `make browser` (apt-get install chromium, as root)")
-    from playwright.sync_api import sync_playwright
-
-    SHOTS.mkdir(parents=True, exist_ok=True)
+def page(lm, browser):
     errors: list[str] = []
-    with BackgroundServer(create_app(lm, Settings(max_tokens=64, max_n=4))) as srv, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        pg = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    with BackgroundServer(create_app(lm, Settings(max_tokens=64, max_n=4))) as srv:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        pg = context.new_page()
         pg.set_default_timeout(180_000)
         pg.on("pageerror", lambda e: errors.append(str(e)))
         pg.goto(srv.url + "/")
         yield pg
-        browser.close()
+        context.close()
     assert not errors, errors
 
 

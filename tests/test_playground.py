@@ -8,7 +8,6 @@ download (``playwright install``) is never used.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import httpx
@@ -20,9 +19,6 @@ from decodelab.server.background import BackgroundServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-CHROMIUM = os.environ.get("DECODELAB_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots"
 PROMPT = "It was a dark and stormy"
 WAIT_MS = 120_000  # a model call on a busy 2-core machine
@@ -37,19 +33,6 @@ def lm(embedded):
 def server(lm):
     with BackgroundServer(create_app(lm, Settings(max_tokens=64, max_n=4))) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} not found: run `make browser` (apt-get install chromium, as root)")
-    from playwright.sync_api import sync_playwright
-
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ mode), the generation is coloured with alternatives on hover, the beam tree is d
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -24,8 +23,6 @@ anywidget = pytest.importorskip("anywidget")
 from decodelab.widget import STATIC_FILES, Explorer, _static, widget_esm  # noqa: E402
 
 PROMPT = "It was a dark and stormy"
-CHROMIUM = os.environ.get("DECODELAB_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 SHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots"
 
 
@@ -83,11 +80,7 @@ def test_javascript_is_the_playgrounds_own():
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_widget_in_chromium(embedded, tmp_path):
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} not found: run `make browser` (apt-get install chromium, as root)")
-    from playwright.sync_api import sync_playwright
-
+def test_widget_in_chromium(embedded, tmp_path, browser):
     lm = decodelab.LM(embedded.model, embedded.tokenizer, embedded.name)
     w = lm.explore(PROMPT)
     w.run_generation("beam search", 3, lens=True)
@@ -109,40 +102,37 @@ window.ready = true;
     page_file = tmp_path / "widget.html"
     page_file.write_text('<!doctype html><meta charset="utf-8"><style>' + w._css + '</style><div id="root"></div>'
                          '<script type="module">' + widget_esm() + stub + "</script>", encoding="utf-8")
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 1400})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(page_file.as_uri())
-            page.wait_for_function("window.ready === true", timeout=30_000)
-            assert page.locator(".chip").count() == 6
-            bars = page.locator("ol.bars button.cand")
-            assert bars.count() == 10
-            assert bars.nth(0).get_attribute("data-id") == "3163" and "night" in bars.nth(0).inner_text()
-            assert page.locator("ol.bars button.cand.filtered").count() == 0
-            page.locator("input[name=top_k]").fill("1")  # live reshaping, no kernel call
-            page.locator("input[name=top_k]").dispatch_event("input")
-            assert page.locator("ol.bars button.cand.filtered").count() == 9
-            assert page.evaluate("window.sets.at(-1)")[1]["top_k"] == 1
-            bars.nth(0).click()  # step mode
-            assert page.evaluate("window.sets.filter((s) => s[0] === 'text').at(-1)[1]") == PROMPT + " night"
-            assert page.locator(".dl-gen .gtok").count() == 3
-            page.locator(".dl-gen .gtok").nth(0).hover()
-            assert "night" in page.locator(".alts").inner_text()
-            assert page.locator(".beamtree svg").count() == 1
-            assert page.locator(".dl-lens table.lens tr.lens-row").count() == embedded.model.config.num_hidden_layers == 30
-            assert page.locator(".dl-follow tr.lens-row").count() == 30  # ' night' followed through the layers
-            assert page.locator(".dl-follow tr.lens-row").last.locator("td").first.inner_text() == "0"
-            page.locator("input[name=follow]").fill(" day")
-            page.locator("button.dl-follow-go").click()
-            assert page.evaluate("window.sent")[-1] == {"type": "follow", "token": " day"}
-            page.locator("button.dl-generate").click()
-            assert page.evaluate("window.sent")[-1] == {"type": "generate", "strategy": "greedy",
-                                                          "max_new_tokens": 12, "lens": False}
-            page.screenshot(path=str(SHOTS / "widget.png"), full_page=True)
-            assert not errors, errors
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 1100, "height": 1400})
+    try:
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(page_file.as_uri())
+        page.wait_for_function("window.ready === true", timeout=30_000)
+        assert page.locator(".chip").count() == 6
+        bars = page.locator("ol.bars button.cand")
+        assert bars.count() == 10
+        assert bars.nth(0).get_attribute("data-id") == "3163" and "night" in bars.nth(0).inner_text()
+        assert page.locator("ol.bars button.cand.filtered").count() == 0
+        page.locator("input[name=top_k]").fill("1")  # live reshaping, no kernel call
+        page.locator("input[name=top_k]").dispatch_event("input")
+        assert page.locator("ol.bars button.cand.filtered").count() == 9
+        assert page.evaluate("window.sets.at(-1)")[1]["top_k"] == 1
+        bars.nth(0).click()  # step mode
+        assert page.evaluate("window.sets.filter((s) => s[0] === 'text').at(-1)[1]") == PROMPT + " night"
+        assert page.locator(".dl-gen .gtok").count() == 3
+        page.locator(".dl-gen .gtok").nth(0).hover()
+        assert "night" in page.locator(".alts").inner_text()
+        assert page.locator(".beamtree svg").count() == 1
+        assert page.locator(".dl-lens table.lens tr.lens-row").count() == embedded.model.config.num_hidden_layers == 30
+        assert page.locator(".dl-follow tr.lens-row").count() == 30  # ' night' followed through the layers
+        assert page.locator(".dl-follow tr.lens-row").last.locator("td").first.inner_text() == "0"
+        page.locator("input[name=follow]").fill(" day")
+        page.locator("button.dl-follow-go").click()
+        assert page.evaluate("window.sent")[-1] == {"type": "follow", "token": " day"}
+        page.locator("button.dl-generate").click()
+        assert page.evaluate("window.sent")[-1] == {"type": "generate", "strategy": "greedy",
+                                                  "max_new_tokens": 12, "lens": False}
+        page.screenshot(path=str(SHOTS / "widget.png"), full_page=True)
+        assert not errors, errors
+    finally:
+        page.close()

@@ -26,8 +26,6 @@ pytest.importorskip("jupyterlab")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-CHROMIUM = os.environ.get("DECODELAB_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 SHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots"
 WAIT_MS = 240_000  # kernel start + model load + a generation on a busy 2-core machine
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "walkthrough.ipynb"
@@ -79,20 +77,6 @@ def lab(embedded, tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Debian's chromium through Playwright (no browser download)."""
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} not found: run `make browser` (apt-get install chromium, as root)")
-    from playwright.sync_api import sync_playwright
-
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def _open_notebook(browser, lab, name: str, height: int):
