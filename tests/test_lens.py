@@ -112,3 +112,5 @@ def test_cli_lens(tiny_llama, monkeypatch):
     assert "logit lens" in table.output and "layer 1" in table.output
     bad = runner.invoke(cli.app, ["generate", PROMPT, "--lens-top-k", "101"])
     assert bad.exit_code == 2 and "lens" in bad.output
+    zero = runner.invoke(cli.app, ["generate", PROMPT, "--lens-top-k", "0"])  # 0 would silently mean "no lens"
+    assert zero.exit_code == 2 and "--lens-top-k=0" in zero.output and "Traceback" not in zero.output

@@ -233,6 +233,8 @@ def generate(
         lens=lens_top_k if lens_top_k is not None else lens,
         json_schema=_read_spec(json_schema, "--json-schema"), regex=regex, grammar=_read_spec(grammar, "--grammar"),
     )
+    if lens_top_k is not None and lens_top_k < 1:  # lens=0 means "off" to the API; the flag promises a lens
+        raise _fail(f"invalid --lens-top-k={lens_top_k}: must be at least 1 (it turns the lens on)")
     if stream and (json_out or trace or "lens" in kwargs):
         raise typer.BadParameter("prints plain text; it cannot be combined with --json, --trace or --lens",
                                  param_hint="--stream")
