@@ -20,6 +20,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 
 from . import __version__
@@ -170,46 +171,72 @@ def _generation_kwargs(**given: Any) -> dict[str, Any]:
     return out
 
 
-@app.command()
-@_guarded
+# the Python type of a knob's option, by its kind (decodelab.knobs.Kind); list types make a repeatable option
+_CLI_TYPES: dict[str, Any] = {"int": Optional[int], "float": Optional[float], "bool": bool,
+                              "ids": Optional[list[int]], "strings": Optional[list[str]]}
+
+
+def _knob_help(name: str, knob, default: Any) -> str:
+    shown = default is not None and default is not False and default != ()
+    extra = [f"default {default}" if shown else "", knob.bounds_text()]
+    if knob.kind in ("ids", "strings") and knob.cli_input == "value":
+        extra.append("repeatable")
+    if knob.cli_input == "json":
+        extra.append("JSON")
+    elif knob.cli_input == "file":
+        extra.append("a file; '-': stdin")
+    tail = "; ".join(e for e in extra if e)
+    return escape(f"{knob.doc} ({tail})" if tail else knob.doc)  # rich markup would eat "[ids]"
+
+
+def knob_parameters() -> list[inspect.Parameter]:
+    """One typer option per :class:`~decodelab.GenerationConfig` knob that has a CLI flag (``Knob.cli``), built from
+    the knob's metadata: type from its kind, help from its doc line, default and bounds. The parameter is named after
+    the knob, so ``generate`` receives ``GenerationConfig`` keywords."""
+    from .config import GenerationConfig
+    from .knobs import default_of
+
+    params = []
+    for name, k in GenerationConfig.knobs().items():
+        if k.cli is None:
+            continue
+        kind = _CLI_TYPES.get(k.kind, Optional[str]) if k.cli_input == "value" else Optional[str]
+        metavar = {"file": "FILE", "json": "JSON"}.get(k.cli_input)
+        if k.kind == "early_stopping":
+            metavar = "true|false|never"
+        option = typer.Option(k.cli, help=_knob_help(name, k, default_of(GenerationConfig, name)), metavar=metavar)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[kind, option],
+                                        default=False if kind is bool else None))
+    return params
+
+
+def _knob_values(given: dict[str, Any]) -> dict[str, Any]:
+    """The knob options as ``GenerationConfig`` keywords: file options read (``--json-schema FILE``), JSON options
+    parsed (``--logit-bias '{"50256": -100}'``).
+
+    Raises:
+        InputError: a file that cannot be read, or text that is not JSON (one line naming the option).
+    """
+    from .config import GenerationConfig
+
+    out = dict(given)
+    for name, k in GenerationConfig.knobs().items():
+        if name not in out or out[name] is None:
+            continue
+        if k.cli_input == "file":
+            out[name] = _read_spec(out[name], k.cli)
+        elif k.cli_input == "json":
+            try:
+                out[name] = json.loads(out[name])
+            except ValueError as exc:
+                raise InputError(f"invalid {k.cli}={out[name]!r}: not JSON ({exc})", param=name) from None
+    return out
+
+
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="New tokens at most (20).")] = None,
-    min_new_tokens: Annotated[Optional[int], typer.Option("--min-new-tokens", help="No eos before this many.")] = None,
-    num_beams: Annotated[Optional[int], typer.Option("--num-beams", help="Beam search with this many beams.")] = None,
-    num_return_sequences: Annotated[Optional[int], typer.Option("--num-return-sequences")] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="> 1 discourages "
-                                                                "tokens already present (CTRL paper).")] = None,
-    length_penalty: Annotated[Optional[float], typer.Option("--length-penalty", help="Beam score = sum logprob / "
-                                                            "length ** length_penalty.")] = None,
-    early_stopping: Annotated[Optional[str], typer.Option("--early-stopping", metavar="true|false|never",
-                                                          help="Beam search stopping rule.")] = None,
-    do_sample: Annotated[bool, typer.Option("--do-sample", help="Sample instead of taking the best.")] = False,
-    temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k most likely (50).")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass.")] = None,
-    min_p: Annotated[Optional[float], typer.Option("--min-p")] = None,
-    typical_p: Annotated[Optional[float], typer.Option("--typical-p")] = None,
-    no_repeat_ngram_size: Annotated[Optional[int], typer.Option("--no-repeat-ngram-size")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
-    eos_token_id: Annotated[Optional[list[int]], typer.Option("--eos-token-id", help="Eos id (repeatable).")] = None,
-    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Never stop at eos.")] = False,
-    presence_penalty: Annotated[Optional[float], typer.Option("--presence-penalty")] = None,
-    frequency_penalty: Annotated[Optional[float], typer.Option("--frequency-penalty")] = None,
-    json_schema: Annotated[Optional[str], typer.Option("--json-schema", metavar="FILE", help="Constrain the new "
-                                                       "text to JSON valid under this JSON Schema file ('-': "
-                                                       "stdin).")] = None,
-    regex: Annotated[Optional[str], typer.Option("--regex", help="Constrain the new text to match this regular "
-                                                 "expression (whole text).")] = None,
-    grammar: Annotated[Optional[str], typer.Option("--grammar", metavar="FILE", help="Constrain the new text to "
-                                                   "this Lark or GBNF grammar file ('-': stdin).")] = None,
-    trace: Annotated[bool, typer.Option("--trace", help="Record and show every decision.")] = False,
-    trace_top_k: Annotated[Optional[int], typer.Option("--trace-top-k", help="Candidates kept per step.")] = None,
-    lens: Annotated[bool, typer.Option("--lens", help="Logit lens: what every layer would predict at every step "
-                                       "(implies --trace).")] = False,
-    lens_top_k: Annotated[Optional[int], typer.Option("--lens-top-k", help="Tokens kept per layer and step by the "
-                                                      "lens (5; implies --lens).")] = None,
+    lens_switch: Annotated[bool, typer.Option("--lens", help="Logit lens: what every layer would predict at every step "
+                                       "(the top 5; implies --trace).")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Print text as it is generated.")] = False,
     model: Model = None,
     json_out: Json = False,
@@ -219,23 +246,16 @@ def generate(
     compile: Compile = False,
     kernels: Kernels = None,
     quantize_lm_head: QuantizeHead = False,
+    **knobs: Any,
 ) -> None:
     """Continue PROMPT and show every returned sequence (with --trace: each step and the beam tree)."""
     from .config import GenerationConfig
 
-    kwargs = _generation_kwargs(
-        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
-        num_return_sequences=num_return_sequences, repetition_penalty=repetition_penalty,
-        length_penalty=length_penalty, early_stopping=early_stopping, do_sample=do_sample, temperature=temperature,
-        top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, no_repeat_ngram_size=no_repeat_ngram_size,
-        seed=seed, stop_strings=stop, eos_token_id=eos_token_id, ignore_eos=ignore_eos,
-        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, trace=trace, trace_top_k=trace_top_k,
-        lens=lens_top_k if lens_top_k is not None else lens,
-        json_schema=_read_spec(json_schema, "--json-schema"), regex=regex, grammar=_read_spec(grammar, "--grammar"),
-    )
+    lens_top_k = knobs.pop("lens", None)  # --lens-top-k (the knob's flag); --lens is the top 5
+    kwargs = _generation_kwargs(**_knob_values(knobs), lens=lens_top_k if lens_top_k is not None else lens_switch)
     if lens_top_k is not None and lens_top_k < 1:  # lens=0 means "off" to the API; the flag promises a lens
         raise _fail(f"invalid --lens-top-k={lens_top_k}: must be at least 1 (it turns the lens on)")
-    if stream and (json_out or trace or "lens" in kwargs):
+    if stream and (json_out or kwargs.get("trace") or "lens" in kwargs):
         raise typer.BadParameter("prints plain text; it cannot be combined with --json, --trace or --lens",
                                  param_hint="--stream")
     GenerationConfig.from_kwargs(**kwargs)  # fail fast on bad options, before the (slow) model load
@@ -252,6 +272,12 @@ def generate(
         _emit_json(out)
         return
     show_generation(_console(), gen)
+
+
+# generate's signature: its own parameters, then one option per knob (so a new GenerationConfig field gets a flag)
+_fixed = list(inspect.signature(generate).parameters.values())[:-1]
+generate.__signature__ = inspect.Signature([*_fixed, *knob_parameters()])
+generate = app.command()(_guarded(generate))
 
 
 def _read_spec(path: str | None, option: str) -> str | None:

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .knobs import Knob, knob, knobs_of
 
 EarlyStopping = bool | Literal["never"]
 
@@ -74,45 +75,92 @@ class GenerationConfig:
             names the parameter and the value received.
     """
 
+    # Each field: knob(default, one-line doc, kind, group, bounds, surfaces) -- see decodelab.knobs.Knob.
     # length and stopping
-    max_new_tokens: int = 20
-    min_new_tokens: int = 0
-    eos_token_id: tuple[int, ...] | None = None  # None: the model's eos id(s)
-    ignore_eos: bool = False
-    stop_strings: tuple[str, ...] = ()
+    max_new_tokens: int = knob(20, "New tokens at most per sequence.", "int", "length", lo=0, openai="max_tokens",
+                               playground="number")
+    min_new_tokens: int = knob(0, "No end-of-sequence before this many new tokens.", "int", "length", lo=0,
+                               playground="number")
+    eos_token_id: tuple[int, ...] | None = knob(
+        None, "Token ids that end a sequence (absent: the model's eos ids; [] none).", "ids", "length",
+        openai="stop_token_ids", playground="json")
+    ignore_eos: bool = knob(False, "Never stop at an end-of-sequence token.", "bool", "length",
+                            playground="checkbox")
+    stop_strings: tuple[str, ...] = knob(
+        (), f"Stop when the new text contains one of these (at most {MAX_STOP_STRINGS}; not returned).", "strings",
+        "length", cli="--stop", openai="stop", playground="text")
     # search
-    do_sample: bool = False
-    num_beams: int = 1
-    num_return_sequences: int = 1
-    length_penalty: float = 1.0
-    early_stopping: EarlyStopping = False
+    do_sample: bool = knob(False, "Sample instead of taking the most likely token (greedy or beam search).", "bool",
+                           "search", openai=None, openai_why="the OpenAI routes always sample; temperature 0 is "
+                           "greedy", playground="strategy")
+    num_beams: int = knob(1, "Beam search with this many beams (1: off).", "int", "search", lo=1,
+                          playground="strategy")
+    num_return_sequences: int = knob(1, "Sequences returned per prompt (greedy and beam search: <= num_beams).",
+                                     "int", "search", lo=1, openai="n", playground="number")
+    length_penalty: float = knob(1.0, "Beam search: score = sum of logprobs / length ** length_penalty.", "float",
+                                 "search", playground="number")
+    early_stopping: EarlyStopping = knob(
+        False, "Beam search stopping rule: true, false (heuristic) or never (exhaustive).", "early_stopping",
+        "search", playground="select")
     # sampling warpers (only applied when do_sample)
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    min_p: float | None = None
-    typical_p: float = 1.0
-    epsilon_cutoff: float = 0.0
-    eta_cutoff: float = 0.0
-    seed: int | None = None
+    temperature: float = knob(1.0, "Divide the logits by this before sampling (0 or below 1e-5: greedy).", "float",
+                              "sampling", lo=0.0, openai="temperature", playground="number")
+    top_k: int = knob(50, "Sample from the k most likely tokens (0: off).", "int", "sampling", lo=0,
+                      playground="number")
+    top_p: float = knob(1.0, "Nucleus sampling: the smallest set of tokens with this much probability (1: off).",
+                        "float", "sampling", lo=0.0, hi=1.0, openai="top_p", playground="number")
+    min_p: float | None = knob(None, "Drop tokens below min_p x the top token's probability (absent: off).",
+                               "float", "sampling", lo=0.0, hi=1.0, playground="number")
+    typical_p: float = knob(1.0, "Locally typical sampling mass (1: off).", "float", "sampling", lo=0.0, hi=1.0,
+                            lo_open=True, playground="number")
+    epsilon_cutoff: float = knob(0.0, "Drop tokens whose probability is below this (0: off).", "float", "sampling",
+                                 lo=0.0, hi=1.0, hi_open=True, playground="number")
+    eta_cutoff: float = knob(0.0, "Eta sampling: entropy-dependent probability floor (0: off).", "float", "sampling",
+                             lo=0.0, hi=1.0, hi_open=True, playground="number")
+    seed: int | None = knob(None, "Sampling seed: row j of a prompt uses seed + j (absent: random).", "int",
+                            "sampling", lo=0, hi=2**63 - 1, openai="seed", playground="number")
     # processors (always applied)
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    bad_words_ids: tuple[tuple[int, ...], ...] | None = None
-    suppress_tokens: tuple[int, ...] | None = None
-    sequence_bias: tuple[tuple[tuple[int, ...], float], ...] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] | None = None
+    repetition_penalty: float = knob(1.0, "Divide (or multiply) the scores of tokens already present (CTRL; > 1 "
+                                     "discourages repeats, 1: off).", "float", "processors", lo=0.0, lo_open=True,
+                                     playground="number")
+    no_repeat_ngram_size: int = knob(0, "Never repeat an n-gram of this size (0: off).", "int", "processors", lo=0,
+                                     playground="number")
+    bad_words_ids: tuple[tuple[int, ...], ...] | None = knob(
+        None, "Token-id sequences that are never generated.", "id_lists", "processors", cli_input="json",
+        playground="json")
+    suppress_tokens: tuple[int, ...] | None = knob(None, "Token ids that are never generated.", "ids", "processors",
+                                                   playground="json")
+    sequence_bias: tuple[tuple[tuple[int, ...], float], ...] | None = knob(
+        None, "Bias added to the logit of a token-id sequence's last token when the rest was just generated "
+        "([[ids], bias] pairs).", "sequence_bias", "processors", cli_input="json", playground="json")
+    presence_penalty: float = knob(0.0, "Subtract this from the logit of every token already generated (OpenAI).",
+                                   "float", "processors", lo=-2.0, hi=2.0, openai="presence_penalty",
+                                   playground="number")
+    frequency_penalty: float = knob(0.0, "Subtract this x the count of each token already generated (OpenAI).",
+                                    "float", "processors", lo=-2.0, hi=2.0, openai="frequency_penalty",
+                                    playground="number")
+    logit_bias: tuple[tuple[int, float], ...] | None = knob(
+        None, "Token id -> bias added to its logit (each bias in [-100, 100]).", "logit_bias", "processors",
+        lo=LOGIT_BIAS_RANGE[0], hi=LOGIT_BIAS_RANGE[1], cli_input="json", openai="logit_bias", playground="json")
     # constraint on the generated text, at most one (decodelab.grammar; applied by processors.GrammarConstraint)
-    json_schema: str | None = None  # JSON Schema as JSON text (a dict is accepted and serialised)
-    regex: str | None = None  # the whole generated text must match it
-    grammar: str | None = None  # Lark (or llama.cpp GBNF) grammar text
+    json_schema: str | None = knob(None, "Constrain the new text to JSON valid under this JSON Schema.",
+                                   "json_schema", "constraint", cli_input="file", openai="response_format",
+                                   playground="constraint")
+    regex: str | None = knob(None, "Constrain the new text to match this regular expression (whole text).", "text",
+                             "constraint", playground="constraint")
+    grammar: str | None = knob(None, "Constrain the new text to this Lark or llama.cpp GBNF grammar.", "text",
+                               "constraint", cli_input="file", playground="constraint")
     # tracing
-    trace: bool = False
-    trace_top_k: int = 10
-    lens: int = 0  # logit lens: top-k tokens kept per layer and step (0: off; True: 5); turns trace on (decodelab.lens)
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
+    trace: bool = knob(False, "Record every decision (steps, candidates, beam tree) in Generation.trace.", "bool",
+                       "tracing", openai=None, openai_why="an OpenAI response has no place for a trace; logprobs "
+                       "turn it on internally", api=False, api_why="always on: the route exists to return the "
+                       "trace", playground=None, playground_why="always on: the page shows the trace")
+    trace_top_k: int = knob(10, "Alternatives recorded per step in the trace.", "int", "tracing", lo=0,
+                            openai="logprobs", playground="number")
+    lens: int = knob(0, "Logit lens: top tokens kept per layer and step (0: off; true: 5); turns trace on.", "int",
+                     "tracing", lo=0, hi=MAX_LENS_TOP_K, cli="--lens-top-k", openai=None,
+                     openai_why="an OpenAI response has no place for per-layer predictions; use /api/generate",
+                     playground="checkbox")
 
     @property
     def is_beam(self) -> bool:
@@ -131,7 +179,12 @@ class GenerationConfig:
     @classmethod
     def names(cls) -> frozenset[str]:
         """Every keyword :meth:`from_kwargs` accepts."""
-        return frozenset(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+        return frozenset(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def knobs(cls) -> dict[str, Knob]:
+        """``{name: Knob}``: every field's metadata (doc, bounds, surfaces), in field order (:mod:`decodelab.knobs`)."""
+        return knobs_of(cls)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "GenerationConfig":
@@ -153,45 +206,14 @@ class GenerationConfig:
         given = {k: v for k, v in kwargs.items() if v is not None}
         v: dict[str, Any] = {}
 
-        v["max_new_tokens"] = _int(given, "max_new_tokens", 20, lo=0)
-        v["min_new_tokens"] = _int(given, "min_new_tokens", 0, lo=0)
-        v["num_beams"] = _int(given, "num_beams", 1, lo=1)
-        v["num_return_sequences"] = _int(given, "num_return_sequences", 1, lo=1)
-        v["do_sample"] = _bool(given, "do_sample", False)
-        v["ignore_eos"] = _bool(given, "ignore_eos", False)
-        v["trace"] = _bool(given, "trace", False)
-        v["trace_top_k"] = _int(given, "trace_top_k", 10, lo=0)
         if isinstance(given.get("lens"), bool):
             given["lens"] = LENS_TOP_K if given["lens"] else 0
-        v["lens"] = _int(given, "lens", 0, lo=0, hi=MAX_LENS_TOP_K)
+        for f in dataclasses.fields(cls):  # each value against its own knob's kind and bounds
+            k: Knob = f.metadata["knob"]
+            check = _CHECKS.get(k.kind)  # text / json_schema: the constraint, checked by _constraint below
+            if check is not None:
+                v[f.name] = check(given, f.name, f.default, k)
         v["trace"] = v["trace"] or v["lens"] > 0
-        v["temperature"] = _float(given, "temperature", 1.0, lo=0.0, lo_open=False)
-        v["top_k"] = _int(given, "top_k", 50, lo=0)
-        v["top_p"] = _float(given, "top_p", 1.0, lo=0.0, hi=1.0)
-        v["min_p"] = _float(given, "min_p", None, lo=0.0, hi=1.0)
-        v["typical_p"] = _float(given, "typical_p", 1.0, lo=0.0, hi=1.0, lo_open=True)
-        v["epsilon_cutoff"] = _float(given, "epsilon_cutoff", 0.0, lo=0.0, hi=1.0, hi_open=True)
-        v["eta_cutoff"] = _float(given, "eta_cutoff", 0.0, lo=0.0, hi=1.0, hi_open=True)
-        v["repetition_penalty"] = _float(given, "repetition_penalty", 1.0, lo=0.0, lo_open=True)
-        v["length_penalty"] = _float(given, "length_penalty", 1.0)
-        v["presence_penalty"] = _float(given, "presence_penalty", 0.0, lo=-2.0, hi=2.0)
-        v["frequency_penalty"] = _float(given, "frequency_penalty", 0.0, lo=-2.0, hi=2.0)
-        v["no_repeat_ngram_size"] = _int(given, "no_repeat_ngram_size", 0, lo=0)
-        v["seed"] = _int(given, "seed", None, lo=0, hi=2**63 - 1)
-
-        es = given.get("early_stopping", False)
-        if isinstance(es, str) and es.lower() in ("never", "true", "false"):
-            es = {"never": "never", "true": True, "false": False}[es.lower()]
-        if es not in (True, False, "never") or not isinstance(es, (bool, str)):
-            raise _fail("early_stopping", es, "True, False or 'never'")
-        v["early_stopping"] = es
-
-        v["eos_token_id"] = _ids(given, "eos_token_id", allow_empty=True)
-        v["suppress_tokens"] = _ids(given, "suppress_tokens", allow_empty=True)
-        v["bad_words_ids"] = _id_lists(given, "bad_words_ids")
-        v["stop_strings"] = _strings(given, "stop_strings")
-        v["sequence_bias"] = _sequence_bias(given)
-        v["logit_bias"] = _logit_bias(given)
         _constraint(given, v)
 
         if v["num_return_sequences"] > v["num_beams"] and not (v["do_sample"] and v["num_beams"] == 1):
@@ -237,7 +259,7 @@ class GenerationConfig:
 
     def replace(self, **changes: Any) -> "GenerationConfig":
         """A validated copy with some fields changed (same rules as :meth:`from_kwargs`)."""
-        current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         current.update(changes)
         for key in ("sequence_bias", "logit_bias"):  # stored normalised; turn back into a from_kwargs shape
             if key not in changes and current[key] is not None:
@@ -252,7 +274,7 @@ class GenerationConfig:
                 return [plain(i) for i in x]
             return x
 
-        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 # --- helpers: each raises ConfigError naming the parameter ---------------------------------------------------------
@@ -306,6 +328,15 @@ def _bool(given: dict, name: str, default: bool) -> bool:
     if not isinstance(x, bool):
         raise _fail(name, x, "true or false")
     return x
+
+
+def _early_stopping(given: dict, name: str) -> EarlyStopping:
+    es = given.get(name, False)
+    if isinstance(es, str) and es.lower() in ("never", "true", "false"):
+        es = {"never": "never", "true": True, "false": False}[es.lower()]
+    if es not in (True, False, "never") or not isinstance(es, (bool, str)):
+        raise _fail(name, es, "True, False or 'never'")
+    return es
 
 
 def _token_id(name: str, x: Any) -> int:
@@ -392,8 +423,7 @@ def _bias_value(name: str, value: Any) -> float:
     return float(value)
 
 
-def _sequence_bias(given: dict) -> tuple[tuple[tuple[int, ...], float], ...] | None:
-    name = "sequence_bias"
+def _sequence_bias(given: dict, name: str) -> tuple[tuple[tuple[int, ...], float], ...] | None:
     if name not in given:
         return None
     x = given[name]
@@ -410,15 +440,13 @@ def _sequence_bias(given: dict) -> tuple[tuple[tuple[int, ...], float], ...] | N
     return tuple(out)
 
 
-def _logit_bias(given: dict) -> tuple[tuple[int, float], ...] | None:
-    name = "logit_bias"
+def _logit_bias(given: dict, name: str, lo: float, hi: float) -> tuple[tuple[int, float], ...] | None:
     if name not in given:
         return None
     x = given[name]
     if not isinstance(x, dict):
         raise _fail(name, x, "a mapping from token id to bias")
     out = []
-    lo, hi = LOGIT_BIAS_RANGE
     for k, val in x.items():
         if isinstance(k, str):  # ASCII digits only: int() would also read "\uff11\uff12", and fail on "\u00b2"
             if not (k.isascii() and k.isdigit() and len(k) <= _MAX_ID_DIGITS):
@@ -429,3 +457,17 @@ def _logit_bias(given: dict) -> tuple[tuple[int, float], ...] | None:
             raise ConfigError(f"invalid {name}[{k}]={bias:g}: expected a bias between {lo:g} and {hi:g}", param=name)
         out.append((_token_id(name, k), bias))
     return tuple(out)
+
+
+# kind -> check(given, name, default, knob); the bounds come from the field's Knob (decodelab.knobs)
+_CHECKS = {
+    "int": lambda g, n, d, k: _int(g, n, d, lo=k.lo, hi=k.hi),
+    "float": lambda g, n, d, k: _float(g, n, d, lo=k.lo, hi=k.hi, lo_open=k.lo_open, hi_open=k.hi_open),
+    "bool": lambda g, n, d, k: _bool(g, n, d),
+    "ids": lambda g, n, d, k: _ids(g, n, allow_empty=True),
+    "id_lists": lambda g, n, d, k: _id_lists(g, n),
+    "strings": lambda g, n, d, k: _strings(g, n),
+    "early_stopping": lambda g, n, d, k: _early_stopping(g, n),
+    "sequence_bias": lambda g, n, d, k: _sequence_bias(g, n),
+    "logit_bias": lambda g, n, d, k: _logit_bias(g, n, k.lo, k.hi),
+}
