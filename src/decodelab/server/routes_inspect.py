@@ -1,5 +1,5 @@
 """Inspection API for the web playground: ``POST /api/tokenize``, ``/api/next-token``, ``/api/generate``,
-``/api/generate/stream``, ``/api/score``.
+``/api/generate/stream``, ``/api/score``, and ``GET /api/knobs`` (the generation knobs' metadata).
 
 Parameter names are decodelab's / transformers' (``max_new_tokens``, ``num_beams``, ``top_p``...), not OpenAI's.
 Every model call goes through ``app.state.runner`` (one at a time, queued, with the server's timeout); bad values
@@ -14,16 +14,18 @@ of all the logits so that the page can reshape the distribution again without an
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import Field
+from pydantic import Field, create_model
 
+from ..config import GenerationConfig
 from ..errors import ConfigError
+from ..knobs import knob_table
 from .errors import ERROR_RESPONSES, exception_payload
 from .reshape import Warpers, before_after, logit_summary
-from .schemas import RequestModel
+from .schemas import RequestModel, knob_field
 
 router = APIRouter(prefix="/api", tags=["inspect"], responses=ERROR_RESPONSES)
 
@@ -55,50 +57,42 @@ class NextTokenRequest(RequestModel):
                     "histogram (`logits.tail`), enough for the page to redo the reshaping client-side.")
 
 
-class GenerateRequest(RequestModel):
-    """A traced generation (``LM.generate(prompt, trace=True, ...)``). ``null`` = transformers' default."""
+# the server's caps on /api/generate: knob -> (largest value, where it comes from); lower than GenerationConfig's own
+def _caps(max_tokens: int, max_n: int) -> dict[str, tuple[int, str]]:
+    return {"max_new_tokens": (max_tokens, "--max-tokens"), "num_beams": (max_n, "--max-n"),
+            "num_return_sequences": (max_n, "--max-n"), "trace_top_k": (MAX_TRACE_TOP_K, "fixed"),
+            "lens": (MAX_LENS_TOP_K, "fixed")}
 
+
+class _GenerateBase(RequestModel):
     prompt: str = Field(..., description="Text to continue.")
-    max_new_tokens: int | None = Field(None, description="New tokens at most (default 20; capped by --max-tokens).")
-    do_sample: bool | None = Field(None, description="Sample (true) or search deterministically (false, default).")
-    num_beams: int | None = Field(None, description="Beam width; > 1 is beam search (capped by --max-n).")
-    num_return_sequences: int | None = Field(None, description="Sequences to return (beam: <= num_beams).")
-    temperature: float | None = Field(None, description="Sampling temperature (0 = greedy).")
-    top_k: int | None = Field(None, description="Sampling: keep the k most likely tokens (0 = off; default 50).")
-    top_p: float | None = Field(None, description="Sampling: nucleus mass in (0, 1].")
-    min_p: float | None = Field(None, description="Sampling: relative probability floor in [0, 1].")
-    repetition_penalty: float | None = Field(None, description="CTRL repetition penalty (> 1 discourages repeats).")
-    no_repeat_ngram_size: int | None = Field(None, description="Forbid repeating any n-gram of this size.")
-    length_penalty: float | None = Field(None, description="Beam search: score = logprob sum / length ** this.")
-    early_stopping: bool | Literal["never"] | None = Field(None, description="Beam search stopping rule.")
-    seed: int | None = Field(None, description="Sampling seed (same seed, same text).")
-    stop_strings: str | list[str] | None = Field(None, description="Stop when the text contains one of these.")
-    trace_top_k: int | None = Field(None, description=f"Alternatives recorded per step (default 10, <= {MAX_TRACE_TOP_K}).")
-    json_schema: dict[str, Any] | bool | str | None = Field(
-        None, description="Constrain the new text to JSON valid under this JSON Schema (an object, or its JSON text); "
-                          "the trace then records, per step, the allowed count, the forbidden candidates and the "
-                          "probability mass removed, and the JSON path.")
-    regex: str | None = Field(None, description="Constrain the new text to match this regular expression.")
-    grammar: str | None = Field(None, description="Constrain the new text to this Lark or GBNF grammar.")
-    lens: int | None = Field(None, description=f"Logit lens: each layer's top tokens per step in trace.lens "
-                                               f"(0 or null: off; <= {MAX_LENS_TOP_K}).")
 
     def kwargs(self, max_tokens: int, max_n: int) -> dict[str, Any]:
         """``LM.generate`` keywords with ``trace=True``, after the server's caps.
 
         Raises:
             ConfigError: ``max_new_tokens`` above ``max_tokens``, ``num_beams`` / ``num_return_sequences`` above
-                ``max_n``, ``trace_top_k`` above :data:`MAX_TRACE_TOP_K`.
+                ``max_n``, ``trace_top_k`` above :data:`MAX_TRACE_TOP_K`, ``lens`` above :data:`MAX_LENS_TOP_K`.
         """
         kw = self.model_dump(exclude={"prompt"}, exclude_none=True)
-        caps = {"max_new_tokens": (max_tokens, "--max-tokens"), "num_beams": (max_n, "--max-n"),
-                "num_return_sequences": (max_n, "--max-n"), "trace_top_k": (MAX_TRACE_TOP_K, "fixed"),
-                "lens": (MAX_LENS_TOP_K, "fixed")}
-        for name, (cap, flag) in caps.items():
+        for name, (cap, flag) in _caps(max_tokens, max_n).items():
             value = kw.get(name)
             if isinstance(value, int) and value > cap:
                 raise ConfigError(f"invalid {name}={value}: this server allows at most {cap} ({flag})", param=name)
         return {**kw, "trace": True}
+
+
+def _generate_fields() -> dict[str, tuple[Any, Any]]:
+    """One optional field per knob with ``api=True`` (decodelab.knobs), in GenerationConfig's order."""
+    notes = {name: f" Capped by {'the server' if flag == 'fixed' else flag}" + (f" (at most {cap})." if flag ==
+             "fixed" else ".") for name, (cap, flag) in _caps(0, 0).items()}
+    return {name: knob_field(name, notes.get(name, "")) for name, k in GenerationConfig.knobs().items() if k.api}
+
+
+GenerateRequest = create_model(
+    "GenerateRequest", __base__=_GenerateBase, __doc__="A traced generation (``LM.generate(prompt, trace=True, "
+    "...)``): every GenerationConfig knob exposed to /api/generate by its metadata (decodelab.knobs), under its own "
+    "name. ``null`` = the knob's default.", **_generate_fields())
 
 
 class ScoreRequest(RequestModel):
@@ -174,6 +168,19 @@ async def next_token(body: NextTokenRequest, request: Request) -> dict:
     warpers = Warpers.validated(body.temperature, body.top_k_filter, body.top_p, body.min_p)
     lm = request.app.state.lm
     return await request.app.state.runner.run(_next_token_job, lm, body, warpers)
+
+
+@router.get("/knobs", summary="Every generation knob, with its metadata")
+async def knobs(request: Request) -> dict:
+    """``{"knobs": [...]}``: every :class:`~decodelab.GenerationConfig` field as :func:`decodelab.knobs.knob_table`
+    describes it (name, doc, kind, group, default, bounds, CLI flag, OpenAI name, ``api``, playground control, and
+    why a surface leaves it out), plus ``server_max``: this server's cap on ``/api/generate`` (``--max-tokens``,
+    ``--max-n``, fixed caps), or ``null``. The playground builds and bounds its generation controls from it."""
+    caps = _caps(*_limits(request))
+    rows = knob_table(GenerationConfig)
+    for row in rows:
+        row["server_max"] = caps[row["name"]][0] if row["name"] in caps else None
+    return {"knobs": rows}
 
 
 @router.post("/generate", summary="Generate with the full trace")

@@ -30,6 +30,7 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from ..config import GenerationConfig
 from ..errors import ConfigError, DecodelabError, InputError
 from ..grammar import ANY_JSON_OBJECT, check_openai_strict
 from .errors import ERROR_RESPONSES, exception_payload
@@ -59,13 +60,18 @@ _SSE_EVENT = {"type": "object", "required": ["data"],
               "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}
 _STREAM_DOC = {200: {"description": "JSON, or with `stream: true` server-sent events ending with `data: [DONE]`",
                      "content": {"text/event-stream": {"schema": _SSE_EVENT}}}}
-# decodelab name -> OpenAI name, to report errors in the caller's terms
-_OPENAI_NAMES = {"max_new_tokens": "max_tokens", "num_return_sequences": "n", "stop_strings": "stop",
-                 "trace_top_k": "logprobs", "eos_token_id": "stop_token_ids"}
+_KNOBS = GenerationConfig.knobs()
+# decodelab name -> OpenAI name, to report errors in the caller's terms (from the knobs' metadata; json_schema's
+# response_format is renamed by _plan, which knows whether the caller sent one)
+_OPENAI_NAMES = {name: k.openai for name, k in _KNOBS.items()
+                 if k.openai not in (None, "extension", name, "response_format")}
 _OURS = re.compile(r"\b(" + "|".join(_OPENAI_NAMES) + r")\b")
-_EXTENSIONS = ("top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
-               "no_repeat_ngram_size", "num_beams", "length_penalty", "early_stopping", "min_new_tokens",
-               "ignore_eos", "suppress_tokens", "bad_words_ids", "regex", "grammar")
+# knobs set from the body below rather than copied: max_tokens (an argument), n (plan_kwargs), stop_token_ids,
+# logprobs (run_job's trace_top_k) and response_format
+_DERIVED = {"max_new_tokens", "num_return_sequences", "eos_token_id", "trace_top_k", "json_schema"}
+# knob -> the body field copied into it when given: the extensions under their own name, the rest renamed
+_COPIED = {name: name if k.openai == "extension" else k.openai for name, k in _KNOBS.items()
+           if k.openai is not None and name not in _DERIVED}
 
 
 def _ctx(request: Request):
@@ -117,21 +123,8 @@ def _generation_kwargs(body, request: Request, max_tokens: int | None, n: int) -
     _check(n <= settings.max_n, "n", f"invalid n={n}: this server allows at most {settings.max_n} (--max-n)")
     _check(body.num_beams is None or body.num_beams <= settings.max_n, "num_beams",
            f"invalid num_beams={body.num_beams}: this server allows at most {settings.max_n} (--max-n)")
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": max_tokens,
-        "do_sample": True,
-        "temperature": 1.0 if body.temperature is None else body.temperature,
-        "top_p": body.top_p,
-        "top_k": 0 if body.top_k is None else body.top_k,
-        "stop_strings": body.stop,
-        "seed": body.seed,
-        "presence_penalty": body.presence_penalty,
-        "frequency_penalty": body.frequency_penalty,
-        "logit_bias": body.logit_bias,
-    }
-    for name in _EXTENSIONS:
-        if name != "top_k" and getattr(body, name) is not None:
-            kwargs[name] = getattr(body, name)
+    kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "do_sample": True, "temperature": 1.0, "top_k": 0}
+    kwargs.update({name: getattr(body, field) for name, field in _COPIED.items() if getattr(body, field) is not None})
     if body.stop_token_ids:  # vLLM: they stop even with ignore_eos, which then drops only the model's eos ids
         eos = [] if body.ignore_eos else list(request.app.state.lm.eos_ids)
         kwargs.update(eos_token_id=[*eos, *body.stop_token_ids], ignore_eos=False)

@@ -11,9 +11,10 @@ field; NUL, bidirectional marks and combining sequences are fine).
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model, field_validator
 
 from ..config import unencodable_at
 
@@ -64,35 +65,47 @@ Stop = Annotated[
 ]
 
 
-class Extensions(RequestModel):
-    """decodelab extensions: transformers ``GenerationConfig`` names, passed through to ``LM.generate``.
+# JSON type of a knob's value by its kind (decodelab.knobs.Kind); GenerationConfig checks the values themselves
+_KIND_TYPES: dict[str, Any] = {
+    "int": int, "float": float, "bool": bool, "ids": list[int], "id_lists": list[list[int]],
+    "strings": str | list[str], "early_stopping": bool | Literal["never"], "text": str,
+    "json_schema": dict[str, Any] | bool | str, "sequence_bias": list[tuple[list[int], float]],
+    "logit_bias": dict[str, float],
+}
 
-    Validated by :class:`decodelab.GenerationConfig` (a bad value is a 400 naming it)."""
 
-    top_k: int | None = Field(None, description="Keep the k most likely tokens when sampling (0 or absent: off; "
-                                                "OpenAI has no top-k, so the default here is off).")
-    min_p: float | None = Field(None, description="Min-p sampling: drop tokens below min_p * p(top token).")
-    typical_p: float | None = Field(None, description="Locally typical sampling mass (1.0: off).")
-    epsilon_cutoff: float | None = Field(None, description="Drop tokens with probability below this.")
-    eta_cutoff: float | None = Field(None, description="Eta sampling cutoff (0: off).")
-    repetition_penalty: float | None = Field(None, description="CTRL repetition penalty (1.0: off).")
-    no_repeat_ngram_size: int | None = Field(None, description="Forbid repeating any n-gram of this size.")
-    num_beams: int | None = Field(None, description="Beam search width (1: off); at most the server's max_n. "
-                                                    "Not combinable with logprobs.")
-    length_penalty: float | None = Field(None, description="Beam search length penalty exponent.")
-    early_stopping: bool | Literal["never"] | None = Field(None, description="Beam search stopping rule.")
-    min_new_tokens: int | None = Field(None, description="Suppress end-of-sequence before this many new tokens.")
-    ignore_eos: bool | None = Field(None, description="Keep generating past the end-of-sequence token (vLLM's "
-                                                      "name); `stop_token_ids` still stop.")
-    stop_token_ids: list[TokenId] | None = Field(
-        None, description="Token ids that end a choice like end-of-sequence does (vLLM's name): finish_reason "
-                          "`stop`, the stop token's text is not returned.")
-    suppress_tokens: list[int] | None = Field(None, description="Token ids that are never generated.")
-    bad_words_ids: list[list[int]] | None = Field(None, description="Token id sequences that are never generated.")
-    regex: str | None = Field(None, description="Constrain the new text to match this regular expression (whole "
-                                                "text; Rust regex syntax). Not with response_format.")
-    grammar: str | None = Field(None, description="Constrain the new text to this Lark or llama.cpp GBNF grammar. "
-                                                  "Not with response_format.")
+def knob_field(name: str, note: str = "", default: Any = None) -> tuple[Any, Any]:
+    """``(annotation, Field)`` of a request field for the :class:`~decodelab.GenerationConfig` knob ``name``, for
+    ``pydantic.create_model``: optional (``null`` = the knob's default), typed by the knob's kind, described by its doc
+    line (plus ``note``; ``default`` replaces the knob's default in the text when the route has its own), its bounds
+    shown in the JSON Schema (checked by ``GenerationConfig``, which names the
+    parameter in its 400, not by pydantic)."""
+    from ..config import GenerationConfig
+    from ..knobs import default_of
+
+    k = GenerationConfig.knobs()[name]
+    default = default_of(GenerationConfig, name) if default is None else default
+    shown = "" if default is None or default == () else f" Default {json.dumps(default)}."
+    bounds = f" Must be {k.bounds_text()}." if k.bounds_text() else ""
+    extra = {**k.json_bounds(), "x-decodelab-knob": name}
+    return _KIND_TYPES[k.kind] | None, Field(None, description=f"{k.doc}{shown}{bounds}{note}",
+                                             json_schema_extra=extra)
+
+
+def _extensions() -> dict[str, tuple[Any, Any]]:
+    from ..config import GenerationConfig
+
+    notes = {"num_beams": " At most the server's max_n. Not combinable with logprobs.",
+             "top_k": " (OpenAI has no top-k, so it is off unless given.)",
+             "ignore_eos": " vLLM's name; `stop_token_ids` still stop."}
+    return {name: knob_field(name, notes.get(name, ""), default=0 if name == "top_k" else None)
+            for name, k in GenerationConfig.knobs().items() if k.openai == "extension"}
+
+
+Extensions = create_model(
+    "Extensions", __base__=RequestModel, __doc__="decodelab extensions: every GenerationConfig knob whose metadata "
+    "says openai='extension' (decodelab.knobs), under its own name; validated by GenerationConfig (a bad value is a "
+    "400 naming it).", **_extensions())
 
 
 class JsonSchemaFormat(RequestModel):
@@ -119,6 +132,10 @@ class ResponseFormat(RequestModel):
 
 
 class _Common(Extensions):
+    stop_token_ids: list[TokenId] | None = Field(
+        None, description="Token ids that end a choice like end-of-sequence does (vLLM's name; GenerationConfig's "
+                          "eos_token_id, added to the model's eos ids): finish_reason `stop`, the stop token's text is "
+                          "not returned.")
     model: str | None = Field(None, description="Accepted and echoed; the server's model is fixed at start, and "
                                                 "any name here uses it (nothing is ever loaded by a request).")
     temperature: float | None = Field(None, ge=0, le=2, description="Default 1.0 (sampling). 0 means greedy.")

@@ -183,7 +183,7 @@
     const kind = val("constraint");
     if (kind && val("constraint_spec")) kw[kind] = val("constraint_spec");  // json_schema as JSON text: the server parses it
     if (form.elements.lens && form.elements.lens.checked) kw.lens = 5;  // logit lens: top 5 per layer and step
-    return kw;
+    return DL.knobs.read(form, kw);  // the controls built from /api/knobs (knobs.js)
   }
 
   /** Examples shown when a constraint kind is chosen with an empty text box. */
@@ -298,6 +298,7 @@
       num("repetition_penalty", "repetition_penalty", 1),
     ]);
     syncStrategy(form);
+    DL.knobs.bound(form);
     return el("div", { class: "cmp-col", dataset: { column: String(i) } }, [
       el("h3", { text: DL.t("column", { n: i + 1 }) }), form,
       el("div", { class: "output cmp-out" }), el("div", { class: "alts" }), el("p", { class: "meta cmp-meta" })]);
@@ -389,6 +390,8 @@
     $("cmp-n").addEventListener("change", buildCompare);
     buildCompare();
     $("compare").addEventListener("click", compare);
+    DL.knobs.load(() => Array.from(document.querySelectorAll("form.params")), form, () => syncStrategy(form))
+      .catch(() => {});  // without the metadata the hand-made controls still work
     document.querySelectorAll(".lang button").forEach((b) => b.addEventListener("click", () => setLang(b.dataset.lang)));
     reshapeBars();
     requestAnalyse($("prompt").value, null);
