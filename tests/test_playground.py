@@ -236,6 +236,45 @@ def test_generate_with_logit_lens(page, lm):
     page.uncheck("#gen-lens-on")
 
 
+def test_generation_controls_come_from_the_knob_metadata(page, lm, server):
+    """knobs.js: GET /api/knobs bounds the hand-made controls and builds one for every other knob."""
+    page.wait_for_selector("#gen-form .knobs-more")
+    rows = httpx.get(server.url + "/api/knobs").json()["knobs"]
+    built = page.eval_on_selector_all("#gen-form [data-knob]", "els => els.map(e => e.name)")
+    assert built == ["min_new_tokens", "eos_token_id", "ignore_eos", "stop_strings", "early_stopping", "min_p",
+                     "typical_p", "epsilon_cutoff", "eta_cutoff", "bad_words_ids", "suppress_tokens",
+                     "sequence_bias", "presence_penalty", "frequency_penalty", "logit_bias", "trace_top_k"]
+    typical = next(r for r in rows if r["name"] == "typical_p")
+    assert page.get_attribute("#gen-form [name=typical_p]", "title") == typical["doc"] + " (in (0, 1])"
+    assert page.get_attribute("#gen-max", "max") == "64"  # the server's --max-tokens, from server_max
+    assert page.get_attribute("#gen-max", "min") == "1"  # the page's own bound is tighter than the knob's 0
+    assert page.get_attribute("#gen-form [name=top_p]", "max") == "1"
+    page.select_option("#gen-strategy", "sampling")
+    page.click("#gen-form .knobs-more summary")
+    page.fill("#gen-form [name=min_p]", "0.05")  # a sampling knob: hidden, so not sent, with greedy
+    page.select_option("#gen-strategy", "greedy")
+    assert not page.is_visible("#gen-form [name=min_p]")
+    page.fill("#gen-max", "3")
+    first = lm.generate(PROMPT, max_new_tokens=1).sequences[0].new_ids[0]
+    page.fill("#gen-form [name=suppress_tokens]", str(first))
+    page.fill("#gen-form [name=stop_strings]", "zzz")
+    assert page.evaluate("DL.kwargsFrom(document.getElementById('gen-form'))") == {
+        "max_new_tokens": 3, "repetition_penalty": 1, "no_repeat_ngram_size": 0, "suppress_tokens": [first],
+        "stop_strings": "zzz"}
+    page.click("#generate")
+    ref = lm.generate(PROMPT, max_new_tokens=3, suppress_tokens=[first], stop_strings="zzz").sequences[0]
+    assert ref.new_ids[0] != first
+    page.wait_for_function(f"DL.state.generation && DL.state.generation.gen.sequences[0].new_ids[0] === "
+                           f"{ref.new_ids[0]}")
+    assert page.evaluate("DL.state.generation.gen.sequences[0].new_ids") == ref.new_ids
+    page.fill("#gen-form [name=suppress_tokens]", "")
+    page.fill("#gen-form [name=stop_strings]", "")
+    page.select_option("#gen-strategy", "sampling")
+    page.fill("#gen-form [name=min_p]", "")
+    page.select_option("#gen-strategy", "greedy")
+    page.click("#gen-form .knobs-more summary")
+
+
 def test_compare_two_strategies(page, lm):
     page.select_option("#cmp-n", "2")
     page.fill("#gen-max", "4")

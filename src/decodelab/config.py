@@ -1,4 +1,5 @@
-"""GenerationConfig: every decoding knob, normalised and validated here and only here.
+"""GenerationConfig: every decoding knob, declared once (each field carries its :class:`~decodelab.knobs.Knob`
+metadata: doc line, bounds, CLI flag, OpenAI name, playground control) and normalised and validated here and only here.
 
 Names and defaults follow transformers' ``GenerationConfig`` (``GenerationConfig._get_default_generation_params``):
 ``max_new_tokens=20``, ``num_beams=1``, ``temperature=1.0``, ``top_k=50``, ``top_p=1.0``, ``repetition_penalty=1.0``,

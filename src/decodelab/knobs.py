@@ -9,7 +9,8 @@ Every field of ``GenerationConfig`` is declared with :func:`knob`, which stores 
 - the OpenAI routes: every ``openai="extension"`` knob becomes a field of the request models with the same name and
   ``doc`` as its description, and every other OpenAI name maps back to the knob (:mod:`decodelab.server.schemas`,
   :mod:`decodelab.server.routes_openai`);
-- the inspection API: ``POST /api/generate`` takes every knob with ``api=True`` (:mod:`decodelab.server.routes_inspect`);
+- the inspection API: ``POST /api/generate`` takes every knob with ``api=True``
+  (:mod:`decodelab.server.routes_inspect`);
 - the playground: ``GET /api/knobs`` serves :func:`knob_table`, from which the page builds or bounds its controls.
 
 A surface that leaves a knob out says why, in ``*_why`` (tests/test_surfaces.py walks every field and fails when a
@@ -46,11 +47,11 @@ class Knob:
     Bounds: a value ``x`` must satisfy ``lo <= x`` (``lo < x`` when ``lo_open``) and ``x <= hi`` (``x < hi`` when
     ``hi_open``); ``None`` means unbounded. For ``logit_bias`` the bounds apply to each bias value.
 
-    Surfaces: ``cli`` is the ``decodelab generate`` flag (``"auto"``: ``--`` + the name with dashes; ``cli_input``: ``value`` as typed, ``file`` a file whose
-    text is the value, ``json`` JSON text); ``openai`` is ``"extension"`` (accepted under the knob's own name), the
-    OpenAI field that carries it (``max_tokens``, ``n``, ``stop``, ...), or ``None``; ``api`` whether
-    ``/api/generate`` accepts it; ``playground`` the page's control. ``None`` / ``False`` must come with a reason in
-    the matching ``*_why``.
+    Surfaces: ``cli`` is the ``decodelab generate`` flag (``"auto"``: ``--`` + the name with dashes; ``cli_input``:
+    ``value`` as typed, ``file`` a file whose text is the value, ``json`` JSON text); ``openai`` is ``"extension"``
+    (accepted under the knob's own name), the OpenAI field that carries it (``max_tokens``, ``n``, ``stop``, ...),
+    or ``None``; ``api`` whether ``/api/generate`` accepts it; ``playground`` the page's control. ``None`` / ``False``
+    must come with a reason in the matching ``*_why``.
     """
 
     doc: str
