@@ -7,6 +7,8 @@ Public API::
     LM.next_token(text, top_k=10) -> Distribution
     LM.generate(prompt, **generation_kwargs) -> Generation     # transformers GenerationConfig names
     LM.stream(prompt, **generation_kwargs) -> Iterator[str]
+    LM.events(prompt, **generation_kwargs) -> Iterator[Event]    # TokenEvent, TextDelta, TraceStep, BeamUpdate,
+                                                                 # StepDone, Finish (decodelab.events)
     GenerationConfig, Trace, and the errors DecodelabError > ConfigError, InputError, ModelLoadError
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 from .config import GenerationConfig
 from .distribution import Distribution
 from .errors import ConfigError, DecodelabError, InputError, ModelLoadError
+from .events import BeamUpdate, Event, Finish, StepDone, TextDelta, TokenEvent, TraceStep
 from .lm import LM
 from .tokens import Tokens
 from .trace import BeamNode, Candidate, ConstraintStep, Generation, ProcessorChange, Sequence, Step, Trace
@@ -105,6 +108,13 @@ __all__ = [
     "Candidate",
     "BeamNode",
     "ProcessorChange",
+    "Event",
+    "TokenEvent",
+    "TextDelta",
+    "TraceStep",
+    "BeamUpdate",
+    "StepDone",
+    "Finish",
     "DecodelabError",
     "ConfigError",
     "InputError",

@@ -25,6 +25,15 @@ REPLACEMENT = "\ufffd"
 CLEANUP_PATTERNS = (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're")
 
 
+def valid_length(text: str) -> int:
+    """Characters of ``text`` without its trailing U+FFFD (an incomplete UTF-8 character whose bytes are still to
+    come): the part of a decoded text that can be shown."""
+    end = len(text)
+    while end and text[end - 1] == REPLACEMENT:
+        end -= 1
+    return end
+
+
 def prompt_context(prompt_ids: list[int]) -> list[int]:
     """The last :data:`CONTEXT_TOKENS` ids of a prompt (what :func:`continuation_text` decodes before new ids)."""
     return list(prompt_ids[-CONTEXT_TOKENS:])

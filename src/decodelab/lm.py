@@ -29,7 +29,7 @@ from .trace import Generation, Sequence, Trace
 
 if TYPE_CHECKING:
     from .scoring import Score
-    from .streaming import Stream
+    from .streaming import EventStream, Stream
 
 
 def _is_id_list(x: Any) -> bool:
@@ -259,11 +259,31 @@ class LM:
         it = self._run(prompt, kwargs)
         return drain(it)
 
+    def events(self, prompt: str | list[int] | list[str] | list[list[int]], **kwargs: Any) -> "EventStream":
+        """Run a generation step by step and yield its typed events (:mod:`decodelab.events`): per step the
+        trace records (``TraceStep``, with ``trace=True``), beam search's ``BeamUpdate`` per prompt, each settled
+        token (``TokenEvent``: id, text piece, character offset, and with ``trace=True`` its log-probability and top
+        alternatives), new stable text (``TextDelta``), then ``StepDone``; at the end one ``Finish`` per sequence
+        (finish reason, new text, new ids, the :class:`Generation`).
+
+        Same arguments and result as :meth:`generate`: per sequence the ``TokenEvent`` ids are its ``new_ids`` and
+        the ``TextDelta`` texts join to its ``new_text``. The returned :class:`~decodelab.streaming.EventStream` also
+        has ``config``, ``prompt_ids``, ``trace`` (filled while it runs), ``generation`` (at the end) and
+        ``close()`` (stop early: no further model step runs).
+
+        Raises:
+            ConfigError, InputError: at once, before any token is generated, as :meth:`generate` documents.
+        """
+        from .streaming import EventStream
+
+        return EventStream(self, prompt, kwargs)
+
     def stream(self, prompt: str | list[str], **kwargs: Any) -> "Stream":
         """Stream a generation: iterate the result for the first sequence's text deltas (non-empty ``str``), whose
         concatenation equals ``generate(prompt, **kwargs).sequences[0].new_text`` exactly (same settings and seed:
         the same ids), multi-byte UTF-8 and stop strings included. After the loop, ``.generation`` holds the
-        :class:`Generation` (finish reasons, scores, trace). ``.deltas()`` follows every returned sequence.
+        :class:`Generation` (finish reasons, scores, trace). ``.deltas()`` follows every returned sequence. It is a
+        filter over :meth:`events` (its ``TextDelta`` s).
 
         Beam search streams only text that can no longer change (the common prefix of every hypothesis still in
         the race) and the rest at the end; see :mod:`decodelab.streaming`.

@@ -1,6 +1,6 @@
-"""Streaming: text deltas while a generation runs, whose concatenation is exactly the final text.
+"""Streaming: the event stream of a running generation, and text deltas whose concatenation is exactly the final text.
 
-Two parts:
+Three parts:
 
 - :class:`IncrementalDetokenizer` turns a growing list of token ids into deltas of text that can no longer change.
   After each token it decodes the ids (with a little prompt context, see :mod:`decodelab.detokenize`) and emits the
@@ -9,14 +9,17 @@ Two parts:
   string (so no partial stop string is ever emitted), and, for tokenizers that clean up tokenization spaces, a tail
   that the clean-up could still rewrite. When a stop string appears, the text is cut right before it, as in the
   final result. ``"".join(deltas) == Sequence.new_text`` for every sequence.
-- :class:`Stream` drives ``LM._run`` (the same generator ``LM.generate`` drains, so streamed and non-streamed results
-  are identical) and keeps the final :class:`~decodelab.trace.Generation` in ``.generation`` once exhausted.
+- :class:`EventStream` (what :meth:`LM.events` returns) drives the search generator that ``LM.generate`` drains (so
+  streamed and non-streamed results are identical) and yields the typed events of :mod:`decodelab.events`; it keeps
+  the final :class:`~decodelab.trace.Generation` in ``.generation``.
+- :class:`Stream` (what :meth:`LM.stream` returns) filters those events down to text deltas.
 
 Beam search policy: a delta carries only text that no later step can change, i.e. the common prefix of every
 running beam and every finished hypothesis that could still be returned (:class:`~decodelab.search.common.BeamEvent`
 ``.stable``); the rest of the best sequence comes as the last delta. The current best beam, which may still change
-its mind, is reported beside each delta (``Delta.best``) for displays that redraw it, never mixed into the deltas.
-So for beam search too ``"".join(deltas)`` equals the final best text, and nothing emitted is ever taken back.
+its mind, is reported beside it (:class:`~decodelab.events.BeamUpdate`, ``Delta.best``) for displays that redraw it,
+never mixed into the deltas. So for beam search too ``"".join(deltas)`` equals the final best text, and nothing
+emitted is ever taken back.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from .detokenize import CLEANUP_PATTERNS, REPLACEMENT, cleans_up_spaces, continuation_text, prompt_context
+from .detokenize import CLEANUP_PATTERNS, cleans_up_spaces, continuation_text, prompt_context, valid_length
+from .events import BeamUpdate, Event, Finish, StepDone, TextDelta, TokenEvent, TraceStep
 from .search.common import BeamEvent
 from .stopping import find_stop, holdback
-from .trace import Generation
+from .trace import Generation, Step
 
 
 class IncrementalDetokenizer:
@@ -41,8 +45,11 @@ class IncrementalDetokenizer:
             text even when it is an ordinary token): :meth:`push` ignores them.
 
     Attributes:
-        ids: the new ids seen so far.
+        ids: the new ids seen so far (eos ids left out).
         text: the text emitted so far (``"".join`` of every delta returned).
+        end: characters in the text of ``ids`` without a trailing incomplete UTF-8 character (nor a stop-string
+            cut), as of the last :meth:`push` / :meth:`set_ids` before a stop string appeared: where the next token's
+            text starts.
         stopped: a stop string was found; nothing more is emitted.
     """
 
@@ -55,6 +62,7 @@ class IncrementalDetokenizer:
         self.cleanup = cleans_up_spaces(tokenizer)
         self.ids: list[int] = []
         self.text = ""
+        self.end = 0
         self.stopped = False
 
     def push(self, token_ids: int | list[int]) -> str:
@@ -73,14 +81,12 @@ class IncrementalDetokenizer:
     def stable_text(self) -> str:
         """The text of the ids so far minus the tail that may still change (see the module docstring)."""
         full = continuation_text(self.tokenizer, self.context, self.ids)
+        self.end = valid_length(full)
         cut = find_stop(full, self.stop_strings) if self.stop_strings else -1
         if cut >= 0:
             self.stopped = True
             return full[:cut]
-        end = len(full)
-        while end and full[end - 1] == REPLACEMENT:
-            end -= 1
-        text = full[:end]
+        text = full[: self.end]
         hold = holdback(text, self.stop_strings) if self.stop_strings else 0
         if self.cleanup:
             hold = max(hold, holdback(text, CLEANUP_PATTERNS))
@@ -109,15 +115,146 @@ class IncrementalDetokenizer:
         return delta
 
 
+class _Sequence:
+    """One sequence streamed while the search runs: its detokenizer and how many of its ids were reported."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], stop_strings: tuple[str, ...], eos_ids: tuple[int, ...]):
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, stop_strings, eos_ids)
+        self.sent: list[int] = []  # ids reported as TokenEvents
+
+
+class EventStream:
+    """The events of one generation (:mod:`decodelab.events`), as an iterator; what :meth:`LM.events` returns.
+
+    Settings and prompts are validated at construction; the model runs only as the iterator is advanced (one
+    decoding step per :class:`~decodelab.events.StepDone`). Results equal ``LM.generate`` with the same arguments
+    (same ids, texts, scores, trace).
+
+    Args:
+        lm: the :class:`~decodelab.lm.LM`.
+        prompt: as :meth:`LM.generate`: a string, a list of token ids, or a list of such prompts (one batch).
+        kwargs: generation keywords (:meth:`LM.generate`).
+
+    Attributes:
+        config: the validated :class:`~decodelab.config.GenerationConfig`.
+        prompt_ids: the token ids of each prompt.
+        trace: with ``trace=True``, the :class:`~decodelab.trace.Trace` being filled while the stream runs; else
+            ``None``.
+        generation: the final :class:`~decodelab.trace.Generation`, set before the first
+            :class:`~decodelab.events.Finish` is yielded; ``None`` until then (and after :meth:`close` before it).
+
+    Raises:
+        ConfigError, InputError: at construction, as :meth:`LM.generate` documents.
+    """
+
+    def __init__(self, lm, prompt, kwargs: dict[str, Any]):
+        self.lm = lm
+        self.trace = None
+        self._run = lm._run(prompt, kwargs, on_trace=self._set_trace)  # validates now; search starts at next()
+        self.config = self._run.config
+        self.prompt_ids: list[list[int]] = self._run.prompt_ids
+        self.generation: Generation | None = None
+        self._pieces: dict[int, str] = {}
+        self._events = self._drive()
+
+    def _set_trace(self, trace) -> None:
+        self.trace = trace
+
+    def __iter__(self) -> "EventStream":
+        return self
+
+    def __next__(self) -> Event:
+        return next(self._events)
+
+    def close(self) -> None:
+        """Stop the generation (no further model step runs; batching rows are released). Idempotent."""
+        self._events.close()
+        self._run.close()
+
+    # -- the driver ------------------------------------------------------------------------------------------------
+    def _piece(self, token_id: int) -> str:
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            piece = self._pieces[token_id] = self.lm.tokenizer.decode([token_id])
+        return piece
+
+    def _tokens(self, i: int, seq: _Sequence, ids: list[int], step: int | None) -> Iterator[TokenEvent]:
+        """TokenEvents for the ids of ``ids`` beyond those already reported (offsets decoded token by token)."""
+        tok, context, eos = self.lm.tokenizer, seq.detok.context, seq.detok.eos_ids
+        for n in range(len(seq.sent), len(ids)):
+            text_ids = [t for t in ids[:n] if t not in eos]
+            offset = valid_length(continuation_text(tok, context, text_ids)) if text_ids else 0
+            seq.sent.append(ids[n])
+            yield TokenEvent(i, step, ids[n], self._piece(ids[n]), offset)
+
+    def _drive(self) -> Iterator[Event]:
+        run, cfg, tok = self._run, self.config, self.lm.tokenizer
+        eos = self.lm.stop_ids(cfg)
+        beam_n = cfg.num_return_sequences if cfg.is_beam else 1
+        # sequence index -> state, for the sequences streamed while the search runs (see decodelab.events)
+        if cfg.is_beam:
+            streamed = {b * beam_n: _Sequence(tok, ids, cfg.stop_strings, eos) for b, ids in enumerate(run.prompt_ids)}
+        else:
+            streamed = {r: _Sequence(tok, run.prompt_ids[r // run.per_prompt], cfg.stop_strings, eos)
+                        for r in range(len(run.prompt_ids) * run.per_prompt)}
+        recorded = 0  # trace steps already reported
+        step = 0
+        while True:
+            try:
+                event = next(run.events)
+            except StopIteration as done:
+                self.generation = done.value
+                break
+            records: list[Step] = self.trace.steps[recorded:] if self.trace is not None else []
+            recorded += len(records)
+            for rec in records:
+                yield TraceStep(rec)
+            if isinstance(event, BeamEvent):
+                for b, (best, stable) in enumerate(zip(event.best, event.stable)):
+                    i = b * beam_n
+                    seq = streamed[i]
+                    text = seq.detok.set_ids(stable)
+                    yield BeamUpdate(step, b, i, tuple(best), continuation_text(tok, seq.detok.context, best),
+                                     tuple(stable), seq.detok.text)
+                    yield from self._tokens(i, seq, stable, step)
+                    if text:
+                        yield TextDelta(i, text, step)
+            else:
+                tokens, running = event
+                by_row = {rec.row: rec for rec in records}
+                for r, (t, alive) in enumerate(zip(tokens, running)):
+                    if not alive:
+                        continue
+                    seq = streamed[r]
+                    offset = seq.detok.end
+                    text = seq.detok.push(t)
+                    seq.sent.append(t)
+                    rec = by_row.get(r)
+                    yield TokenEvent(r, step, t, self._piece(t), offset, None if rec is None else rec.logprob,
+                                     None if rec is None else tuple(rec.top))
+                    if text:
+                        yield TextDelta(r, text, step)
+            yield StepDone(step)
+            step += 1
+        gen = self.generation
+        for i, final in enumerate(gen.sequences):
+            seq = streamed.get(i) or _Sequence(tok, gen.prompt_ids[final.prompt_index], cfg.stop_strings, eos)
+            yield from self._tokens(i, seq, final.new_ids, None)
+            text = seq.detok.finish(final.new_text)
+            if text:
+                yield TextDelta(i, text, None)
+            yield Finish(i, final.prompt_index, final.finish_reason, final.new_text, tuple(final.new_ids), gen)
+
+
 @dataclass
 class Delta:
-    """One streamed piece of text.
+    """One streamed piece of text (:meth:`Stream.deltas`).
 
     Attributes:
         index: which sequence of the final ``Generation.sequences`` it belongs to.
         text: the new text ("" only when :meth:`Stream.deltas` is asked for every step).
-        best: beam search with ``Stream.deltas(every_step=True)`` only: the current best beam's whole new text so
-            far (it may change, and need not extend what was emitted); otherwise ``None``.
+        best: beam search: with ``every_step=True`` the current best beam's whole new text so far (it may change,
+            and need not extend what was emitted), and on the last delta the final text; otherwise ``None``.
         step: 0-based decoding step that produced it (``None`` for the final flush).
     """
 
@@ -128,8 +265,8 @@ class Delta:
 
 
 class Stream:
-    """Iterator over the text deltas of the first sequence of a generation; ``.generation`` holds the result after
-    the iterator is exhausted.
+    """Iterator over the text deltas of the first sequence of a generation: a filter over :class:`EventStream`
+    (:meth:`LM.events`); ``.generation`` holds the result after the iterator is exhausted.
 
     ``for delta in lm.stream(prompt, **kw)`` yields non-empty strings whose concatenation equals
     ``lm.generate(prompt, **kw).sequences[0].new_text`` (same settings and seed: the same result). Use
@@ -142,26 +279,29 @@ class Stream:
         kwargs: generation keywords, validated here (before the first token), as :meth:`LM.generate` does.
 
     Attributes:
+        events: the underlying :class:`EventStream`.
         config: the validated settings.
-        trace: with ``trace=True``, the :class:`~decodelab.trace.Trace` being filled while the stream runs (its
-            ``steps`` grow as tokens are chosen: per-token log-probabilities for a streaming server); else ``None``.
-        generation: the final result, once the iterator is exhausted.
 
     Raises:
         ConfigError, InputError: at construction, for bad settings or prompts.
     """
 
     def __init__(self, lm, prompt: str | list[str], kwargs: dict[str, Any]):
-        self.lm = lm
-        self.trace = None
-        self._run = lm._run(prompt, kwargs, on_trace=self._set_trace)  # validates now; search starts at next()
-        self.config = self._run.config
-        self.generation: Generation | None = None
+        self.events = EventStream(lm, prompt, kwargs)
+        self.config = self.events.config
         self._deltas: Iterator[Delta] | None = None
         self._first: Iterator[str] | None = None
 
-    def _set_trace(self, trace) -> None:
-        self.trace = trace
+    @property
+    def trace(self):
+        """With ``trace=True``, the :class:`~decodelab.trace.Trace` being filled while the stream runs (its
+        ``steps`` grow as tokens are chosen); else ``None``."""
+        return self.events.trace
+
+    @property
+    def generation(self) -> Generation | None:
+        """The final result once the iterator is exhausted; ``None`` before (and after an early :meth:`close`)."""
+        return self.events.generation
 
     # -- the plain iterator: first sequence, non-empty text deltas ---------------------------------------------------
     def __iter__(self) -> "Stream":
@@ -169,7 +309,7 @@ class Stream:
 
     def __next__(self) -> str:
         if self._first is None:
-            self._first = (d.text for d in self.deltas() if d.index == 0 and d.text)
+            self._first = (e.text for e in self.events if isinstance(e, TextDelta) and e.index == 0)
         return next(self._first)
 
     def text(self) -> str:
@@ -181,7 +321,7 @@ class Stream:
         for it in (self._first, self._deltas):
             if it is not None:
                 it.close()
-        self._run.close()
+        self.events.close()
 
     # -- every sequence ------------------------------------------------------------------------------------------
     def deltas(self, every_step: bool = False) -> Iterator[Delta]:
@@ -193,55 +333,30 @@ class Stream:
         ``every_step``; later calls (and the plain iterator) continue the same deltas.
         """
         if self._deltas is None:
-            self._deltas = self._drive(every_step)
+            self._deltas = self._filter(every_step)
         return self._deltas
 
-    def _drive(self, every_step: bool) -> Iterator[Delta]:
-        run = self._run
-        cfg = self.config
-        stops = cfg.stop_strings
-        tok = self.lm.tokenizer
-        prompts = run.prompt_ids
-        per_prompt = run.per_prompt
-        beam_n = cfg.num_return_sequences if cfg.is_beam else 1
-        eos = self.lm.stop_ids(cfg)
-        # sequence index -> detokenizer, for the sequences that are streamed while the search runs
-        if cfg.is_beam:
-            streamed = {b * beam_n: IncrementalDetokenizer(tok, prompts[b], stops, eos) for b in range(len(prompts))}
-        else:
-            streamed = {r: IncrementalDetokenizer(tok, prompts[r // per_prompt], stops, eos)
-                        for r in range(len(prompts) * per_prompt)}
-        step = 0
-        gen = run.events
-        while True:
-            try:
-                event = next(gen)
-            except StopIteration as done:
-                self.generation = done.value
-                break
-            if isinstance(event, BeamEvent):
-                for b, ids in enumerate(event.stable):
-                    i = b * beam_n
-                    text = streamed[i].set_ids(ids)
+    def _filter(self, every_step: bool) -> Iterator[Delta]:
+        beam = self.config.is_beam
+        group = self.config.num_return_sequences if beam else 1  # beam search streams every group's first sequence
+        this_step: dict[int, list] = {}  # sequence index -> [text, best] of the current step, in event order
+        last: dict[int, str] = {}  # sequence index -> its final delta's text
+        for event in self.events:
+            if isinstance(event, TokenEvent) and event.step is not None:
+                this_step.setdefault(event.index, ["", None])
+            elif isinstance(event, BeamUpdate):
+                this_step.setdefault(event.index, ["", None])[1] = event.best_text if every_step else None
+            elif isinstance(event, TextDelta):
+                if event.step is None:
+                    last[event.index] = event.text
+                else:
+                    this_step.setdefault(event.index, ["", None])[0] += event.text
+            elif isinstance(event, StepDone):
+                for i, (text, best) in this_step.items():
                     if text or every_step:
-                        best = continuation_text(tok, streamed[i].context, event.best[b]) if every_step else None
-                        yield Delta(i, text, best, step)
-            else:
-                tokens, running = event
-                for r, (t, alive) in enumerate(zip(tokens, running)):
-                    if not alive:
-                        continue
-                    text = streamed[r].push(t)
-                    if text or every_step:
-                        yield Delta(r, text, None, step)
-            step += 1
-        for i, seq in enumerate(self.generation.sequences):
-            detok = streamed.get(i)
-            text = detok.finish(seq.new_text) if detok is not None else seq.new_text
-            if text or (every_step and detok is not None):
-                yield Delta(i, text, seq.new_text if cfg.is_beam else None, None)
-
-
-def stream_deltas(lm, prompt: str | list[str], kwargs: dict[str, Any]) -> Stream:
-    """What :meth:`LM.stream` returns: a :class:`Stream` (iterate it for ``str`` deltas; ``.generation`` after)."""
-    return Stream(lm, prompt, kwargs)
+                        yield Delta(i, text, best, event.step)
+                this_step = {}
+            elif isinstance(event, Finish):
+                text = last.pop(event.index, "")
+                if text or (every_step and event.index % group == 0):
+                    yield Delta(event.index, text, event.text if beam else None, None)

@@ -136,7 +136,3 @@ class Tracer:
         self.trace.steps.append(rec)
         return rec
 
-
-def candidate(tokenizer, token_id: int, logit: float, logprob: float) -> Candidate:
-    """A :class:`Candidate` for one id."""
-    return Candidate(token_id, tokenizer.decode([token_id]), logit, float(torch.tensor(logprob).exp()), logprob)

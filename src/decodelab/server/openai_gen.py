@@ -2,25 +2,26 @@
 
 :func:`run_job` is a generator run in the :class:`~decodelab.server.runner.Runner`'s worker thread. It validates
 and tokenizes every prompt first and yields :data:`READY` (so a streaming response can still answer 400 for an
-empty or over-long prompt), then drives ``LM._run`` one step at a time, yielding a list of :class:`Delta` per step
-(when streaming; else ``None``, a tick where the runner may stop it), and returns the :class:`ChoiceResult` list.
+empty or over-long prompt), then runs each prompt's :meth:`LM.events` stream one step (``StepDone``) at a time,
+yielding a list of :class:`Delta` per step (when streaming; else ``None``, a tick where the runner may stop it), and
+returns the :class:`ChoiceResult` list.
 
-Logprobs come from the generation trace (``trace=True, trace_top_k=k``): ``Step.logprob`` and ``Step.top``, the
-model's raw distribution (log-softmax of the logits) *before* penalties, logit_bias, temperature and filters. So each
-position lists exactly ``k`` alternatives, sorted, finite, and the chosen token's logprob equals its entry when it is
-listed. Which tokens are listed: every generated token whose text starts before the end of the returned text, so
+Logprobs come from the generation trace (``trace=True, trace_top_k=k``), carried by the events as
+``TokenEvent.logprob`` and ``TokenEvent.top`` (``Step.logprob`` and ``Step.top``): the model's raw distribution
+(log-softmax of the logits) *before* penalties, logit_bias, temperature and filters. So each position lists exactly
+``k`` alternatives, sorted, finite, and the chosen token's logprob equals its entry when it is listed. Offsets are
+``TokenEvent.offset``. Which tokens are listed: every generated token whose text starts before the end of the returned text, so
 not the end-of-sequence token, and not the tokens after a stop string.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Generator
 
-from ..detokenize import REPLACEMENT, continuation_text, prompt_context
-from ..streaming import IncrementalDetokenizer
+from ..detokenize import valid_length
+from ..events import Finish, StepDone, TextDelta, TokenEvent
 from ..tokens import display_piece, token_bytes
 
 READY = "ready"
@@ -143,63 +144,24 @@ def _finite(x: float) -> float:
     return float(x) if math.isfinite(x) else FLOOR
 
 
-def _valid_len(text: str) -> int:
-    end = len(text)
-    while end and text[end - 1] == REPLACEMENT:
-        end -= 1
-    return end
-
-
-class _Row:
-    """One generated row: its ids, the start offset of each token, the streamed text so far."""
-
-    def __init__(self, lm, prompt_ids: list[int], cfg, stream: bool, want_offsets: bool):
-        self.tok = lm.tokenizer
-        self.context = prompt_context(prompt_ids)
-        self.detok = IncrementalDetokenizer(self.tok, prompt_ids, cfg.stop_strings, lm.stop_ids(cfg)) if stream else None
-        self.want_offsets = want_offsets
-        self.ids: list[int] = []
-        self.starts: list[int] = []
-        self.steps: list[Any] = []  # trace Step per token (logprobs)
-        self._prev_valid = 0
-        self.sent_tokens = 0
-
-    def push(self, token_id: int, step) -> str:
-        if self.want_offsets:
-            self.starts.append(self._prev_valid)
-        self.ids.append(token_id)
-        self.steps.append(step)
-        if self.want_offsets and self.detok is not None:
-            self._prev_valid = _valid_len(continuation_text(self.tok, self.context, self.ids))
-        return self.detok.push(token_id) if self.detok is not None else ""
-
-    def compute_starts(self) -> None:
-        """Start offsets of every token (non-streaming path: computed once at the end)."""
-        self.starts = []
-        for i in range(len(self.ids)):
-            self.starts.append(_valid_len(continuation_text(self.tok, self.context, self.ids[:i])) if i else 0)
-
-
-def _listed(row: _Row, final_len: int, reason: str, eos_ids) -> int:
-    """How many of the row's tokens are listed in logprobs (see the module docstring)."""
-    count = len(row.ids)
-    if reason == "eos" and count and row.ids[-1] in eos_ids:
+def _listed(tokens: list[TokenEvent], final_len: int, reason: str, eos_ids) -> int:
+    """How many of a sequence's tokens are listed in logprobs (see the module docstring)."""
+    count = len(tokens)
+    if reason == "eos" and count and tokens[-1].id in eos_ids:
         count -= 1
     if reason == "stop":
-        while count and row.starts[count - 1] >= final_len:
+        while count and tokens[count - 1].offset >= final_len:
             count -= 1
     return count
 
 
-def _start_run(lm, prompt: str | list[int], kwargs: dict[str, Any]):
-    """``LM._run`` with access to its trace while it runs: (events iterator, trace getter)."""
-    traces: list = []
-    if "on_trace" in inspect.signature(lm._run).parameters:
-        run = lm._run(prompt, kwargs, on_trace=traces.append)
-    else:
-        run = lm._run(prompt, kwargs)
-    events = getattr(run, "events", run)
-    return events, (lambda: getattr(run, "trace", None) or (traces[0] if traces else None))
+class _Choice:
+    """One generated sequence as the job sees it: its tokens so far, and what of it was sent."""
+
+    def __init__(self) -> None:
+        self.tokens: list[TokenEvent] = []
+        self.sent_chars = 0  # characters of text sent in deltas
+        self.sent_tokens = 0  # tokens sent with logprobs
 
 
 def run_job(lm, job: Job) -> Generator[Any, None, list[ChoiceResult]]:
@@ -209,95 +171,86 @@ def run_job(lm, job: Job) -> Generator[Any, None, list[ChoiceResult]]:
     if kwargs.get("max_new_tokens") is None:
         room = (lm.context_window or 10**9) - max(len(ids) for ids in job.prompt_ids)
         kwargs["max_new_tokens"] = max(1, min(job.default_max_tokens, room))
-    for ids in job.prompt_ids:
-        lm._check_length(len(ids), kwargs["max_new_tokens"])
     if job.logprobs is not None:
         kwargs.update(trace=True, trace_top_k=job.logprobs)
-    cfg = lm.config(**kwargs)
-    infos = _Infos(lm.tokenizer)
-    if job.echo_logprobs:
-        job.prompt_tokens_info = [prompt_logprobs(lm, p if isinstance(p, str) else None, ids, job.logprobs or 0, infos)
-                                  for p, ids in zip(job.prompts, job.prompt_ids)]
-    yield READY
-    eos_ids = set(lm.stop_ids(cfg))
-    results: list[ChoiceResult] = []
-    stream_rows = job.stream and not cfg.is_beam
-    for p, prompt in enumerate(job.prompts):
-        base = p * job.n
-
-        def indices(j: int) -> list[int]:  # choice indices of sequence / row j (greedy: repeated n times)
-            return [base + c for c in range(job.repeat)] if job.repeat > 1 else [base + j]
-
-        events, get_trace = _start_run(lm, prompt, kwargs)
-        rows: list[_Row] = []
-        consumed = 0
-        while True:
-            try:
-                event = next(events)
-            except StopIteration as done:
-                generation = done.value
-                break
-            if cfg.is_beam or not (isinstance(event, tuple) and len(event) == 2):
-                yield None
-                continue
-            tokens, running = event
-            if not rows:
-                rows = [_Row(lm, job.prompt_ids[p], cfg, stream_rows, job.logprobs is not None)
-                        for _ in tokens]
-            steps: dict[int, Any] = {}
-            trace = get_trace()
-            if trace is not None:
-                for s in trace.steps[consumed:]:
-                    steps[s.row] = s
-                consumed = len(trace.steps)
-            deltas = []
-            for r, (t, alive) in enumerate(zip(tokens, running)):
-                if not alive:
-                    continue
-                row = rows[r]
-                text = row.push(t, steps.get(r))
-                if not stream_rows:
-                    continue
-                new_tokens = []
-                if job.logprobs is not None:  # tokens starting inside the emitted text are complete
-                    while row.sent_tokens < len(row.ids) and row.starts[row.sent_tokens] < len(row.detok.text):
-                        new_tokens.append(_token_info(row, row.sent_tokens, infos))
-                        row.sent_tokens += 1
-                if text or new_tokens:
-                    deltas.extend(Delta(i, text, new_tokens) for i in indices(r))
-            yield deltas if stream_rows else None
-        final: list[Delta] = []
-        for j, seq in enumerate(generation.sequences):
-            if j < len(rows):
-                row = rows[j]
-            else:  # beam search: build the row from the result
-                row = _Row(lm, job.prompt_ids[p], cfg, False, job.logprobs is not None)
-                row.ids = list(seq.new_ids)
-            if job.logprobs is not None and row.detok is None:
-                row.compute_starts()
-            tokens_info = None
-            if job.logprobs is not None:
-                listed = _listed(row, len(seq.new_text), seq.finish_reason, eos_ids)
-                tokens_info = [_token_info(row, i, infos) for i in range(listed)]
-            reason = finish_reason(seq.finish_reason)
-            if job.stream:
-                rest = row.detok.finish(seq.new_text) if row.detok is not None else seq.new_text
-                rest_tokens = tokens_info[row.sent_tokens:] if tokens_info is not None else []
-            for i in indices(j):
-                results.append(ChoiceResult(i, p, seq.new_text, reason, len(seq.new_ids), tokens_info))
-                if job.stream:
-                    final.append(Delta(i, rest, rest_tokens, reason))
-        if job.stream:
-            yield final
+    runs = []  # one event stream per prompt, validated now (nothing runs on the model before its first event)
+    try:
+        for prompt in job.prompts:
+            runs.append(lm.events(prompt, **kwargs))
+        infos = _Infos(lm.tokenizer)
+        if job.echo_logprobs:
+            job.prompt_tokens_info = [
+                prompt_logprobs(lm, p if isinstance(p, str) else None, ids, job.logprobs or 0, infos)
+                for p, ids in zip(job.prompts, job.prompt_ids)]
+        yield READY
+        results: list[ChoiceResult] = []
+        for p, events in enumerate(runs):
+            results.extend((yield from _run_prompt(lm, job, p, events, infos)))
+    finally:
+        for events in runs:
+            events.close()
     job.results = results
     return results
 
 
-def _token_info(row: _Row, i: int, infos: _Infos) -> TokenInfo:
-    step = row.steps[i] if i < len(row.steps) else None
-    if step is None:
-        return infos.info(row.ids[i], FLOOR, [], row.starts[i])
-    return infos.info(row.ids[i], step.logprob, step.top, row.starts[i])
+def _run_prompt(lm, job: Job, p: int, events, infos: _Infos) -> Generator[Any, None, list[ChoiceResult]]:
+    """The choices of prompt ``p``: yields a list of :class:`Delta` per step (streaming, token search), else
+    ``None`` per step; then (streaming) the last deltas with the finish reasons."""
+    cfg = events.config
+    eos_ids = set(lm.stop_ids(cfg))
+    stream_rows = job.stream and not cfg.is_beam  # beam search: the whole text comes at the end
+    base = p * job.n
+
+    def indices(j: int) -> list[int]:  # choice indices of sequence / row j (greedy: repeated n times)
+        return [base + c for c in range(job.repeat)] if job.repeat > 1 else [base + j]
+
+    choices: dict[int, _Choice] = {}
+    this_step: dict[int, str] = {}  # sequence index -> its text of the current step (rows in order)
+    results: list[ChoiceResult] = []
+    final: list[Delta] = []
+    for event in events:
+        if isinstance(event, TokenEvent):
+            choices.setdefault(event.index, _Choice()).tokens.append(event)
+            if event.step is not None:
+                this_step.setdefault(event.index, "")
+        elif isinstance(event, TextDelta) and event.step is not None:
+            this_step[event.index] = this_step.get(event.index, "") + event.text
+        elif isinstance(event, StepDone):
+            deltas = []
+            for j, text in this_step.items() if stream_rows else ():
+                choice = choices[j]
+                choice.sent_chars += len(text)
+                new_tokens = []
+                if job.logprobs is not None:  # tokens starting inside the sent text are complete
+                    while choice.sent_tokens < len(choice.tokens) and \
+                            choice.tokens[choice.sent_tokens].offset < choice.sent_chars:
+                        new_tokens.append(_token_info(choice.tokens[choice.sent_tokens], infos))
+                        choice.sent_tokens += 1
+                if text or new_tokens:
+                    deltas.extend(Delta(i, text, new_tokens) for i in indices(j))
+            this_step = {}
+            yield deltas if stream_rows else None
+        elif isinstance(event, Finish):
+            choice = choices.get(event.index) or _Choice()
+            tokens_info = None
+            if job.logprobs is not None:
+                listed = _listed(choice.tokens, len(event.text), event.finish_reason, eos_ids)
+                tokens_info = [_token_info(t, infos) for t in choice.tokens[:listed]]
+            reason = finish_reason(event.finish_reason)
+            rest = event.text[choice.sent_chars:]
+            rest_tokens = tokens_info[choice.sent_tokens:] if tokens_info is not None else []
+            for i in indices(event.index):
+                results.append(ChoiceResult(i, p, event.text, reason, len(event.ids), tokens_info))
+                final.append(Delta(i, rest, rest_tokens, reason))
+    if job.stream:
+        yield final
+    return results
+
+
+def _token_info(token: TokenEvent, infos: _Infos) -> TokenInfo:
+    if token.logprob is None:
+        return infos.info(token.id, FLOOR, [], token.offset)
+    return infos.info(token.id, token.logprob, token.top, token.offset)
 
 
 def prompt_logprobs(lm, prompt: str | None, ids: list[int], k: int, infos: _Infos) -> list[TokenInfo]:
@@ -309,7 +262,7 @@ def prompt_logprobs(lm, prompt: str | None, ids: list[int], k: int, infos: _Info
     tok = lm.tokenizer
     for i, (tid, entry) in enumerate(zip(ids, scored.tokens)):
         start = prev
-        prev = _valid_len(tok.decode(ids[: i + 1], skip_special_tokens=True))
+        prev = valid_length(tok.decode(ids[: i + 1], skip_special_tokens=True))
         if i == 0 or entry.logprob is None:
             out.append(infos.info(tid, None, None, start))
         else:

@@ -22,6 +22,7 @@ from pydantic import Field, create_model
 
 from ..config import GenerationConfig
 from ..errors import ConfigError
+from ..events import StepDone
 from ..knobs import knob_table
 from .errors import ERROR_RESPONSES, exception_payload
 from .reshape import Warpers, before_after, logit_summary
@@ -119,15 +120,21 @@ def _next_token_job(lm, body: NextTokenRequest, warpers: Warpers) -> dict:
 
 
 def _generation_steps(lm, prompt: str, kwargs: dict):
-    """Generator for ``runner.drive``: one yield per step, returns ``Generation.to_dict()``."""
-    stream = lm.stream(prompt, **kwargs)
-    for _ in stream.deltas():
-        yield
-    return stream.generation.to_dict()
+    """Generator for ``runner.drive``: one yield per decoding step (``StepDone``), returns
+    ``Generation.to_dict()``."""
+    events = lm.events(prompt, **kwargs)
+    try:
+        for event in events:
+            if isinstance(event, StepDone):
+                yield
+    finally:
+        events.close()
+    return events.generation.to_dict()
 
 
 def _stream_events(lm, prompt: str, kwargs: dict):
-    """NDJSON events of a streamed generation (first sequence): start, deltas, done with the full generation."""
+    """NDJSON events of a streamed generation (first sequence): start, deltas, done with the full generation.
+    The deltas are ``LM.stream(...).deltas(every_step=True)``, a filter over ``LM.events``."""
     stream = lm.stream(prompt, **kwargs)
     yield {"type": "start", "config": stream.config.to_dict()}
     for d in stream.deltas(every_step=True):
