@@ -62,6 +62,11 @@ class LM:
 
     # --- facts -------------------------------------------------------------------------------------------------
     @property
+    def engine_config(self):
+        """The :class:`~decodelab.engine_config.EngineConfig` the engine runs with (device, dtype, kernels, ...)."""
+        return self.engine.config
+
+    @property
     def vocab_size(self) -> int:
         """Rows of the model's output layer (V in logits of shape (B, T, V))."""
         return self.engine.vocab_size
