@@ -232,10 +232,8 @@ def main(argv=None) -> int:
         args.runs = 1
         for kw in (GREEDY, BEAM, SAMPLE):
             kw["max_new_tokens"] = 16
-    from decodelab.engine import check_kernels
-
     try:  # bad values fail before any work, as one line (exit 2)
-        args.kernels = ",".join(check_kernels(k) for k in args.kernels.split(","))
+        args.kernels = ",".join(decodelab.EngineConfig.from_kwargs(kernels=k).kernels for k in args.kernels.split(","))
     except decodelab.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -291,8 +291,8 @@ def test_serve_passes_options_to_server_run(monkeypatch):
     ok("serve", "--host", "0.0.0.0", "--port", "9001", "--model", "some/model", "--kernels", "fast", "--quantize",
        "int8", "--quantize-lm-head")
     assert seen["host"] == "0.0.0.0" and seen["port"] == 9001 and seen["model"] == "some/model"
-    assert seen["kernels"] == "fast" and seen["quantize"] == "int8" and seen["quantize_lm_head"] is True
-    assert seen["device"] is None and seen["dtype"] is None
+    assert seen["engine"] == decodelab.EngineConfig(kernels="fast", quantize="int8", quantize_lm_head=True)
+    assert seen["engine"].dtype == "bfloat16" and "kernels" not in seen and "device" not in seen
 
 
 def test_serve_without_server_module_exits_2(monkeypatch):

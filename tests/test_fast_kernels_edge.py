@@ -11,7 +11,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import decodelab
-from decodelab.engine import Engine, check_kernels
+from decodelab.engine import Engine
+from decodelab.engine_config import EngineConfig
 from decodelab.fastpath.decoder import MeasuredDense
 
 
@@ -203,8 +204,9 @@ def test_several_engines_on_one_model():
 
 
 def test_kernels_values_are_normalised_or_rejected():
-    assert [check_kernels(v) for v in (None, "FAST", " fast ", "Exact")] == ["exact", "fast", "fast", "exact"]
+    assert [EngineConfig.from_kwargs(kernels=v).kernels for v in (None, "FAST", " fast ", "Exact")] == [
+        "exact", "fast", "fast", "exact"]
     for bad in (1, True, "", "turbo", "fa st"):
         with pytest.raises(decodelab.ConfigError) as info:
-            check_kernels(bad)
+            EngineConfig.from_kwargs(kernels=bad)
         assert info.value.param == "kernels" and "\n" not in str(info.value)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from decodelab import models
+from decodelab.engine_config import EngineConfig
 from decodelab.errors import ConfigError, ModelLoadError
 from decodelab.modelcache import build_entry, verify_cache
 from decodelab.testing import tiny_random_model
@@ -454,13 +455,15 @@ def test_unavailable_cuda():
                                                ("bfloat16", torch.bfloat16), ("torch.float16", torch.float16),
                                                (torch.bfloat16, torch.bfloat16)])
 def test_dtype_names(value, torch_dtype):
-    assert models._resolve_dtype(value) == torch_dtype
+    assert EngineConfig.from_kwargs(dtype=value).torch_dtype == torch_dtype
 
 
 def test_device_default_and_env(monkeypatch):
-    assert models._resolve_device(None) == torch.device("cpu")
+    monkeypatch.delenv("DECODELAB_DEVICE", raising=False)
+    assert EngineConfig.from_kwargs().device == "cpu"
+    assert EngineConfig.from_kwargs().torch_device == torch.device("cpu")
     monkeypatch.setenv("DECODELAB_DEVICE", "auto")
-    assert models._resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert EngineConfig.from_kwargs().device == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ------------------------------------------------------------------------------------------------ defaults, paths

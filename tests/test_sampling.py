@@ -13,9 +13,9 @@ import decodelab
 from decodelab.config import GenerationConfig
 from decodelab.errors import ConfigError
 from decodelab.processors import Context, build_processors
-from decodelab.search.common import PromptBatch, drain
-from decodelab.search.sampling import token_search
-from decodelab.stopping import StopStrings
+from decodelab.search.common import PromptBatch, SearchRequest, drain
+from decodelab.search.sampling import row_generators, token_search
+from decodelab.stopping import MaxLengthCriterion, StoppingCriteria
 
 PROMPT = "It was a dark and stormy"
 
@@ -129,14 +129,13 @@ def test_draws_follow_the_processed_distribution(kw, expected):
     logits = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])) + 2.0
     cfg = GenerationConfig.from_kwargs(do_sample=True, seed=2024, max_new_tokens=400, num_return_sequences=40,
                                        ignore_eos=True, **kw)
-    batch = PromptBatch.from_lists([[0]], pad_id=0).repeat(40)
-    ctx = Context(1, batch.pad_lengths, torch.tensor([], dtype=torch.long))
+    batch = PromptBatch.from_lists([[0]], pad_id=0)
+    ctx = Context(1, batch.repeat(40).pad_lengths, torch.tensor([], dtype=torch.long))
     procs = build_processors(cfg, ctx)
-
-    class NoTokenizer:
-        pass
-
-    raw = drain(token_search(FixedLogitsEngine(logits), batch, cfg, procs, ctx, StopStrings(NoTokenizer(), ()), 40))
+    req = SearchRequest(engine=FixedLogitsEngine(logits), config=cfg, batch=batch, processors=procs, context=ctx,
+                        stopping=StoppingCriteria([MaxLengthCriterion(cfg.max_new_tokens)]), per_prompt=40,
+                        generators=row_generators(cfg, 40, 40, "cpu"))
+    raw = drain(token_search(req))
     draws = [t for r in raw for t in r.new_ids]
     assert len(draws) == 16_000
     counts = [draws.count(i) for i in range(4)]

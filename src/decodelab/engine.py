@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .engine_config import DTYPES, EngineConfig
 from .fastpath import FastDecoder, StaticKVCache, unsupported_reason
 from .fastpath.decoder import drain
 
@@ -56,25 +57,18 @@ class DecodeState:
     padded: bool = True
 
 
+def _model_placement(model) -> dict[str, str]:
+    """``device`` and ``dtype`` of ``model``'s first parameter, as :class:`EngineConfig` keywords (a dtype
+    EngineConfig does not know, e.g. float64, is left out)."""
+    param = next(model.parameters())
+    dtype = str(param.dtype).removeprefix("torch.")
+    return {"device": str(param.device), **({"dtype": dtype} if dtype in DTYPES else {})}
+
+
 def _fast_enabled(fast: bool | None) -> bool:
     if fast is not None:
         return bool(fast)
     return os.environ.get("DECODELAB_FASTPATH", "1").strip().lower() not in {"0", "false", "no", "off"}
-
-
-def check_kernels(kernels) -> str:
-    """``kernels`` normalised (``"exact"`` or ``"fast"``, case and spaces ignored; ``None`` means ``"exact"``).
-
-    Raises:
-        ConfigError: any other value.
-    """
-    from .errors import ConfigError
-    from .fastpath.decoder import KERNELS
-
-    value = "exact" if kernels is None else str(kernels).strip().lower()
-    if value not in KERNELS:
-        raise ConfigError(f"invalid kernels={kernels!r}: expected one of {', '.join(KERNELS)}", param="kernels")
-    return value
 
 
 class Engine:
@@ -82,44 +76,44 @@ class Engine:
     ``logits_to_keep``) under ``torch.inference_mode``.
 
     Args:
-        model: a ``PreTrainedModel`` in eval mode.
-        fast: ``None`` (default): the fast path when the model supports it and ``$DECODELAB_FASTPATH`` is not
-            ``0``; ``True``: the fast path where supported; ``False``: always the plain path.
-        pack: prepack bfloat16 weights for oneDNN on the fast path (``None``: where supported; see
-            :class:`decodelab.fastpath.decoder.PackedDense`).
-        quantize: ``None``, ``"int8"`` or ``"int4"``: weight-only quantization of the decoder's linear layers on
-            the fast path (see :func:`decodelab.quantize.quantize_decoder`; the tied embedding / lm_head stays in
-            the model's dtype unless ``quantize_lm_head``).
-        kernels: ``"exact"`` (default): the fast path's float32 logits are bit-for-bit the model's; ``"fast"``:
-            q/k/v and gate/up fused into one product each, fused RMSNorm and one rotary call per layer
-            (:class:`decodelab.fastpath.decoder.Layer`), and for each product the kernel measured fastest on this
-            machine (:class:`decodelab.fastpath.decoder.MeasuredDense`): faster on CPU, logits equal to the model's only
-            to ~1e-6 relative (outputs can then differ from ``model.generate`` where two candidates tie to within
-            rounding). ``quantize`` also fuses the projections.
-        compile: compile the fast path's decode step ahead of time with AOTInductor, packages kept on disk (see
-            :mod:`decodelab.compile_cache`); a dict gives the Inductor options instead of
-            :func:`decodelab.compile_cache.compile_options`.
+        model: a ``PreTrainedModel`` in eval mode, already on ``config.device`` in ``config.dtype`` (as
+            :func:`decodelab.models.load_model` leaves it; the engine moves nothing).
+        config: the validated :class:`~decodelab.engine_config.EngineConfig` (its fields are documented there):
+            ``fast`` / ``pack`` (which path, prepacked bfloat16 weights), ``quantize`` / ``quantize_lm_head``
+            (weight-only int8 / int4 on the fast path, :func:`decodelab.quantize.quantize_decoder`), ``kernels``
+            (``"exact"``: the fast path's float32 logits are bit-for-bit the model's; ``"fast"``: fused q/k/v and
+            gate/up products, fused RMSNorm, one rotary call per layer and the kernel measured fastest per product,
+            :class:`decodelab.fastpath.decoder.MeasuredDense`, equal to ~1e-6 relative), ``compile`` (AOTInductor,
+            :mod:`decodelab.compile_cache`).
+        **options: instead of ``config``, its fields as keywords (``Engine(model, kernels="fast")``), folded into
+            ``EngineConfig.from_kwargs(**options)`` with ``device`` / ``dtype`` defaulting to the model's.
 
     Attributes:
-        fast: the :class:`FastDecoder`, or ``None`` on the plain path. ``fast_reason``: why not, when ``None``.
+        config: the :class:`EngineConfig` in force. ``fast``: the :class:`FastDecoder`, or ``None`` on the plain
+            path. ``fast_reason``: why not, when ``None``.
 
     Raises:
-        ConfigError: ``quantize``, ``compile`` or ``kernels="fast"`` requested for a model the fast path does not
-            support, or an unknown ``kernels`` value.
+        ConfigError: a bad option (from :class:`EngineConfig`), or ``quantize``, ``compile`` or ``kernels="fast"``
+            requested for a model the fast path does not support.
+        TypeError: both ``config`` and keyword options.
     """
 
-    def __init__(self, model, *, fast: bool | None = None, pack: bool | None = None, quantize: str | None = None,
-                 quantize_lm_head: bool = False, compile: bool | dict = False, kernels: str = "exact") -> None:
+    def __init__(self, model, config: EngineConfig | None = None, **options) -> None:
         from .errors import ConfigError
 
-        kernels = check_kernels(kernels)
+        if config is None:
+            config = EngineConfig.from_kwargs(**{**_model_placement(model), **options})
+        elif options:
+            raise TypeError(f"Engine() takes a config or keyword options, not both (got {', '.join(options)})")
+        self.config = config
+        kernels, quantize, compile = config.kernels, config.quantize, config.compile
         self.model = model
         self.device = next(model.parameters()).device
         self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.fast: FastDecoder | None = None
         wants_fast = bool(quantize or compile or kernels != "exact")
-        self.fast_reason = unsupported_reason(model) if _fast_enabled(fast) or wants_fast else "disabled"
+        self.fast_reason = unsupported_reason(model) if _fast_enabled(config.fast) or wants_fast else "disabled"
         self.compiled = None
         self.scheduler = None  # a decodelab.scheduler.Scheduler while batching (start_batching)
         self.kernels = kernels
@@ -127,7 +121,7 @@ class Engine:
         self._takes_positions = "position_ids" in forward_params
         self._takes_logits_to_keep = "logits_to_keep" in forward_params
         if self.fast_reason is None:
-            self.fast = FastDecoder(model, pack=pack, kernels=kernels, fuse=kernels == "fast" or bool(quantize),
+            self.fast = FastDecoder(model, pack=config.pack, kernels=kernels, fuse=kernels == "fast" or bool(quantize),
                                     measure=not quantize)
         elif wants_fast:
             param = "quantize" if quantize else "compile" if compile else "kernels"
@@ -137,7 +131,7 @@ class Engine:
         if quantize:
             from .quantize import quantize_decoder
 
-            quantize_decoder(self.fast, quantize, lm_head=quantize_lm_head)
+            quantize_decoder(self.fast, quantize, lm_head=config.quantize_lm_head)
         if compile:
             from .compile_cache import CompiledStep
 

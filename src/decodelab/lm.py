@@ -21,9 +21,10 @@ from .engine import Engine
 from .errors import ConfigError, InputError
 from .processors import Context, build_processors
 from .search import beam_search, token_search
-from .search.common import PromptBatch, RawSequence, Run, drain
+from .search.common import PromptBatch, RawSequence, Run, SearchRequest, drain
+from .search.sampling import row_generators
 from .search.tracing import Tracer
-from .stopping import StopStrings, eos_tensor, find_stop
+from .stopping import StopStrings, eos_tensor, find_stop, stopping_criteria
 from .tokens import Tokens, tokenize
 from .trace import Generation, Sequence, Trace
 
@@ -61,6 +62,11 @@ class LM:
         return f"LM({self.name!r}, vocab={self.vocab_size}, context={self.context_window})"
 
     # --- facts -------------------------------------------------------------------------------------------------
+    @property
+    def engine_config(self):
+        """The :class:`~decodelab.engine_config.EngineConfig` the engine runs with (device, dtype, kernels, ...)."""
+        return self.engine.config
+
     @property
     def vocab_size(self) -> int:
         """Rows of the model's output layer (V in logits of shape (B, T, V))."""
@@ -376,21 +382,24 @@ class LM:
     def _search(self, cfg: GenerationConfig, prompt_ids: list[list[int]], per_prompt: int, trace: Trace | None,
                 start: float):
         """The search generator of :meth:`_run` (see :class:`~decodelab.search.common.Run`)."""
-        eos_ids = self.stop_ids(cfg)
+        device = self.engine.device
+        eos = eos_tensor(self.stop_ids(cfg), device)
         batch = PromptBatch.from_lists(prompt_ids, self.pad_id)
         rows = batch.repeat(per_prompt) if not cfg.is_beam else batch.repeat(cfg.num_beams)
-        ctx = Context(batch.width, rows.pad_lengths.to(self.engine.device), eos_tensor(eos_ids, self.engine.device),
-                      tokenizer=self.tokenizer, vocab_size=self.vocab_size)
+        ctx = Context(batch.width, rows.pad_lengths.to(device), eos, tokenizer=self.tokenizer,
+                      vocab_size=self.vocab_size)
         procs = build_processors(cfg, ctx)
-        stops = StopStrings(self.tokenizer, cfg.stop_strings)
         tracer = None
         if trace is not None:
             trace.processors = [p.name for p in procs]
             tracer = Tracer(self.tokenizer, cfg.trace_top_k, trace)
-        if cfg.is_beam:
-            raw = yield from beam_search(self.engine, batch, cfg, procs, ctx, stops, tracer)
-        else:
-            raw = yield from token_search(self.engine, batch.repeat(per_prompt), cfg, procs, ctx, stops, per_prompt, tracer)
+        req = SearchRequest(
+            engine=self.engine, config=cfg, batch=batch, processors=procs, context=ctx,
+            stopping=stopping_criteria(cfg.max_new_tokens, eos, StopStrings(self.tokenizer, cfg.stop_strings),
+                                       prompt_ids),
+            per_prompt=per_prompt, generators=row_generators(cfg, len(prompt_ids) * per_prompt, per_prompt, device),
+            tracer=tracer)
+        raw = yield from (beam_search(req) if cfg.is_beam else token_search(req))
         sequences = [self._sequence(r, prompt_ids[r.prompt_index], cfg) for r in raw]
         if trace is not None and cfg.lens:
             from .lens import generation_lens

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from decodelab import hub
-from decodelab.errors import ConfigError, ModelLoadError
+from decodelab.engine_config import EngineConfig
+from decodelab.errors import ModelLoadError
 from decodelab.modelcache import (cache_dir, cached, content_key, env_flag, package_dir, quiet, short_reason,
                                   verify_cache)
 from decodelab.qwen2tok import qwen2_tokenizer
@@ -30,9 +31,6 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_QWEN = "Qwen/Qwen2-0.5B"
 __all__ = ["EMBEDDED_MODEL", "DEFAULT_QWEN", "LoadedModel", "default_model_name", "download_model",
            "embedded_gguf_path", "cache_dir", "load_model", "load_tokenizer", "qwen2_tokenizer", "verify_cache"]
-_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float16": "float16", "fp16": "float16", "half": "float16"}
-
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -238,43 +236,6 @@ def _config_model_type(path: pathlib.Path) -> str | None:
     return None
 
 
-# ------------------------------------------------------------------------------------------------------ device, dtype
-def _resolve_device(device):
-    import torch
-
-    if device is None:
-        device = os.environ.get("DECODELAB_DEVICE", "").strip() or "cpu"
-    if isinstance(device, str) and device.strip().lower() == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device.strip().lower() if isinstance(device, str) else device)
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', got {device!r}",
-                          param="device") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {str(dev)!r} is not available: torch.cuda.is_available() is False",
-                          param="device")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device 'mps' is not available on this machine", param="device")
-    return dev
-
-
-def _resolve_dtype(dtype):
-    import torch
-
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        name = str(dtype).removeprefix("torch.")
-    elif isinstance(dtype, str):
-        name = dtype.strip().lower().removeprefix("torch.")
-    else:
-        name = ""
-    if name not in _DTYPES:
-        raise ConfigError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}", param="dtype")
-    return getattr(torch, _DTYPES[name])
-
-
 # ---------------------------------------------------------------------------------------------------------- load_model
 def _finish(model, tok, name: str, source: str, device, dtype) -> LoadedModel:
     model = model.to(device=device, dtype=dtype).eval()
@@ -335,9 +296,11 @@ def download_model(model: str | os.PathLike | None = None) -> hub.Snapshot:
     return hub.snapshot(name, "model")
 
 
-def load_model(model: str | os.PathLike | None = None, *, device=None, dtype=None) -> LoadedModel:
+def load_model(model: str | os.PathLike | None = None, *, device=None, dtype=None,
+               config: EngineConfig | None = None) -> LoadedModel:
     """Load ``model`` and return a :class:`LoadedModel` in eval mode on ``device`` (default ``$DECODELAB_DEVICE`` or
-    cpu) in ``dtype`` (default float32).
+    cpu) in ``dtype`` (default float32), both validated by :class:`~decodelab.engine_config.EngineConfig`; or on
+    ``config.device`` in ``config.dtype`` when an already validated ``config`` is given instead.
 
     ``model``: None (→ :func:`default_model_name`), ``"SmolLM2-135M-Instruct"``/``"embedded"`` (the embedded GGUF,
     via the safetensors cache), a ``.gguf`` path (cached the same way), a local directory with ``config.json`` and
@@ -347,7 +310,11 @@ def load_model(model: str | os.PathLike | None = None, *, device=None, dtype=Non
     loaded (unknown id offline, missing path, corrupt GGUF, pickle-only weights, ``trust_remote_code`` models, a
     repository that does not exist or needs a login, a failed download).
     """
-    dev, dt = _resolve_device(device), _resolve_dtype(dtype)
+    if config is None:
+        config = EngineConfig.from_kwargs(device=device, dtype=dtype)
+    elif device is not None or dtype is not None:
+        raise TypeError("load_model() takes device / dtype or config, not both")
+    dev, dt = config.torch_device, config.torch_dtype
     kind, name, path = _resolve(model)
     if kind in {"embedded", "gguf"}:
         _gguf_magic(path)

@@ -1,4 +1,13 @@
-"""Stopping: eos id set, ``max_new_tokens``, and stop strings that may span token boundaries.
+"""Stopping: eos id set, ``max_new_tokens``, and stop strings that may span token boundaries, as a list of criteria.
+
+The shape is transformers' ``generation/stopping_criteria.py``: each rule is a small object called on the ids so far
+that answers, per row, "does this continuation end here?" (``StoppingCriteria.__call__(input_ids, scores) ->
+BoolTensor (B,)``), and ``StoppingCriteriaList`` ORs them. Here a criterion sees only the *generated* ids (N, L) and
+the prompt each row continues, and carries the ``finish_reason`` it gives: :class:`EosCriterion` (transformers'
+``EosTokenCriteria``), :class:`MaxLengthCriterion` (``MaxLengthCriteria`` counted in new tokens, as
+``max_new_tokens``), :class:`StopStringCriterion` (``StopStringCriteria``, but on decoded text: see
+:class:`StopStrings`). :class:`StoppingCriteria` holds them in precedence order. The search loops
+(:mod:`decodelab.search`) consult that list after each token.
 
 A row finishes with ``finish_reason``:
 - ``"eos"`` when it emits one of the eos ids (unless ``ignore_eos``); the eos token is kept in ``new_ids`` (as
@@ -10,9 +19,11 @@ A row finishes with ``finish_reason``:
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
-from .detokenize import continuation_text
+from .detokenize import continuation_text, prompt_context
 
 
 def find_stop(text: str, stop_strings: tuple[str, ...], start: int = 0) -> int:
@@ -60,3 +71,125 @@ class StopStrings:
 def eos_tensor(eos_ids: tuple[int, ...], device) -> torch.Tensor:
     """(E,) int64 tensor of eos ids (possibly empty)."""
     return torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+
+
+class StoppingCriterion:
+    """One rule that ends a continuation. Subclasses set :attr:`reason` and implement ``__call__``.
+
+    ``__call__(new_ids, prompts)``: ``new_ids`` (N, L) int64, the ids generated so far by N continuations (newest
+    last, L >= 1); ``prompts``: the prompt index of each row (length N). Returns an (N,) bool tensor on
+    ``new_ids.device``: True where the continuation ends with its newest token. Never modifies its inputs.
+    """
+
+    reason = ""  # the finish_reason of a row this criterion ends: "eos" | "stop" | "length"
+
+    def __call__(self, new_ids: torch.Tensor, prompts: Sequence[int]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class EosCriterion(StoppingCriterion):
+    """Ends a row whose newest token is one of ``eos_ids`` (transformers' ``EosTokenCriteria``: ``isin(input_ids[:,
+    -1], eos_token_id)``). The eos token stays in the ids; its text is left out of ``new_text``.
+
+    Args:
+        eos_ids: (E,) int64 tensor of eos ids, on the device of the ids it will be called with (E may be 0: never).
+    """
+
+    reason = "eos"
+
+    def __init__(self, eos_ids: torch.Tensor):
+        self.eos_ids = eos_ids
+
+    def __call__(self, new_ids: torch.Tensor, prompts: Sequence[int]) -> torch.Tensor:
+        return torch.isin(new_ids[:, -1], self.eos_ids)
+
+    def __repr__(self) -> str:
+        return f"EosCriterion({self.eos_ids.tolist()})"
+
+
+class MaxLengthCriterion(StoppingCriterion):
+    """Ends every row once it has ``max_new_tokens`` new tokens (transformers' ``MaxLengthCriteria``, counted in
+    generated tokens as ``GenerationConfig.max_new_tokens`` is)."""
+
+    reason = "length"
+
+    def __init__(self, max_new_tokens: int):
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, new_ids: torch.Tensor, prompts: Sequence[int]) -> torch.Tensor:
+        done = new_ids.shape[1] >= self.max_new_tokens
+        return torch.full((new_ids.shape[0],), done, dtype=torch.bool, device=new_ids.device)
+
+    def __repr__(self) -> str:
+        return f"MaxLengthCriterion({self.max_new_tokens})"
+
+
+class StopStringCriterion(StoppingCriterion):
+    """Ends a row whose decoded new text contains a stop string, wherever token boundaries fall (transformers'
+    ``StopStringCriteria`` answers the same question from token-piece overlaps; decodelab decodes, with
+    :class:`StopStrings`, so the match is on exactly the text the user gets, which is cut before the stop string).
+
+    Args:
+        stops: the :class:`StopStrings` watcher (tokenizer and strings).
+        prompts: the prompt ids of each prompt (their last few ids are decoded with the new ids, see
+            :func:`decodelab.detokenize.prompt_context`).
+    """
+
+    reason = "stop"
+
+    def __init__(self, stops: StopStrings, prompts: Sequence[Sequence[int]]):
+        self.stops = stops
+        self.contexts = [prompt_context(list(p)) for p in prompts]
+
+    def __call__(self, new_ids: torch.Tensor, prompts: Sequence[int]) -> torch.Tensor:
+        rows = new_ids.tolist()
+        hits = [self.stops.cut(ids, self.contexts[p]) >= 0 for ids, p in zip(rows, prompts)]
+        return torch.tensor(hits, dtype=torch.bool, device=new_ids.device)
+
+    def __repr__(self) -> str:
+        return f"StopStringCriterion({list(self.stops.stop_strings)})"
+
+
+class StoppingCriteria(list):
+    """The criteria of one request, in precedence order (transformers' ``StoppingCriteriaList``, which ORs them):
+    when several fire on the same token, the row's ``finish_reason`` is the first one's :attr:`reason`."""
+
+    def __call__(self, new_ids: torch.Tensor, prompts: Sequence[int]) -> torch.Tensor:
+        """(N,) bool: True where any criterion fires (see :class:`StoppingCriterion` for the arguments)."""
+        done = torch.zeros(new_ids.shape[0], dtype=torch.bool, device=new_ids.device)
+        for criterion in self:
+            done = done | criterion(new_ids, prompts)
+        return done
+
+    def fired(self, new_ids: torch.Tensor, prompts: Sequence[int]) -> dict[str, torch.Tensor]:
+        """``{reason: (N,) bool}`` for every criterion (criteria with the same reason ORed)."""
+        out: dict[str, torch.Tensor] = {}
+        for criterion in self:
+            hit = criterion(new_ids, prompts)
+            out[criterion.reason] = out[criterion.reason] | hit if criterion.reason in out else hit
+        return out
+
+    def reasons(self, new_ids: torch.Tensor, prompts: Sequence[int]) -> list[str | None]:
+        """Per row, the :attr:`~StoppingCriterion.reason` of the first criterion that fires, or ``None``."""
+        out: list[str | None] = [None] * new_ids.shape[0]
+        for criterion in self:
+            for i, hit in enumerate(criterion(new_ids, prompts).tolist()):
+                if hit and out[i] is None:
+                    out[i] = criterion.reason
+        return out
+
+
+def stopping_criteria(max_new_tokens: int, eos_ids: torch.Tensor, stops: StopStrings,
+                      prompts: Sequence[Sequence[int]]) -> StoppingCriteria:
+    """The criteria of a request, in decodelab's precedence: eos (when there are eos ids), stop strings (when there
+    are any), ``max_new_tokens``. ``eos_ids``: (E,) int64 on the search's device; ``prompts``: each prompt's ids."""
+    criteria = StoppingCriteria()
+    if eos_ids.numel():
+        criteria.append(EosCriterion(eos_ids))
+    if stops:
+        criteria.append(StopStringCriterion(stops, prompts))
+    criteria.append(MaxLengthCriterion(max_new_tokens))
+    return criteria

@@ -24,15 +24,10 @@ from typing import Generator
 
 import torch
 
-from ..config import GenerationConfig
-from ..detokenize import prompt_context
 from ..engine import Engine
-from ..processors import Context, Processor, apply
-from ..stopping import StopStrings
+from ..processors import apply
 from ..trace import BeamNode
-from .common import BeamEvent, PromptBatch, RawSequence
-from .sampling import row_generators
-from .tracing import Tracer
+from .common import BeamEvent, RawSequence, SearchRequest
 
 BIG = 1.0e9
 
@@ -44,28 +39,24 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(t, idx, dim=1)
 
 
-def beam_search(
-    engine: Engine,
-    batch: PromptBatch,
-    cfg: GenerationConfig,
-    procs: list[Processor],
-    ctx: Context,
-    stops: StopStrings,
-    tracer: Tracer | None = None,
-) -> Generator[BeamEvent, None, list[RawSequence]]:
-    """Beam search over ``batch`` (one row per prompt, not yet repeated).
+def beam_search(req: SearchRequest) -> Generator[BeamEvent, None, list[RawSequence]]:
+    """Beam search over ``req.batch`` (one row per prompt, not yet repeated); beam sampling when
+    ``req.generators`` (one per prompt) is given. Every candidate continuation goes through ``req.stopping`` each
+    step: one that any criterion ends is a candidate for the finished list (a stop string marks it ``"stop"``).
 
     Yields a :class:`BeamEvent` after each step (the current best running beam's new ids and the ids that can no
     longer change, for every prompt); returns
     ``num_return_sequences`` :class:`RawSequence` per prompt, best first.
     """
+    engine, cfg, batch, procs, tracer = req.engine, req.config, req.batch, req.processors, req.tracer
     B, K, T0 = batch.ids.shape[0], cfg.num_beams, batch.width
     dev = engine.device
-    n_eos = ctx.eos_ids.numel()
+    n_eos = req.context.eos_ids.numel()
     keep = max(2, 1 + n_eos) * K
     max_len = T0 + cfg.max_new_tokens
     length_penalty, early = cfg.length_penalty, cfg.early_stopping
-    gens = row_generators(cfg, B, 1, dev) if cfg.do_sample else None
+    gens = req.generators
+    cand_prompts = [b for b in range(B) for _ in range(keep)]  # the prompt of each of the B * keep candidates
     if cfg.max_new_tokens == 0:
         return [RawSequence(b, [], 0.0, "length") for b in range(B) for _ in range(cfg.num_return_sequences)]
 
@@ -81,13 +72,12 @@ def beam_search(
     is_finished = torch.zeros((B, K), dtype=torch.bool, device=dev)
     can_improve = torch.ones((B, 1), dtype=torch.bool, device=dev)
     top_mask = torch.cat([torch.ones(K, dtype=torch.bool), torch.zeros(keep - K, dtype=torch.bool)]).to(dev)
-    eos = ctx.eos_ids.to(dev)
+    eos = req.context.eos_ids.to(dev)
     # beam-tree node ids (only meaningful when tracing)
     running_nodes = torch.full((B, K), -1, dtype=torch.long)
     finished_nodes = torch.full((B, K), -1, dtype=torch.long)
     nodes: list[BeamNode] = tracer.trace.beam_nodes if tracer else []
 
-    contexts = [prompt_context(p) for p in batch.prompts] if stops else []
     logits, state = engine.prefill(batch.ids, batch.mask, cfg.max_new_tokens)
     Engine.select(state, torch.arange(B, device=dev).repeat_interleave(K))
     logits = logits.repeat_interleave(K, 0)
@@ -112,16 +102,11 @@ def beam_search(
             tok = top_idx % V
             cand = _gather(running, src_beam)
             cand[:, :, cur_len] = tok
-            ends = torch.isin(tok, eos) if n_eos else torch.zeros_like(tok, dtype=torch.bool)
-            if cur_len + 1 >= max_len:
-                ends = torch.ones_like(ends)
-            stop_hit = torch.zeros_like(ends)
-            if stops:
-                for b in range(B):
-                    for j in range(keep):
-                        if stops.cut(cand[b, j, T0 : cur_len + 1].tolist(), contexts[b]) >= 0:
-                            stop_hit[b, j] = True
-                ends = ends | stop_hit
+            fired = req.stopping.fired(cand[:, :, T0 : cur_len + 1].reshape(B * keep, -1), cand_prompts)
+            ends = torch.zeros_like(tok, dtype=torch.bool)
+            for hit in fired.values():
+                ends = ends | hit.view(B, keep)
+            stop_hit = fired["stop"].view(B, keep) if "stop" in fired else torch.zeros_like(ends)
 
             # e. the K best continuations that did not end keep running
             run_lp = top_lp + ends.to(torch.float32) * -BIG

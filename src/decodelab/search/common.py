@@ -1,12 +1,19 @@
-"""Shared pieces of the search loops: the left-padded prompt batch and the raw per-sequence result."""
+"""Shared pieces of the search loops: the left-padded prompt batch, the one request object a loop takes, and the raw
+per-sequence result."""
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Generator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generator, TypeVar
 
 import torch
+
+if TYPE_CHECKING:
+    from ..config import GenerationConfig
+    from ..processors import Context, Processor
+    from ..stopping import StoppingCriteria
+    from .tracing import Tracer
 
 T = TypeVar("T")
 
@@ -57,6 +64,37 @@ class PromptBatch:
     def width(self) -> int:
         """Padded prompt length T0 in tokens."""
         return self.ids.shape[1]
+
+
+@dataclass
+class SearchRequest:
+    """Everything one search loop (:func:`~decodelab.search.token_search`, :func:`~decodelab.search.beam_search`)
+    needs; ``LM._search`` builds it, the loop reads nothing else.
+
+    Attributes:
+        engine: the :class:`~decodelab.engine.Engine` (``prefill``, ``step``, ``select``, ``release``, ``device``).
+        config: the validated :class:`~decodelab.config.GenerationConfig`.
+        batch: the left-padded prompts, one row per prompt (not repeated: token search repeats each prompt
+            ``per_prompt`` times, beam search ``num_beams`` times).
+        processors: the logits processors, in order (:func:`decodelab.processors.build_processors`).
+        context: what the processors were built with (its ``eos_ids`` also set beam search's candidate count).
+        stopping: the :class:`~decodelab.stopping.StoppingCriteria`, in precedence order.
+        per_prompt: token search: rows per prompt (``num_return_sequences`` when sampling, else 1); beam search: 1.
+        generators: one seeded ``torch.Generator`` per row when sampling (token search: ``len(batch) *
+            per_prompt`` rows; beam sampling: one per prompt), see :func:`~decodelab.search.sampling.row_generators`;
+            ``None``: greedy / plain beam search.
+        tracer: records every step into a :class:`~decodelab.trace.Trace`, or ``None``.
+    """
+
+    engine: Any
+    config: "GenerationConfig"
+    batch: PromptBatch
+    processors: "list[Processor]"
+    context: "Context"
+    stopping: "StoppingCriteria"
+    per_prompt: int = 1
+    generators: list[torch.Generator] | None = None
+    tracer: "Tracer | None" = None
 
 
 @dataclass

@@ -16,12 +16,10 @@ from typing import Generator
 import torch
 
 from ..config import GenerationConfig
-from ..detokenize import prompt_context
 from ..engine import Engine
 from ..errors import ConfigError
-from ..processors import Context, Processor, apply
-from ..stopping import StopStrings
-from .common import PromptBatch, RawSequence
+from ..processors import apply
+from .common import PromptBatch, RawSequence, SearchRequest
 from .tracing import Tracer
 
 # What the generator yields after each step: the new token of every row (pad for finished rows) and which rows
@@ -63,31 +61,25 @@ def _check_not_empty(lse: torch.Tensor, running: list[bool], step: int, cfg: Gen
         )
 
 
-def token_search(
-    engine: Engine,
-    batch: PromptBatch,
-    cfg: GenerationConfig,
-    procs: list[Processor],
-    ctx: Context,
-    stops: StopStrings,
-    per_prompt: int,
-    tracer: Tracer | None = None,
-) -> Generator[StepEvent, None, list[RawSequence]]:
-    """Greedy or sampling decode of ``batch`` (already repeated ``per_prompt`` times per prompt).
+def token_search(req: SearchRequest) -> Generator[StepEvent, None, list[RawSequence]]:
+    """Greedy (``req.generators is None``) or sampling decode of ``req.batch``, each prompt repeated
+    ``req.per_prompt`` times. After each token, the running rows' new ids go through ``req.stopping``; a row ends
+    with the reason of the first criterion that fires.
 
     Yields a :data:`StepEvent` per step; returns one :class:`RawSequence` per row, in row order.
     """
+    engine, cfg, procs, tracer, per_prompt = req.engine, req.config, req.processors, req.tracer, req.per_prompt
+    batch = req.batch.repeat(per_prompt)
     rows = batch.ids.shape[0]
-    eos = set(ctx.eos_ids.tolist())
-    gens = row_generators(cfg, rows, per_prompt, engine.device)
+    gens = req.generators
     input_ids = batch.ids.to(engine.device)
+    prompt_of = [r // per_prompt for r in range(rows)]
     new_ids: list[list[int]] = [[] for _ in range(rows)]
     scores = [0.0] * rows
     reasons: list[str | None] = [None] * rows
     if cfg.max_new_tokens == 0:
         return [RawSequence(i // per_prompt, [], 0.0, "length") for i in range(rows)]
 
-    contexts = [prompt_context(p) for p in batch.prompts] if stops else []
     logits, state = engine.prefill(batch.ids, batch.mask, cfg.max_new_tokens)
     try:
         for step in range(cfg.max_new_tokens):
@@ -107,6 +99,7 @@ def token_search(
             if gens is None and any(run and lp != lp for run, lp in zip(running, chosen_lp)):  # NaN: nothing left
                 _check_not_empty(lse, running, step, cfg)
             tokens = next_tokens.tolist()
+            live = [r for r in range(rows) if running[r]]
             for r in range(rows):
                 if not running[r]:
                     tokens[r] = batch.pad_id
@@ -115,12 +108,10 @@ def token_search(
                     tracer.step(step, r, tokens[r], logits[r], processed[r])
                 new_ids[r].append(tokens[r])
                 scores[r] += chosen_lp[r]
-                if tokens[r] in eos:
-                    reasons[r] = "eos"
-                elif stops and stops.cut(new_ids[r], contexts[r]) >= 0:
-                    reasons[r] = "stop"
-                elif step + 1 == cfg.max_new_tokens:
-                    reasons[r] = "length"
+            # the running rows' new ids (all step + 1 long): which of them end here, and why
+            live_ids = torch.cat([input_ids[live, batch.width:], next_tokens[live][:, None]], dim=1)
+            for r, reason in zip(live, req.stopping.reasons(live_ids, [prompt_of[r] for r in live])):
+                reasons[r] = reason
             yield tokens, running
             if all(r is not None for r in reasons):
                 break

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..engine_config import EngineConfig
 from .settings import Settings
 
 
@@ -21,9 +22,8 @@ def create_app(lm, settings: Settings | None = None):
     return _create_app(lm, settings)
 
 
-def run(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *, device=None, dtype=None,
-        quantize: str | None = None, compile: bool = False, kernels: str = "exact", quantize_lm_head: bool = False,
-        log_level: str = "info", **settings: Any) -> None:
+def run(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *, engine: EngineConfig | None = None,
+        log_level: str = "info", **options: Any) -> None:
     """Load ``model`` once (``decodelab.load``), build the app and serve it with uvicorn until interrupted.
 
     Args:
@@ -31,18 +31,19 @@ def run(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *, 
         host: interface to bind; loopback by default. Another address with no API key prints a warning on stderr
             (:meth:`Settings.exposure_warning`).
         port: TCP port.
-        device, dtype, quantize, compile, kernels, quantize_lm_head: passed to :func:`decodelab.load`
-            (``compile`` compiles or loads the decode step before serving, printing progress on stderr;
-            ``quantize`` is ``int8`` / ``int4`` weight-only; ``kernels`` is ``exact`` or ``fast``).
+        engine: the :class:`~decodelab.EngineConfig` to load with (device, dtype, kernels, quantize, compile...;
+            ``compile`` compiles or loads the decode step before serving, printing progress on stderr).
         log_level: the log level of uvicorn and of decodelab's request log (one line per request, see
             :mod:`decodelab.server.requestlog`; uvicorn's own access log is off).
-        **settings: :class:`Settings` fields (``max_tokens``, ``max_n``, ``max_concurrent``, ``max_queue``,
+        **options: :class:`Settings` fields (``max_tokens``, ``max_n``, ``max_concurrent``, ``max_queue``,
             ``max_body_bytes``, ``request_timeout_s``, ``chat_default_max_tokens``, ``api_keys``, ``api_keys_file``,
             ``max_client_requests``, ``allowed_origins``, ``log_requests``...); ``None`` means the default. With
-            neither ``api_keys`` nor ``api_keys_file``, keys come from ``$DECODELAB_API_KEY``.
+            neither ``api_keys`` nor ``api_keys_file``, keys come from ``$DECODELAB_API_KEY``. Without ``engine``,
+            :class:`EngineConfig` fields (``device``, ``dtype``, ``kernels``, ``quantize``...) too, folded into one.
 
     Raises:
-        ConfigError: an unknown or bad setting. ModelLoadError: the model cannot be loaded.
+        ConfigError: an unknown or bad setting or engine option (before the model loads). ModelLoadError: the model
+            cannot be loaded. TypeError: ``engine`` together with engine keywords.
     """
     import sys
 
@@ -50,12 +51,17 @@ def run(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *, 
 
     import decodelab
 
-    cfg = Settings.from_kwargs(host=host, port=port, **settings)
+    engine_options = {k: options.pop(k) for k in list(options) if k in EngineConfig.names()}
+    if engine is None:
+        engine = EngineConfig.from_kwargs(**engine_options)
+    elif engine_options:
+        raise TypeError(f"run() takes engine=EngineConfig(...) or engine keywords, not both (got "
+                        f"{', '.join(engine_options)})")
+    cfg = Settings.from_kwargs(host=host, port=port, **options)
     warning = cfg.exposure_warning()
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    lm = decodelab.load(model, device=device, dtype=dtype, quantize=quantize, compile=bool(compile), kernels=kernels,
-                        quantize_lm_head=quantize_lm_head)
+    lm = decodelab.load(model, engine=engine)
     if lm.engine.compiled is not None:  # compile (or load the cached compilation) now, not on the first request
         lm.generate("Hello", max_new_tokens=2)
     app = create_app(lm, cfg)

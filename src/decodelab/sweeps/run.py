@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..config import GenerationConfig
+from ..engine_config import EngineConfig
 from ..errors import ConfigError
 from . import metrics as M
 from .prompts import BUILTIN, Prompt, fingerprint, load_prompts
@@ -166,6 +167,7 @@ def sweep(prompts: str | os.PathLike = BUILTIN, strategies: Sequence[str] | None
         "strategies": [s.to_dict() for s in grid], "reference_rows": bool(references),
         "load_options": load_options or {}, "decodelab": __version__,
     }
+    EngineConfig.from_kwargs(**(load_options or {}))  # a bad engine option fails here, before anything is written
     Store.check(out, manifest, overwrite=overwrite)  # nothing written yet
 
     started_ray = False
