@@ -88,7 +88,7 @@ def embedded_cache_entry(embedded):
 @pytest.fixture(scope="session")
 def tiny_llama():
     """A seeded tiny random LlamaForCausalLM with SmolLM2's tokenizer (vocab 49152)."""
-    from decodelab.testing import tiny_random_model
+    from tiny_models import tiny_random_model
 
     return tiny_random_model("llama", seed=0)
 
@@ -96,7 +96,7 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def tiny_qwen2():
     """A seeded tiny random Qwen2ForCausalLM with the offline Qwen2 tokenizer (vocab 151936)."""
-    from decodelab.testing import tiny_random_model
+    from tiny_models import tiny_random_model
 
     return tiny_random_model("qwen2", seed=0)
 

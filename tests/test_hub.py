@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 
 from decodelab import cli, hub, models
 from decodelab.errors import ModelLoadError
-from decodelab.testing import tiny_random_model
+from tiny_models import tiny_random_model
 from hubserver import HubServer, Repo
 
 QWEN = models.DEFAULT_QWEN

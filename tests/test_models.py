@@ -18,7 +18,7 @@ from decodelab import models
 from decodelab.engine_config import EngineConfig
 from decodelab.errors import ConfigError, ModelLoadError
 from decodelab.modelcache import build_entry, verify_cache
-from decodelab.testing import tiny_random_model
+from tiny_models import tiny_random_model
 
 PROMPT = "It was a dark and stormy"
 QWEN_IDS = [2132, 572, 264, 6319, 323, 13458, 88]

@@ -37,7 +37,7 @@ class LoadedModel:
     """A model in eval mode with its tokenizer (``pad_token_id`` always set when the tokenizer has an eos).
 
     ``source`` is ``"embedded"``, ``"hub-cache"``, ``"hub"``, ``"local-dir"`` or ``"gguf"`` (``"random"`` for the
-    tiny models of :mod:`decodelab.testing`).
+    tiny models of tests/tiny_models.py).
     """
 
     model: Any

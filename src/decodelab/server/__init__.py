@@ -3,8 +3,12 @@
     >>> from decodelab.server import run
     >>> run()                                  # embedded model on http://127.0.0.1:8000 (blocks)
 
-or ``decodelab serve [--model M] [--host H] [--port P]``. For tests and embedding, :func:`create_app` builds the
-FastAPI app around an already loaded :class:`decodelab.LM`.
+or ``decodelab serve [--model M] [--host H] [--port P]``. For notebooks, benchmarks and tests, :func:`create_app`
+builds the FastAPI app around an already loaded :class:`decodelab.LM`, and :class:`BackgroundServer` serves it on a
+free loopback port in a background thread (public API)::
+
+    >>> with BackgroundServer(create_app(lm)) as srv:
+    ...     openai.OpenAI(base_url=srv.url + "/v1", api_key="none").completions.create(...)
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..engine_config import EngineConfig
+from .background import BackgroundServer
 from .settings import Settings
 
 
@@ -82,4 +87,4 @@ def log_config(level: str = "info") -> dict:
     return config
 
 
-__all__ = ["Settings", "create_app", "run"]
+__all__ = ["BackgroundServer", "Settings", "create_app", "run"]

@@ -1,4 +1,5 @@
-"""Run the server in a background thread on a free loopback port (tests, notebooks).
+"""`BackgroundServer`: the server in a background thread on a free loopback port (notebooks, benchmarks, tests;
+public API, re-exported by :mod:`decodelab.server`).
 
     >>> with BackgroundServer(create_app(lm)) as srv:
     ...     openai.OpenAI(base_url=srv.url + "/v1", api_key="none").completions.create(...)

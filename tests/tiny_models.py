@@ -1,9 +1,9 @@
-"""Test support shipped with decodelab: tiny, seeded, randomly initialised causal LMs with real tokenizers.
+"""Tiny, seeded, randomly initialised causal LMs with real tokenizers, for the tests (not part of the package).
 
 They run in milliseconds on a CPU, need no weights on disk, and give the same logits for the same seed, so tests of
 processors, search and the engine can compare decodelab against ``transformers`` ``generate`` cheaply::
 
-    >>> from decodelab.testing import tiny_random_model
+    >>> from tiny_models import tiny_random_model
     >>> tiny = tiny_random_model("qwen2")            # Qwen2ForCausalLM, real Qwen2 vocabulary (151936 logits)
     >>> tiny.model(tiny.tokenizer("hi", return_tensors="pt").input_ids).logits.shape
     torch.Size([1, 1, 151936])
