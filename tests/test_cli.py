@@ -343,3 +343,41 @@ def test_demo_end_to_end(embedded, lm):
     for i in range(5):
         assert f"sequence {i}" in out
     assert out.count("score -") == 6  # greedy + 5 beams
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["generate", "hi", "--compile", "yes"],
+     "error: Got unexpected extra argument(s) (yes) (see: decodelab generate --help)"),
+    (["generate", "hi", "--temperature", "abc"],
+     "error: Invalid value for '--temperature': Input should be a valid number, unable to parse string as a number "
+     "(see: decodelab generate --help)"),
+    (["generate", "hi", "--bogus"], "error: No such option: --bogus (see: decodelab generate --help)"),
+    (["bogus"], "error: No such command 'bogus'. (see: decodelab --help)"),
+    (["tokens"], "error: Missing argument 'text'. (see: decodelab tokens --help)"),
+])
+def test_console_script_usage_errors_are_one_line(args, expected, capsys):
+    """The parser's own usage errors, through the console-script entry point: one line, exit 2, no rich box."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(args)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [expected]
+
+
+def test_console_script_success_exits_0(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"decodelab {decodelab.__version__}"
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_the_model_loads(capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as info:
+            cli.main(["serve", "--port", str(port), "--model", "/nonexistent/model"])  # never loaded
+    assert info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: invalid port={port}: cannot listen on 127.0.0.1:{port} (")

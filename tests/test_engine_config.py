@@ -97,7 +97,7 @@ def test_one_object_reaches_the_engine(tiny_llama, monkeypatch):
     lm = decodelab.load(dtype="bfloat16", kernels="fast")  # keywords are folded into the same object
     assert lm.engine_config == EngineConfig(dtype="bfloat16", kernels="fast") == seen["config"]
     assert lm.model.dtype == torch.bfloat16
-    with pytest.raises(TypeError, match="not both"):
+    with pytest.raises(ConfigError, match="^invalid engine: .*not both \\(got kernels\\)$"):
         decodelab.load(engine=wanted, kernels="exact")
 
 

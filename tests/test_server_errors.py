@@ -437,3 +437,73 @@ def test_runner_queue_limit_order_and_timeout():
         runner.shutdown()
 
     asyncio.run(main())
+
+
+# --- the contract found by trying the server with bad input (issue 11) ----------------------------------------------
+@pytest.mark.parametrize("route, body, param", [
+    ("/v1/completions", {"prompt": "hi", "top_p": 1.5}, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, "n"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 100}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 50}, "top_logprobs"),
+    ("/api/next-token", {"text": "hi", "top_k": -1}, "top_k"),
+])
+def test_out_of_range_values_are_invalid_value_on_every_route(server, route, body, param):
+    err = _error(server.post(route, json=body), 400, param)
+    assert err["code"] == "invalid_value", err
+
+
+def test_nan_is_reported_as_not_finite(server):
+    r = server.post("/v1/completions", content=b'{"prompt": "hi", "max_tokens": 2, "temperature": NaN}',
+                    headers={"Content-Type": "application/json"})
+    err = _error(r, 400, "temperature")
+    assert err["message"] == "invalid temperature=NaN: expected a finite number" and err["code"] == "invalid_value"
+
+
+@pytest.mark.parametrize("field, value", [("max_tokens", "2"), ("stream", "yes"), ("stream", 1), ("n", 1.0),
+                                          ("echo", 0), ("seed", "7")])
+def test_wrong_json_types_are_not_coerced(server, field, value):
+    err = _error(server.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, field: value}), 400, field)
+    assert err["code"] == "invalid_type", err
+
+
+@pytest.mark.parametrize("message", [{"role": "user"}, {"role": "user", "content": None},
+                                     {"role": "system", "content": None}])
+def test_chat_message_without_content_is_refused(server, message):
+    r = server.post("/v1/chat/completions", json={"messages": [message], "max_tokens": 2})
+    err = _error(r, 400, "messages.0")
+    assert "message needs content" in err["message"]
+
+
+def test_assistant_message_may_have_null_content(server):
+    r = server.post("/v1/chat/completions", json={"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+        {"role": "user", "content": "again"}], "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+
+
+def test_body_without_json_content_type_says_so(server):
+    r = server.post("/v1/completions", content=b'{"prompt": "hi", "max_tokens": 2}',
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+    err = _error(r, 400, None)
+    assert err["code"] == "invalid_json"
+    assert err["message"] == ("the body must be a JSON object sent with Content-Type: application/json (got "
+                              "Content-Type: application/x-www-form-urlencoded)")
+
+
+def test_body_that_is_not_utf8_is_invalid_json(server):
+    r = server.post("/v1/completions", content=b'{"prompt": "\xff\xfe"}', headers={"Content-Type": "application/json"})
+    err = _error(r, 400, None)
+    assert err["code"] == "invalid_json" and err["message"].startswith("malformed JSON body")
+
+
+def test_five_stop_entries_are_refused_even_when_repeated(server):
+    r = server.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stop": ["a"] * 5})
+    err = _error(r, 400, "stop")
+    assert "5 strings given, at most 4" in err["message"]
+
+
+def test_api_generate_takes_one_eos_token_id_as_the_python_api_does(server):
+    r = server.post("/api/generate", json={"prompt": "hi", "max_new_tokens": 3, "eos_token_id": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["trace"]["config"]["eos_token_id"] == [5]

@@ -64,8 +64,8 @@ def load(model: str | None = None, *, device=None, dtype=None, engine: EngineCon
         ModelLoadError: the model cannot be found or read (one line naming it and how to point at local weights).
         ConfigError: a bad or unknown engine option (``device``, ``dtype``, ``quantize``, ``kernels``, ...; checked
             before the model is loaded, as is ``$DECODELAB_COMPILED_MAX_GB`` with ``compile``), or ``quantize`` /
-            ``compile`` / ``kernels="fast"`` for a model the fast path does not support.
-        TypeError: ``engine`` together with other engine keywords.
+            ``compile`` / ``kernels="fast"`` for a model the fast path does not support, or ``engine`` together with
+            other engine keywords.
     """
     from .engine import Engine
     from .models import load_model
@@ -74,7 +74,8 @@ def load(model: str | None = None, *, device=None, dtype=None, engine: EngineCon
         engine = EngineConfig.from_kwargs(device=device, dtype=dtype, **engine_options)
     elif device is not None or dtype is not None or engine_options:
         given = [k for k, v in (("device", device), ("dtype", dtype)) if v is not None] + list(engine_options)
-        raise TypeError(f"load() takes engine=EngineConfig(...) or engine keywords, not both (got {', '.join(given)})")
+        raise ConfigError(f"invalid engine: load() takes engine=EngineConfig(...) or engine keywords, not both "
+                          f"(got {', '.join(given)})", param="engine")
     elif not isinstance(engine, EngineConfig):
         raise ConfigError(f"invalid engine={engine!r}: expected an EngineConfig", param="engine")
     loaded = load_model(model, config=engine)

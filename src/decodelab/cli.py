@@ -412,8 +412,24 @@ def _root(
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Console-script entry point (``decodelab``). Exit status: 0 ok, 2 bad input or usage, 1 unexpected failure."""
-    app(args=argv, prog_name="decodelab")
+    """Console-script entry point (``decodelab``). Exit status: 0 ok, 2 bad input or usage, 1 unexpected failure.
+
+    A usage error found by the option parser (an unknown option, ``--temperature abc``, an extra argument) is one line
+    ``error: <message> (see: decodelab <command> --help)`` on stderr, like every other bad input.
+    """
+    try:
+        code = app(args=argv, prog_name="decodelab", standalone_mode=False)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except typer.TyperException as exc:  # click's UsageError / BadParameter / NoSuchOption (exit 2), ...
+        message = " ".join(exc.format_message().split()) if hasattr(exc, "format_message") else str(exc)
+        code = getattr(exc, "exit_code", 2)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if code == 2 and ctx is not None else ""
+        typer.echo(f"error: {message}{hint}", err=True)
+        sys.exit(code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -144,11 +144,10 @@ def _strings(given: dict, name: str) -> tuple[str, ...]:
         at = unencodable_at(s)
         if at >= 0:
             raise _fail(name, s, f"valid Unicode text (a lone surrogate {s[at]!r} at character {at})")
-    out = tuple(dict.fromkeys(x))
-    if len(out) > MAX_STOP_STRINGS:
-        raise ConfigError(f"invalid {name}: {len(out)} strings given, at most {MAX_STOP_STRINGS} are allowed",
+    if len(x) > MAX_STOP_STRINGS:  # counted as given, repeats included (as OpenAI counts ``stop``)
+        raise ConfigError(f"invalid {name}: {len(x)} strings given, at most {MAX_STOP_STRINGS} are allowed",
                           param=name)
-    return out
+    return tuple(dict.fromkeys(x))
 
 
 def constraint_check(given: dict, v: dict) -> None:

@@ -13,9 +13,11 @@ free loopback port in a background thread (public API)::
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from ..engine_config import EngineConfig
+from ..errors import ConfigError, InputError
 from .background import BackgroundServer
 from .settings import Settings
 
@@ -48,7 +50,7 @@ def run(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *, 
 
     Raises:
         ConfigError: an unknown or bad setting or engine option (before the model loads). ModelLoadError: the model
-            cannot be loaded. TypeError: ``engine`` together with engine keywords.
+            cannot be loaded. InputError: the address cannot be listened on (a port in use), before the model loads.
     """
     import sys
 
@@ -60,19 +62,40 @@ def run(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, *, 
     if engine is None:
         engine = EngineConfig.from_kwargs(**engine_options)
     elif engine_options:
-        raise TypeError(f"run() takes engine=EngineConfig(...) or engine keywords, not both (got "
-                        f"{', '.join(engine_options)})")
+        raise ConfigError(f"invalid engine: run() takes engine=EngineConfig(...) or engine keywords, not both "
+                          f"(got {', '.join(engine_options)})", param="engine")
     cfg = Settings.from_kwargs(host=host, port=port, **options)
     warning = cfg.exposure_warning()
     if warning:
         print(warning, file=sys.stderr, flush=True)
+    sock = _listen(cfg.host, cfg.port)  # a port in use fails now, in one line, not after the model has loaded
     lm = decodelab.load(model, engine=engine)
     if lm.engine.compiled is not None:  # compile (or load the cached compilation) now, not on the first request
         lm.generate("Hello", max_new_tokens=2)
     app = create_app(lm, cfg)
     # On Ctrl-C, in-flight streams get 5 s to finish before uvicorn closes them (their generations then stop).
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=log_level, timeout_graceful_shutdown=5,
-                access_log=False, log_config=log_config(log_level))
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level, timeout_graceful_shutdown=5,
+                            access_log=False, log_config=log_config(log_level))
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (uvicorn listens on it).
+
+    Raises:
+        InputError: the address cannot be bound (in use, not an address of this machine); one line naming it.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"invalid port={port}: cannot listen on {host}:{port} ({exc.strerror or exc})",
+                         param="port") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def log_config(level: str = "info") -> dict:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -139,6 +140,12 @@ def _tag(loc: tuple | list) -> tuple[int, str] | None:
     return None
 
 
+_RANGE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
+                           "finite_number", "too_short", "too_long", "string_too_short", "string_too_long",
+                           "string_pattern_mismatch", "literal_error"})
+"""pydantic error types of a value of the right type out of its documented range: code ``invalid_value``."""
+
+
 def validation_error(errors: list[dict]) -> tuple[str, str | None, str]:
     """(one-line message, ``param``, ``code``) for pydantic's validation ``errors`` (the first one is reported;
     when it comes from a union, such as ``prompt``'s, the message lists the accepted forms instead)."""
@@ -146,7 +153,10 @@ def validation_error(errors: list[dict]) -> tuple[str, str | None, str]:
     loc = tuple(first.get("loc", ()))
     kind = first.get("type")
     code = {"missing": "missing", "extra_forbidden": "unknown_parameter", "value_error": "invalid_value"}.get(
-        kind, "invalid_type")
+        kind, "invalid_value" if kind in _RANGE_ERRORS else "invalid_type")
+    received = first.get("input")
+    if kind in _RANGE_ERRORS and isinstance(received, float) and not math.isfinite(received):
+        first = {**first, "msg": "expected a finite number"}  # NaN fails every comparison: say what is wrong
     tag = _tag(loc)
     if tag is not None:  # a union: which member failed first is arbitrary, so name the accepted forms
         head = loc[: tag[0]]
@@ -172,6 +182,11 @@ async def _validation_handler(request: Request, exc: RequestValidationError) -> 
         ctx = first.get("ctx", {}) or {}
         message = " ".join(f"malformed JSON body: {ctx.get('error', 'cannot parse')}".split())
         return error_response(400, message, code="invalid_json")
+    if first.get("type") == "model_attributes_type" and tuple(first.get("loc", ())) == ("body",) and isinstance(
+            first.get("input"), (bytes, str)):  # a body FastAPI did not parse as JSON (no JSON Content-Type)
+        kind = request.headers.get("content-type") or "none"
+        return error_response(400, f"the body must be a JSON object sent with Content-Type: application/json "
+                                   f"(got Content-Type: {kind})", code="invalid_json")
     message, param, code = validation_error(errors)
     return error_response(400, message, param=param, code=code)
 
@@ -185,6 +200,8 @@ async def _http_handler(request: Request, exc: StarletteHTTPException) -> JSONRe
     codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
     detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
     status = exc.status_code
+    if status == 400 and detail == "There was an error parsing the body":  # FastAPI: not UTF-8, not JSON
+        return error_response(400, "malformed JSON body: it is not UTF-8 JSON text", code="invalid_json")
     headers = getattr(exc, "headers", None)
     if status in (404, 405) and detail in ("Not Found", "Method Not Allowed"):
         # the playground's static files (mounted at /) answer every path: a 405 from them (POST /v1/nothing) is an

@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import Field, create_model
+from pydantic import Field, StrictInt, create_model
 
 from ..config import GenerationConfig
 from ..errors import ConfigError
@@ -45,14 +45,14 @@ class NextTokenRequest(RequestModel):
     """Next-token distribution after ``text``, before and after the sampling warpers."""
 
     text: str = Field(..., description="The context; the distribution is for the token that follows it.")
-    top_k: int = Field(10, ge=1, le=200, description="How many of the most likely tokens to list (raw order).")
+    top_k: StrictInt = Field(10, ge=1, le=200, description="How many of the most likely tokens to list (raw order).")
     temperature: float | None = Field(
         None, description="Divide the logits by this (transformers TemperatureLogitsWarper); 0 = greedy. Default 1.")
-    top_k_filter: int | None = Field(
+    top_k_filter: StrictInt | None = Field(
         None, description="Keep only the k most likely tokens (transformers TopKLogitsWarper); 0 or null = off.")
     top_p: float | None = Field(None, description="Nucleus filter (TopPLogitsWarper) in (0, 1]; default 1 = off.")
     min_p: float | None = Field(None, description="Drop tokens below min_p x the top probability (MinPLogitsWarper).")
-    logits_k: int = Field(
+    logits_k: StrictInt = Field(
         200, ge=1, le=2000,
         description="How many of the highest raw logits to return exactly in `logits.candidates`; the rest come as a "
                     "histogram (`logits.tail`), enough for the page to redo the reshaping client-side.")
@@ -100,7 +100,7 @@ class ScoreRequest(RequestModel):
     """Text to score token by token (teacher forcing)."""
 
     text: str = Field(..., description="The text; every token after the first gets a log-probability.")
-    top_logprobs: int = Field(5, ge=0, le=20, description="Alternatives listed per position.")
+    top_logprobs: StrictInt = Field(5, ge=0, le=20, description="Alternatives listed per position.")
 
 
 # --- blocking jobs (run in the runner's worker thread) -----------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, create_model, field_validator, model_validator
 
 from ..config import unencodable_at
 
@@ -56,7 +56,7 @@ class RequestModel(BaseModel):
 
 
 class StreamOptions(RequestModel):
-    include_usage: bool = Field(False, description="Send a last chunk with `usage` (and no choices).")
+    include_usage: StrictBool = Field(False, description="Send a last chunk with `usage` (and no choices).")
 
 
 Stop = Annotated[
@@ -67,8 +67,8 @@ Stop = Annotated[
 
 # JSON type of a knob's value by its kind (decodelab.knobs.Kind); GenerationConfig checks the values themselves
 _KIND_TYPES: dict[str, Any] = {
-    "int": int, "float": float, "bool": bool, "ids": list[int], "id_lists": list[list[int]],
-    "strings": str | list[str], "early_stopping": bool | Literal["never"], "text": str,
+    "int": StrictInt, "float": float, "bool": StrictBool, "ids": StrictInt | list[StrictInt], "id_lists": list[list[StrictInt]],
+    "strings": str | list[str], "early_stopping": StrictBool | Literal["never"], "text": str,
     "json_schema": dict[str, Any] | bool | str, "sequence_bias": list[tuple[list[int], float]],
     "logit_bias": dict[str, float],
 }
@@ -119,7 +119,7 @@ class JsonSchemaFormat(RequestModel):
     description: str | None = Field(None, description="Accepted and not used.")
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON Schema (absent: any JSON "
                                                                              "object).")
-    strict: bool | None = Field(None, description="Also check OpenAI's strict-mode rules (see above).")
+    strict: StrictBool | None = Field(None, description="Also check OpenAI's strict-mode rules (see above).")
 
 
 class ResponseFormat(RequestModel):
@@ -140,17 +140,17 @@ class _Common(Extensions):
                                                 "any name here uses it (nothing is ever loaded by a request).")
     temperature: float | None = Field(None, ge=0, le=2, description="Default 1.0 (sampling). 0 means greedy.")
     top_p: float | None = Field(None, ge=0, le=1, description="Nucleus sampling mass (default 1.0).")
-    n: int | None = Field(None, ge=1, le=128, description="Completions per prompt (at most the server's max_n).")
-    stream: bool | None = Field(False, description="Server-sent events, ending with `data: [DONE]`.")
+    n: StrictInt | None = Field(None, ge=1, le=128, description="Completions per prompt (at most the server's max_n).")
+    stream: StrictBool | None = Field(False, description="Server-sent events, ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = Field(None, description="Only with `stream: true`.")
     stop: Stop = None
-    seed: int | None = Field(None, description="Sampling seed: the same seed gives the same text.")
+    seed: StrictInt | None = Field(None, description="Sampling seed: the same seed gives the same text.")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias added to its "
                                                                   "logit, -100..100.")
     user: str | None = Field(None, description="Accepted and ignored.")
-    max_completion_tokens: int | None = Field(None, ge=0, description="Same as max_tokens (newer OpenAI name); "
+    max_completion_tokens: StrictInt | None = Field(None, ge=0, description="Same as max_tokens (newer OpenAI name); "
                                                                       "wins when both are given.")
     response_format: ResponseFormat | None = Field(None, description="Structured output: json_object or "
                                                                      "json_schema (see ResponseFormat).")
@@ -166,13 +166,13 @@ class CompletionRequest(_Common):
 
     prompt: Prompt = Field(..., description="Text to continue, a list of texts, a list of token ids, or a list of "
                                             "token-id lists.")
-    max_tokens: int | None = Field(None, ge=0, description="New tokens per completion (default 16, or the "
+    max_tokens: StrictInt | None = Field(None, ge=0, description="New tokens per completion (default 16, or the "
                                                            "server's --max-tokens when smaller).")
-    logprobs: int | None = Field(None, ge=0, le=5, description="Return this many alternatives per token (0..5).")
-    echo: bool | None = Field(False, description="Return the prompt before the completion (with its logprobs; the "
+    logprobs: StrictInt | None = Field(None, ge=0, le=5, description="Return this many alternatives per token (0..5).")
+    echo: StrictBool | None = Field(False, description="Return the prompt before the completion (with its logprobs; the "
                                                  "first token has none).")
     suffix: None = Field(None, description="Not supported; must be null.")
-    best_of: int | None = Field(None, ge=1, description="Accepted only when equal to n (or null).")
+    best_of: StrictInt | None = Field(None, ge=1, description="Accepted only when equal to n (or null).")
 
 
 class TextContent(RequestModel):
@@ -181,9 +181,17 @@ class TextContent(RequestModel):
 
 
 class ChatMessage(RequestModel):
+    """One chat message. ``content`` may be null only for an assistant message (as OpenAI's API allows)."""
+
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextContent] | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _needs_content(self) -> "ChatMessage":
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (a string or a list of text parts)")
+        return self
 
 
 class ChatCompletionRequest(_Common):
@@ -191,10 +199,10 @@ class ChatCompletionRequest(_Common):
     ``add_generation_prompt=True``."""
 
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=0, description="Default: the server's chat_default_max_tokens, capped "
+    max_tokens: StrictInt | None = Field(None, ge=0, description="Default: the server's chat_default_max_tokens, capped "
                                                            "by the room left in the context window.")
-    logprobs: bool | None = Field(False, description="Return the chosen tokens' logprobs.")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token (0..20; needs "
+    logprobs: StrictBool | None = Field(False, description="Return the chosen tokens' logprobs.")
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20, description="Alternatives per token (0..20; needs "
                                                                     "logprobs=true).")
 
 
