@@ -104,7 +104,7 @@ def test_one_object_reaches_the_engine(tiny_llama, monkeypatch):
 def test_engine_built_from_a_model_records_its_placement(tiny_llama):
     engine = decodelab.engine.Engine(tiny_llama.model)
     assert engine.config == EngineConfig(device="cpu", dtype="float32")
-    with pytest.raises(TypeError, match="not both"):
+    with pytest.raises(ConfigError, match="^invalid engine: Engine\\(\\) takes .*not both \\(got kernels\\)$"):
         decodelab.engine.Engine(tiny_llama.model, EngineConfig(), kernels="fast")
 
 

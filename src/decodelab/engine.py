@@ -95,7 +95,7 @@ class Engine:
     Raises:
         ConfigError: a bad option (from :class:`EngineConfig`), or ``quantize``, ``compile`` or ``kernels="fast"``
             requested for a model the fast path does not support.
-        TypeError: both ``config`` and keyword options.
+        ConfigError: both ``config`` and keyword options (param ``engine``).
     """
 
     def __init__(self, model, config: EngineConfig | None = None, **options) -> None:
@@ -104,7 +104,8 @@ class Engine:
         if config is None:
             config = EngineConfig.from_kwargs(**{**_model_placement(model), **options})
         elif options:
-            raise TypeError(f"Engine() takes a config or keyword options, not both (got {', '.join(options)})")
+            raise ConfigError(f"invalid engine: Engine() takes a config or keyword options, not both (got "
+                              f"{', '.join(options)})", param="engine")
         self.config = config
         kernels, quantize, compile = config.kernels, config.quantize, config.compile
         self.model = model

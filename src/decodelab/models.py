@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from decodelab import hub
 from decodelab.engine_config import EngineConfig
-from decodelab.errors import ModelLoadError
+from decodelab.errors import ConfigError, ModelLoadError
 from decodelab.modelcache import (cache_dir, cached, content_key, env_flag, package_dir, quiet, short_reason,
                                   verify_cache)
 from decodelab.qwen2tok import qwen2_tokenizer
@@ -313,7 +313,7 @@ def load_model(model: str | os.PathLike | None = None, *, device=None, dtype=Non
     if config is None:
         config = EngineConfig.from_kwargs(device=device, dtype=dtype)
     elif device is not None or dtype is not None:
-        raise TypeError("load_model() takes device / dtype or config, not both")
+        raise ConfigError("invalid engine: load_model() takes device / dtype or config, not both", param="engine")
     dev, dt = config.torch_device, config.torch_dtype
     kind, name, path = _resolve(model)
     if kind in {"embedded", "gguf"}:
