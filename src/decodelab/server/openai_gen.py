@@ -175,8 +175,8 @@ def run_job(lm, job: Job) -> Generator[Any, None, list[ChoiceResult]]:
         kwargs.update(trace=True, trace_top_k=job.logprobs)
     runs = []  # one event stream per prompt, validated now (nothing runs on the model before its first event)
     try:
-        for prompt in job.prompts:
-            runs.append(lm.events(prompt, **kwargs))
+        for ids in job.prompt_ids:  # the ids just computed: each prompt is tokenized once
+            runs.append(lm.events(ids, **kwargs))
         infos = _Infos(lm.tokenizer)
         if job.echo_logprobs:
             job.prompt_tokens_info = [
