@@ -23,7 +23,8 @@ SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 57
 
 def _variants(layers: int):
     from decodelab.fastpath import kernel_choice
-    from decodelab.fastpath.decoder import Dense, MeasuredDense, PackedDense, can_pack
+    from decodelab.fastpath.decoder import can_pack
+    from decodelab.fastpath.projections import Dense, MeasuredDense, PackedDense
     from decodelab.quantize import Int4Linear, Int8Linear
 
     gen = torch.Generator().manual_seed(0)
@@ -32,11 +33,14 @@ def _variants(layers: int):
     w16 = [w.bfloat16() for w in mats]
     h16 = head.bfloat16()
     dense16 = PackedDense if can_pack(torch.bfloat16, torch.device("cpu")) else Dense
-    from decodelab.fastpath.decoder import half_linear
+    from decodelab.fastpath.projections import half_linear
 
-    class Halves(Dense):
+    class Halves:
+        def __init__(self, weight):
+            self.dense = Dense(weight)
+
         def __call__(self, x):
-            return half_linear(self, x.reshape(1, 1, -1))
+            return half_linear(self.dense, x.reshape(1, 1, -1))
 
     out = {
         "float32 F.linear": ([Dense(w) for w in mats] + [Dense(head)], torch.float32),

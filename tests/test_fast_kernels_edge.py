@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 import decodelab
 from decodelab.engine import Engine
 from decodelab.engine_config import EngineConfig
-from decodelab.fastpath.decoder import MeasuredDense
+from decodelab.fastpath.projections import MeasuredDense
 
 
 def build(arch: str = "llama", *, vocab: int = 1000, hidden: int = 64, heads: int = 4, kv: int = 2, inter: int = 64,

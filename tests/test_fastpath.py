@@ -143,7 +143,8 @@ def test_fast_path_matches_model_generate_on_embedded(embedded):
 def test_bfloat16_fast_path_equals_bfloat16_plain(tiny_llama):
     import copy
 
-    from decodelab.fastpath.decoder import PackedDense, can_pack
+    from decodelab.fastpath.decoder import can_pack
+    from decodelab.fastpath.projections import PackedDense
 
     model = copy.deepcopy(tiny_llama.model).to(torch.bfloat16)
     fast, plain = Engine(model, pack=False), Engine(model, fast=False)
@@ -240,7 +241,7 @@ def test_every_measured_product_matches_f_linear(rows, bias):
     bmm / mm, oneDNN packed), forced for every bucket, gives F.linear's result to float32 rounding, in the shape
     F.linear gives; ``halves`` (an exact-mode candidate) gives it bit for bit."""
     from decodelab.fastpath import kernel_choice
-    from decodelab.fastpath.decoder import MeasuredDense
+    from decodelab.fastpath.projections import MeasuredDense
 
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randn(96, 64, generator=gen)
@@ -271,7 +272,7 @@ def test_fast_kernels_return_the_plain_paths_tokens_on_embedded(embedded, kw):
     """On the real SmolLM2 model, ``kernels="fast"`` (not bit-exact) returns the same tokens as transformers'
     own forward (the plain path) for greedy, beam search and seeded sampling, with scores within 1e-3."""
     fast, plain = lm_with(embedded, kernels="fast"), lm_with(embedded, fast=False)
-    from decodelab.fastpath.decoder import MeasuredDense
+    from decodelab.fastpath.projections import MeasuredDense
 
     assert isinstance(fast.engine.fast.layers[0].qkv, MeasuredDense) and fast.engine.fast.layers[0].q is None
     prompt = "It was a dark and stormy"
@@ -486,6 +487,8 @@ def test_phi3_fast_path_uses_its_stacked_projections_bit_exactly():
         model = Phi3ForCausalLM(cfg).eval()
     exact, fused, plain = Engine(model), Engine(model, kernels="fast"), Engine(model, fast=False)
     layer = exact.fast.layers[0]
-    assert layer.q is None and layer.qkv.weight is model.model.layers[0].self_attn.qkv_proj.weight
+    stacked = model.model.layers[0].self_attn.qkv_proj.weight  # the model's own tensor: same storage, no copy
+    assert layer.q is None and layer.qkv.weight.data_ptr() == stacked.data_ptr()
+    assert torch.equal(layer.qkv.weight, stacked)
     assert layer.qkv_sizes == [64, 32, 32]
     assert_padded_batch_parity(exact, plain, fused)

@@ -12,7 +12,8 @@ import torch
 from test_fast_kernels_edge import build
 
 from decodelab.fastpath import kernel_choice
-from decodelab.fastpath.decoder import Dense, FastDecoder, MeasuredDense
+from decodelab.fastpath.decoder import FastDecoder
+from decodelab.fastpath.projections import Dense, MeasuredDense
 
 AMD_LIKE = {"1": "weight_halves", "2": "weight_first", "3": "weight_first", "4": "onednn", "8": "onednn",
             "16": "onednn"}

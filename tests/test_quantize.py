@@ -95,7 +95,7 @@ def test_quantize_errors(tiny_llama):
 
 
 def test_lm_head_quantization_is_opt_in(tiny_llama):
-    from decodelab.fastpath.decoder import Dense
+    from decodelab.fastpath.projections import Dense
 
     plain = quantize_decoder(Engine(tiny_llama.model).fast, "int4")
     assert isinstance(plain.lm_head, Dense)

@@ -1,14 +1,15 @@
 """``compile=True``: the fast path's decode step compiled ahead of time by AOTInductor, kept on disk.
 
-What is compiled is :class:`decodelab.fastpath.static.StaticStep` (one token per row, fixed batch and cache
-capacity): ``torch.export`` traces it, ``torch._inductor.aoti_compile_and_package`` compiles it with Inductor
-(on CPU: ``freezing``, so the weights become constants Inductor can prepack, and ``max_autotune``) into a
+What is compiled is :class:`decodelab.fastpath.static.StaticStep`: the engine's own decoder forward with the
+fixed-shape row plan (one token per row, fixed batch and cache capacity): ``torch.export`` traces it,
+``torch._inductor.aoti_compile_and_package`` compiles it with Inductor (on CPU: ``freezing``, so the weights become constants Inductor can prepack, and ``max_autotune``) into a
 ``.pt2`` package at ``<decodelab cache>/compiled/<key>.pt2``, written to a temporary name and renamed, so an
 interrupted compilation leaves nothing half-written. A later process loads the package with
 ``torch._inductor.aoti_load_package`` (about a second) instead of compiling again (a minute or more on a small
 CPU). The key hashes everything the compiled code depends on: the model's config and a fingerprint of its
 weights, dtype, quantization, kernel mode (fusion, float32 activations), batch size, cache capacity, device, CPU
-capability, torch version, the Inductor options and the traced code. The prefill stays eager. Packages hold their own copy of the (frozen) weights:
+capability, torch and transformers versions, the Inductor options and the traced code (every file of
+:mod:`decodelab.fastpath`). The prefill stays eager. Packages hold their own copy of the (frozen) weights:
 disk and memory grow by the model's size per compiled shape.
 
 The directory is kept to a size budget (:func:`prune`, after every new package): packages are dropped least
@@ -178,7 +179,7 @@ class CompiledStep:
             "config": {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool, type(None)))},
             "weights": weights_fingerprint(decoder), "dtype": str(decoder.dtype), "quantized": decoder.quantized,
             "device": decoder.device.type, "capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__, "options": json.dumps(self.options, sort_keys=True, default=str),
+            "torch": torch.__version__, "transformers": _transformers_version(), "options": json.dumps(self.options, sort_keys=True, default=str),
             "code": _code_version(), "backend": "aoti", "kernels": decoder.kernels, "fused": decoder.fused,
             "act32": decoder.act32,
             "kernel_table": {k: v.get("choice") for k, v in sorted(decoder.kernel_table.items())},
@@ -284,14 +285,21 @@ class CompiledStep:
         return self._call(self.runners[shape], tokens, positions, cache)
 
 
+def _transformers_version() -> str:
+    """transformers' version: the traced step calls the model's own rotary-embedding module."""
+    import transformers
+
+    return transformers.__version__
+
+
 def _code_version() -> str:
-    """sha256 (16 hex digits) of the code the compiled graph is traced from: every module of
-    :mod:`decodelab.fastpath` (the step in ``static``, the functions and products it calls from ``decoder``,
-    ``kernel_choice``, ``rows`` and ``cache``) and :mod:`decodelab.quantize` (the quantized projections)."""
-    from . import quantize
-    from .fastpath import cache, decoder, kernel_choice, rows, static
+    """sha256 (16 hex digits) of the code the compiled graph is traced from: every module of the
+    :mod:`decodelab.fastpath` package (the decoder's forward, its projection modules, the static row plan, the
+    kernel choice, the cache), whatever file a change lands in."""
+    from . import fastpath
 
     h = hashlib.sha256()
-    for module in (static, decoder, kernel_choice, rows, cache, quantize):
-        h.update(pathlib.Path(module.__file__).read_bytes())
+    for path in sorted(pathlib.Path(fastpath.__file__).parent.glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
     return h.hexdigest()[:16]

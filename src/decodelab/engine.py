@@ -83,7 +83,7 @@ class Engine:
             (weight-only int8 / int4 on the fast path, :func:`decodelab.quantize.quantize_decoder`), ``kernels``
             (``"exact"``: the fast path's float32 logits are bit-for-bit the model's; ``"fast"``: fused q/k/v and
             gate/up products, fused RMSNorm, one rotary call per layer and the kernel measured fastest per product,
-            :class:`decodelab.fastpath.decoder.MeasuredDense`, equal to ~1e-6 relative), ``compile`` (AOTInductor,
+            :class:`decodelab.fastpath.projections.MeasuredDense`, equal to ~1e-6 relative), ``compile`` (AOTInductor,
             :mod:`decodelab.compile_cache`).
         **options: instead of ``config``, its fields as keywords (``Engine(model, kernels="fast")``), folded into
             ``EngineConfig.from_kwargs(**options)`` with ``device`` / ``dtype`` defaulting to the model's.

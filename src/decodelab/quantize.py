@@ -1,7 +1,8 @@
 """Weight-only quantization of the fast path's linear layers (int8 per output channel, int4 per group), and the
 quality figures that go with it: top-1 agreement with the float32 model and perplexity over a fixed text.
 
-Activations stay in the model's dtype (float32 or bfloat16); only the weights are stored in fewer bits and
+The quantized projection modules themselves are :class:`~decodelab.fastpath.projections.Int8Linear` and
+:class:`~decodelab.fastpath.projections.Int4Linear` (re-exported here). Activations stay in the model's dtype (float32 or bfloat16); only the weights are stored in fewer bits and
 dequantized inside PyTorch's fused CPU kernels:
 
 - ``int8``: symmetric, one scale per output row: ``w ~= q * scale``, ``q`` in [-127, 127]
@@ -21,99 +22,12 @@ import math
 import torch
 
 from .errors import ConfigError
-from .fastpath.decoder import Dense, FastDecoder
+from .fastpath.decoder import FastDecoder
+from .fastpath.projections import INT4_GROUP, Dense, Int4Linear, Int8Linear
+
+__all__ = ["INT4_GROUP", "Int4Linear", "Int8Linear", "SCHEMES", "quality", "quantize_decoder", "weight_bytes"]
 
 SCHEMES = ("int8", "int4")
-INT4_GROUP = 32  # input columns per (scale, zero) pair: GGUF Q4_0/Q4_1's block size
-
-
-class Int8Linear:
-    """``y = x @ (q * scale[:, None]).T + bias`` with ``q`` (N, K) int8 and ``scale`` (N,) in the activation dtype.
-
-    Built from a (N, K) float weight by :meth:`from_weight`; called on (..., K) activations -> (..., N).
-    """
-
-    __slots__ = ("q", "scale", "bias")
-
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.q, self.scale, self.bias = q, scale, bias
-
-    @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
-        """Quantize a (N, K) weight: ``scale = max|w_row| / 127`` (float32 arithmetic), ``q = round(w / scale)``."""
-        w = weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q, scale.to(weight.dtype), bias)
-
-    def dequantized(self) -> torch.Tensor:
-        """The (N, K) float32 weight this layer multiplies by."""
-        return self.q.float() * self.scale.float()[:, None]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_product(x, self.q, self.scale, self.bias)
-
-
-def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """:class:`Int8Linear`'s product (``torch._weight_int8pack_mm``), traceable: (..., K) -> (..., N). Shared by
-    the eager projection and the compiled step (:mod:`decodelab.fastpath.static`)."""
-    lead = x.shape[:-1]
-    y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q, scale.to(x.dtype))
-    y = y.reshape(*lead, y.shape[-1])
-    return y if bias is None else y + bias
-
-
-class Int4Linear:
-    """``y = x @ W.T + bias`` with ``W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n]``, ``g = k // group_size``.
-
-    ``packed`` is the kernel's layout of the (N, K) 4-bit values; ``scale_zero`` is (K / group_size, N, 2) in the
-    activation dtype. Built by :meth:`from_weight`; (..., K) -> (..., N).
-    """
-
-    __slots__ = ("packed", "scale_zero", "group_size", "bias", "n")
-
-    def __init__(self, packed, scale_zero, group_size: int, bias, n: int) -> None:
-        self.packed, self.scale_zero, self.group_size, self.bias, self.n = packed, scale_zero, group_size, bias, n
-
-    @staticmethod
-    def fits(weight: torch.Tensor, group_size: int = INT4_GROUP) -> bool:
-        """Whether a (N, K) weight can be packed: K a multiple of ``group_size`` and of 16, N of 8."""
-        n, k = weight.shape
-        return k % group_size == 0 and k % 16 == 0 and n % 8 == 0
-
-    @staticmethod
-    def quantize(weight: torch.Tensor, group_size: int = INT4_GROUP):
-        """(N, K) float weight -> ((N, K) int32 values in [0, 15], (N, G) scale, (N, G) zero), G = K / group_size,
-        with ``scale = (max - min) / 15`` and ``zero = min + 8 * scale`` per group (float32)."""
-        n, k = weight.shape
-        w = weight.detach().float().reshape(n, k // group_size, group_size)
-        hi, lo = w.amax(dim=-1), w.amin(dim=-1)
-        scale = (hi - lo).clamp(min=1e-6) / 15.0
-        zero = lo + 8.0 * scale
-        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-        return q.reshape(n, k), scale, zero
-
-    @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    group_size: int = INT4_GROUP) -> "Int4Linear":
-        """Quantize and pack a (N, K) weight (see :meth:`quantize`)."""
-        q, scale, zero = cls.quantize(weight, group_size)
-        packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
-        scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(weight.dtype)
-        return cls(packed, scale_zero, group_size, bias, weight.shape[0])
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return int4_product(x, self.packed, self.scale_zero, self.group_size, self.n, self.bias)
-
-
-def int4_product(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int, n: int,
-                 bias: torch.Tensor | None) -> torch.Tensor:
-    """:class:`Int4Linear`'s product (``torch._weight_int4pack_mm_for_cpu``), traceable: (..., K) -> (..., N).
-    Shared by the eager projection and the compiled step (:mod:`decodelab.fastpath.static`)."""
-    lead = x.shape[:-1]
-    y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), packed, group_size, scale_zero.to(x.dtype))
-    y = y.reshape(*lead, n)
-    return y if bias is None else y + bias
 
 
 def quantize_decoder(decoder: FastDecoder, scheme: str, *, lm_head: bool = False,

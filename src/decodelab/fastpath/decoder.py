@@ -1,5 +1,8 @@
-"""The fast path's forward pass: a Llama / Qwen2 / Qwen3 decoder run straight from the weight tensors over a
-:class:`StaticKVCache`, with no module calls, no cache objects and no mask building per step.
+"""The fast path's one decoder: a Llama / Qwen2 / Qwen3 / Mistral / Phi-3 decoder run straight from the weight
+tensors over a :class:`StaticKVCache`, with no transformers module calls, no cache objects and no mask building per
+step. The same forward (:meth:`FastDecoder.run`) is what the eager engine runs and what ``compile=True`` exports
+(:mod:`decodelab.fastpath.static` only supplies the fixed-shape cache access); the projection modules are swapped
+per kernel mode (:mod:`decodelab.fastpath.projections`), as in gpt-fast's ``model.py``.
 
 Every operation is the one transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` run (``modeling_llama.py``:
 ``LlamaRMSNorm``, ``apply_rotary_pos_emb``, ``LlamaMLP``; ``integrations/sdpa_attention.py``:
@@ -9,134 +12,33 @@ decodelab's search returns exactly ``model.generate``'s ids. What is saved is Py
 decorators, ``DynamicCache`` concatenation (the keys/values are written into a preallocated buffer) and the 4D mask
 built per step (it is a view of the cache's preallocated 2D mask).
 
-Two kernel-level changes keep the numbers and save time: a batch-1 float32 step runs each projection as one
-``bmm`` over the two halves of its weight (:func:`half_linear`: both cores stream weights, same dot products), and
-bfloat16 weights are prepacked once for oneDNN (:class:`PackedDense`) instead of on every call.
+Two kernel-level changes keep the numbers and save time: a batch-1 float32 step may run each projection as one
+``bmm`` over the two halves of its weight (:func:`~decodelab.fastpath.projections.half_linear`, chosen by
+measurement: both cores stream weights, same dot products), and bfloat16 weights are prepacked once for oneDNN
+(:class:`~decodelab.fastpath.projections.PackedDense`) instead of on every call.
 
-The attention of a step follows transformers' choice of SDPA call:
-
-* no padding: ``scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)``;
-* padding, one query token: the query heads are folded onto the key/value heads (``pack_gqa``) and the (B, 1, 1, L)
-  boolean mask is passed;
-* padding, prefill: keys/values repeated per query head (``repeat_kv``) and the (B, 1, T, T) causal & padding mask.
+How the rows of a forward pass meet the projections and the caches is the *row plan* passed to :meth:`FastDecoder.run`
+(``plan.linear(proj, x)``, ``plan.attend(i, q, k, v)``): :class:`decodelab.fastpath.rows.RowPlan` for eager passes
+(one or several requests, each with its own cache, attention with exactly transformers' SDPA call), and
+:class:`decodelab.fastpath.static.StaticRows` for the compiled step (a fixed-shape write at a tensor index, attention
+over the whole preallocated cache under its mask).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import kernel_choice
 from .cache import StaticKVCache
+from .projections import Dense, MeasuredDense, PackedDense, _buffer
 from .rows import RowPlan, Segment, attention_mask
+from .support import SUPPORTED_TYPES, unsupported_reason
+from .weights import stack_weights
 
-SUPPORTED_TYPES = ("llama", "mistral", "phi3", "qwen2", "qwen3")
-
-
-def unsupported_reason(model) -> str | None:
-    """Why the fast path cannot run ``model`` exactly as transformers would, or ``None`` when it can.
-
-    Supported: ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` (Qwen2's layer without q/k/v biases
-    by default, plus an RMSNorm over each query and key head before the rotary embedding: ``Qwen3Attention``'s
-    ``q_norm`` / ``k_norm``) with SDPA attention, SiLU MLP, full attention in every layer (no sliding window) and a
-    plain ``nn.Linear`` output layer. ``MistralForCausalLM`` is Llama's layer with a sliding attention window: supported
-    when the window cannot bind (``sliding_window`` unset, as in Mistral-7B-v0.2/v0.3, or at least
-    ``max_position_embeddings``); a binding window (transformers trims the cache and masks) stays on the plain path.
-    ``Phi3ForCausalLM`` likewise (window permitting), with full rotary embedding (``partial_rotary_factor`` 1): its
-    q/k/v and gate/up weights come stacked (``qkv_proj``, ``gate_up_proj``), one product each, as in the model.
-    """
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return "no config"
-    mtype = getattr(cfg, "model_type", None)
-    if mtype not in SUPPORTED_TYPES:
-        return f"model_type {mtype!r} is not one of {SUPPORTED_TYPES}"
-    if getattr(cfg, "_attn_implementation", None) != "sdpa":
-        return f"attention implementation {getattr(cfg, '_attn_implementation', None)!r} is not 'sdpa'"
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"hidden_act {cfg.hidden_act!r} is not 'silu'"
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
-        return "sliding-window layers"
-    window = getattr(cfg, "sliding_window", None) if mtype in ("mistral", "phi3") else None
-    if window is not None and window < (getattr(cfg, "max_position_embeddings", None) or float("inf")):
-        return f"sliding window of {window} positions"
-    if ((getattr(cfg, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) != 1.0
-            or getattr(cfg, "partial_rotary_factor", 1.0) != 1.0):
-        return "partial rotary embedding"
-    if getattr(cfg, "pretraining_tp", 1) != 1:
-        return "pretraining_tp != 1"
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "layers") or not isinstance(getattr(model, "lm_head", None),
-                                                                          torch.nn.Linear):
-        return "unexpected module layout"
-    attn = inner.layers[0].self_attn
-    if mtype == "qwen3" and not (hasattr(attn, "q_norm") and attn.q_norm.variance_epsilon
-                                 == attn.k_norm.variance_epsilon):
-        return "unexpected Qwen3 query/key norms"
-    return None
-
-
-class Dense:
-    """``y = x @ weight.T + bias`` (``torch.nn.functional.linear``): (..., in) -> (..., out).
-
-    ``halves``: whether a one-row product runs as :func:`half_linear` (bit for bit the same numbers); set from the
-    measurement of :mod:`decodelab.fastpath.kernel_choice` by :class:`FastDecoder` (default ``True``)."""
-
-    __slots__ = ("weight", "bias", "halves")
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.weight, self.bias = weight, bias
-        self.halves = True
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-class PackedDense(Dense):
-    """:class:`Dense` with the weight prepacked once in oneDNN's blocked layout
-    (``torch.ops.mkldnn._reorder_linear_weight``, as Inductor's freezing pass does), called through
-    ``torch.ops.mkldnn._linear_pointwise``. ``F.linear`` in bfloat16 on CPU runs the same oneDNN kernel but
-    reorders the weight on every call, which costs about as much as the product itself. (..., in) -> (..., out).
-    """
-
-    __slots__ = ("packed",)
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__(weight, bias)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-class MeasuredDense(Dense):
-    """``kernels="fast"``: ``y = x @ weight.T + bias`` with the product measured fastest on this machine for the
-    weight's shape and the call's row count (:mod:`decodelab.fastpath.kernel_choice`: ``F.linear``, two
-    half-matrix ``bmm``\\ s, weight-first ``mm`` / ``bmm``, or oneDNN's GEMM on a prepacked copy, kept only where
-    chosen). Except for ``linear`` / ``halves``, each output is the same dot product summed in another order:
-    results differ from ``F.linear``'s in the last bits (~1e-6 relative), so greedy / beam outputs equal
-    ``model.generate``'s except where two candidates tie to within rounding. (..., in) -> (..., out).
-
-    Args:
-        weight, bias: the (N, K) weight and (N,) bias or ``None``.
-        choice: ``{str(bucket): product name}`` for every :data:`~decodelab.fastpath.kernel_choice.BUCKETS` entry.
-    """
-
-    __slots__ = ("choice", "packed")
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, choice: dict[str, str]) -> None:
-        super().__init__(weight, bias)
-        self.choice = {int(b): name for b, name in choice.items()}
-        self.packed = kernel_choice.prepack(weight) if "onednn" in self.choice.values() else None
-
-    def name_for(self, rows: int) -> str:
-        """The product used for ``rows`` rows."""
-        return self.choice[kernel_choice.bucket(rows)]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        name = self.name_for(x.numel() // x.shape[-1])
-        return kernel_choice.product(name, x, self.weight, self.bias, self.packed)
-
+__all__ = ["FastDecoder", "Layer", "KERNELS", "SUPPORTED_TYPES", "can_pack", "drain", "fast_rms_norm", "rms_norm",
+           "repeat_kv", "rope", "unsupported_reason"]
 
 KERNELS = ("exact", "fast")
 
@@ -146,130 +48,61 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.bfloat16 and kernel_choice.can_prepack(dtype, device)
 
 
-class Layer:
-    """One decoder layer's tensors: two RMSNorm weights (eps) and its projections (callables
-    ``(..., in) -> (..., out)``: :class:`Dense` and its variants, or a quantized linear from :mod:`decodelab.quantize`).
+
+
+
+class Layer(nn.Module):
+    """One decoder layer's tensors: two RMSNorm weights (eps) and its projection modules
+    (:mod:`decodelab.fastpath.projections`: ``(..., in) -> (..., out)``).
 
     Unfused (the exact mode): ``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``. Fused (``fuse=True``): ``qkv``
     (the q, k and v weights stacked: one product instead of three, split after) and ``gate_up`` (gate over up), with
     ``o`` and ``down`` as they are; the unfused names are then ``None``. Fusing stacks the weights into new tensors
     and rebinds the model's own q/k/v/gate/up parameters to views of them (same values, no second copy; a second
-    fused engine on the same model finds them stacked and shares the tensors).
+    fused engine on the same model finds them stacked and shares the tensors). Phi-3 comes stacked already.
+    Qwen3: ``q_norm`` / ``k_norm`` (D,) per-head RMSNorm weights, and ``qk_norm`` both stacked per head
+    (H + H_kv, 1, D) for the fused layout, where q and k heads are normalised in one call.
     """
 
-    __slots__ = ("ln1", "eps1", "q", "k", "v", "o", "ln2", "eps2", "gate", "up", "down", "qkv", "qkv_sizes",
-                 "q_norm", "k_norm", "qk_norm", "qk_eps",
-                 "gate_up")
-
     def __init__(self, block, dense: type[Dense] = Dense, fuse: bool = False) -> None:
+        super().__init__()
         attn, mlp = block.self_attn, block.mlp
-        self.ln1, self.eps1 = block.input_layernorm.weight, block.input_layernorm.variance_epsilon
-        self.ln2, self.eps2 = block.post_attention_layernorm.weight, block.post_attention_layernorm.variance_epsilon
-        # Qwen3: per-head RMSNorm of queries and keys (weights (D,)); qk_norm: both stacked per head (H + H_kv, 1, D)
-        # for the fused layout, where q and k heads are normalised in one call
-        self.q_norm = self.k_norm = self.qk_norm = self.qk_eps = None
+        _buffer(self, "ln1", block.input_layernorm.weight)
+        _buffer(self, "ln2", block.post_attention_layernorm.weight)
+        self.eps1 = block.input_layernorm.variance_epsilon
+        self.eps2 = block.post_attention_layernorm.variance_epsilon
+        q_norm = k_norm = qk_norm = None
+        self.qk_eps = None
         if getattr(attn, "q_norm", None) is not None:
-            self.q_norm, self.k_norm, self.qk_eps = attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon
-            n_q = attn.config.num_attention_heads
-            n_kv = attn.config.num_key_value_heads
-            self.qk_norm = torch.cat([self.q_norm.detach().expand(n_q, -1), self.k_norm.detach().expand(n_kv, -1)])[
-                :, None, :]
+            q_norm, k_norm, self.qk_eps = attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon
+            n_q, n_kv = attn.config.num_attention_heads, attn.config.num_key_value_heads
+            qk_norm = torch.cat([q_norm.detach().expand(n_q, -1), k_norm.detach().expand(n_kv, -1)])[:, None, :]
+        _buffer(self, "q_norm", q_norm)
+        _buffer(self, "k_norm", k_norm)
+        _buffer(self, "qk_norm", qk_norm)
         self.o, self.down = dense(attn.o_proj.weight, attn.o_proj.bias), dense(mlp.down_proj.weight, mlp.down_proj.bias)
         self.qkv = self.gate_up = self.qkv_sizes = None
+        self.q = self.k = self.v = self.gate = self.up = None
         if hasattr(attn, "qkv_proj"):  # Phi-3: stacked in the model already, one product as transformers runs
             n_q, n_kv = attn.config.num_attention_heads * attn.head_dim, attn.num_key_value_heads * attn.head_dim
             self.qkv_sizes = [n_q, n_kv, n_kv]
             self.qkv = dense(attn.qkv_proj.weight, attn.qkv_proj.bias)
             self.gate_up = dense(mlp.gate_up_proj.weight, mlp.gate_up_proj.bias)
-            self.q = self.k = self.v = self.gate = self.up = None
         elif fuse:
             qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
             self.qkv_sizes = [m.weight.shape[0] for m in qkv]
-            self.qkv = dense(*_stack_weights(qkv))
-            self.gate_up = dense(*_stack_weights((mlp.gate_proj, mlp.up_proj)))
-            self.q = self.k = self.v = self.gate = self.up = None
+            self.qkv = dense(*stack_weights(qkv))
+            self.gate_up = dense(*stack_weights((mlp.gate_proj, mlp.up_proj)))
         else:
             self.q, self.k, self.v = (dense(m.weight, m.bias) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
             self.gate, self.up = (dense(m.weight, m.bias) for m in (mlp.gate_proj, mlp.up_proj))
 
-    def projections(self) -> dict[str, object]:
+    def projections(self) -> dict[str, nn.Module]:
         """The projections by name: ``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``, or when fused ``qkv``,
         ``o``, ``gate_up``, ``down``."""
         names = ("qkv", "o", "gate_up", "down") if self.qkv is not None else ("q", "k", "v", "o", "gate", "up",
                                                                                "down")
         return {name: getattr(self, name) for name in names}
-
-
-def _stack_weights(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stack ``nn.Linear`` weights (and biases) along the output dimension into one new tensor, and rebind each
-    module's weight / bias to its rows of it (a view: the model keeps working, with the same values, and the
-    weights are stored once). Returns (weight (sum N, K), bias (sum N,) or None).
-
-    The new tensors are inference tensors exactly when the parameters were, whatever mode the engine is built in:
-    normal parameters rebound to inference tensors (an engine built inside ``torch.inference_mode()``) would break
-    the model's forward pass with autograd ("Inference tensors cannot be saved for backward"); inference parameters
-    (a model created inside ``torch.inference_mode()``) rebound to normal tensors would break its forward pass in
-    inference mode ("Inference tensors do not track version counter").
-
-    Parameters that already are consecutive rows of one tensor (an earlier fused engine on the same model stacked
-    them) are not copied again: the returned tensors are views spanning those rows, shared with that engine."""
-    shared = _already_stacked([m.weight for m in linears])
-    if shared is not None:
-        biases = [m.bias for m in linears]
-        if all(b is None for b in biases):
-            return shared, None
-        if all(b is not None for b in biases):
-            shared_bias = _already_stacked(biases)
-            if shared_bias is not None:
-                return shared, shared_bias
-    inference = linears[0].weight.is_inference()
-    with torch.inference_mode(inference), torch.no_grad():
-        weight = torch.cat([m.weight.detach() for m in linears])
-        has_bias = [m.bias is not None for m in linears]
-        bias = None
-        if all(has_bias):
-            bias = torch.cat([m.bias.detach() for m in linears])
-        elif any(has_bias):
-            bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.weight.shape[0])
-                              for m in linears])
-        start = 0
-        for m in linears:
-            n = m.weight.shape[0]
-            m.weight.data = weight[start : start + n]
-            if m.bias is not None and bias is not None:
-                m.bias.data = bias[start : start + n]
-            start += n
-    return weight, bias
-
-
-def _already_stacked(tensors) -> torch.Tensor | None:
-    """The (sum N, ...) tensor whose consecutive rows ``tensors`` are (same storage, contiguous, each starting where
-    the previous ends), as a detached view; ``None`` when they are not laid out that way."""
-    first = tensors[0]
-    offset = first.storage_offset()
-    for t in tensors:
-        if (not t.is_contiguous() or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]
-                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-                or t.storage_offset() != offset):
-            return None
-        offset += t.numel()
-    rows = sum(t.shape[0] for t in tensors)
-    base = first.detach()
-    return base.as_strided((rows, *first.shape[1:]), first.stride())
-
-
-def half_linear(dense: Dense, x: torch.Tensor) -> torch.Tensor:
-    """``dense(x)`` for one row x (1, 1, K) -> (1, 1, N), as one ``torch.bmm`` over the two halves of the weight's
-    output rows (a view, no copy). PyTorch runs a float32 ``F.linear`` of one row as a single-threaded
-    matrix-vector product, leaving the other cores idle while it streams the weight; ``bmm`` hands the halves to
-    two OpenMP threads. Each output element is still the same dot product by the same kernel, so the result is
-    bit-for-bit ``F.linear``'s (tests/test_fastpath.py compares against transformers); a bias is added after."""
-    w = dense.weight
-    n, k = w.shape
-    if n % 2 or not dense.halves:
-        return dense(x)
-    y = torch.bmm(x.reshape(1, 1, k).expand(2, 1, k), w.view(2, n // 2, k).transpose(1, 2)).reshape(1, 1, n)
-    return y if dense.bias is None else y + dense.bias
 
 
 def drain(slices):
@@ -311,10 +144,10 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, length, d).reshape(b, h * n_rep, length, d)
 
 
-class FastDecoder:
+class FastDecoder(nn.Module):
     """Forward pass of a supported causal LM (see :func:`unsupported_reason`) over a :class:`StaticKVCache`.
 
-    Holds references to the model's weight tensors (no copy), except that bfloat16 weights on CPU are prepacked
+    Holds the model's weight tensors as buffers (no copy), except that bfloat16 weights on CPU are prepacked
     for oneDNN (:class:`PackedDense`, a second copy; ``pack=False`` keeps plain ``F.linear``, ``pack=None`` packs
     where :func:`can_pack`). ``kernels="fast"`` runs the unpacked projections as :class:`MeasuredDense`
     (faster, no longer bit-for-bit ``F.linear``); ``"exact"`` (default) keeps transformers' numbers. ``layers``
@@ -330,11 +163,16 @@ class FastDecoder:
     (:mod:`decodelab.fastpath.kernel_choice`; ``kernel_table`` imposes a table instead, ``measure=False`` skips it,
     as for a decoder about to be quantized; ``progress`` receives the one-line note printed before a measurement).
     ``kernel_table`` (attribute): the table used; :meth:`kernel_summary` says it in one line.
+
+    Raises:
+        ValueError: the model is not supported (:func:`unsupported_reason`), or ``kernels`` is not in
+            :data:`KERNELS`.
     """
 
     def __init__(self, model, pack: bool | None = None, halves: bool | None = None,
                  kernels: str = "exact", fuse: bool | None = None, act32: bool | None = None,
                  kernel_table: dict | None = None, measure: bool = True, progress=None) -> None:
+        super().__init__()
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"fast path unsupported: {reason}")
@@ -349,7 +187,7 @@ class FastDecoder:
         self.head_dim = first.head_dim
         self.groups = self.n_heads // self.n_kv
         self.scaling = first.scaling
-        self.embed = inner.embed_tokens.weight
+        _buffer(self, "embed", inner.embed_tokens.weight)
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         self.packed = can_pack(self.dtype, self.device) if pack is None else bool(pack)
@@ -360,9 +198,17 @@ class FastDecoder:
         dense = PackedDense if self.packed else Dense
         self.rotary = inner.rotary_emb
         self.fused = bool(fuse)
-        self.layers = [Layer(block, dense, fuse=self.fused) for block in inner.layers[: cfg.num_hidden_layers]]
-        self.norm, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
+        self.rms_norm = fast_rms_norm if self.fused else rms_norm  # exact layers: LlamaRMSNorm's own operations
+        self.layers = nn.ModuleList(Layer(block, dense, fuse=self.fused)
+                                    for block in inner.layers[: cfg.num_hidden_layers])
+        _buffer(self, "norm", inner.norm.weight)
+        self.norm_eps = inner.norm.variance_epsilon
         self.lm_head = dense(model.lm_head.weight, model.lm_head.bias)
+        # transformers multiplies the (B, 1, hidden) slice h[:, -1:] by the output layer's *parameter*: PyTorch's
+        # matmul copies a non-contiguous 3-D input into one 2-D product when the weight requires grad (else it
+        # runs a batched product over the strided view, other roundings). The buffers are detached, so the copy
+        # is made explicitly where the model's weight requires grad.
+        self.head_folds = bool(model.lm_head.weight.requires_grad)
         self.quantized: str | None = None
         if act32 is None:
             act32 = self.fused and self.dtype != torch.float32 and self.device.type == "cpu"
@@ -370,10 +216,10 @@ class FastDecoder:
         self.act_dtype = torch.float32 if self.act32 else self.dtype
         if self.act32:  # float32 copies of the (small) norm weights
             for layer in self.layers:
-                layer.ln1, layer.ln2 = layer.ln1.detach().float(), layer.ln2.detach().float()
+                layer.ln1, layer.ln2 = layer.ln1.float(), layer.ln2.float()
                 if layer.qk_norm is not None:
                     layer.qk_norm = layer.qk_norm.float()
-            self.norm = self.norm.detach().float()
+            self.norm = self.norm.float()
         self._exact_shapes: dict = {}  # rows.RowPlan: per weight shape, whether the grouped product is exact here
         self.halves = ((self.device.type == "cpu" and self.dtype == torch.float32 and kernels == "exact")
                        if halves is None else halves)
@@ -509,78 +355,71 @@ class FastDecoder:
         b, t = ids.shape
         plan = RowPlan(segments, not self.fused and self._halves_for(b * t if len(items) == 1 else 1),
                        grouped=not self.packed and self.quantized is None and not self.fused
-                       and self.kernels == "exact", exact_shapes=self._exact_shapes)
-        logits = yield from self._layers(ids, positions, plan, keep_all)
+                       and self.kernels == "exact", exact_shapes=self._exact_shapes, attention=self._attention)
+        logits = yield from self.run(ids, positions, plan, keep_all)
+        plan.finish()
         out = [None] * len(items)
         for i, seg in zip(order, segments):
             out[i] = logits if len(items) == 1 else logits[seg.lo : seg.hi]
         return out
 
-    def _layers(self, ids: torch.Tensor, positions: torch.Tensor, plan: RowPlan, keep_all: bool):
-        """The decoder over the concatenated rows of ``plan``: embedding, every layer, final norm, output layer.
-        A generator: yields the layer index after each layer, returns the logits (see :meth:`forward_slices`)."""
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        """A product's input: cast to the weights' dtype where activations are float32 (``act32``)."""
+        return x.to(self.dtype) if self.act32 else x
+
+    def _f32(self, y: torch.Tensor) -> torch.Tensor:
+        return y.float() if self.act32 else y
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, plan, keep_all: bool = False):
+        """The decoder over the rows of ``plan``: embedding, every layer, final norm, output layer. A generator:
+        yields the layer index after each layer and returns the logits ((R, V), or (R, T, V) with ``keep_all``).
+
+        ``ids`` / ``positions`` (R, T) int64; ``plan`` gives ``linear(proj, x)`` (which kernel computes which rows)
+        and ``attend(i, q, k, v) -> (R, T, H * D)`` (layer ``i``'s cache write and attention). The eager engine
+        passes a :class:`~decodelab.fastpath.rows.RowPlan`; the compiled step a
+        :class:`~decodelab.fastpath.static.StaticRows` and exports this very code.
+        """
         b, t = ids.shape
         h = F.embedding(ids, self.embed)
-        act32, mm_dtype = self.act32, self.dtype
-        if act32:
+        if self.act32:
             h = h.float()
         cos, sin = self.rotary(h, positions)
         half = self.head_dim // 2
         cos, sin = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
-        shape = (b, t, -1, self.head_dim)
-        norm = fast_rms_norm if self.fused else rms_norm  # exact layers: LlamaRMSNorm's own operations
-        n_qk = self.n_heads + self.n_kv
-
-        def linear(proj, x):
-            return plan.linear(proj, x, half_linear)
-
         for i, layer in enumerate(self.layers):
-            x = norm(h, layer.ln1, layer.eps1)
-            if layer.qkv is not None:  # one product for q, k, v; one rotary call for q and k together
-                qkv = linear(layer.qkv, x.to(mm_dtype)).float() if act32 else linear(layer.qkv, x)
-                heads = qkv.view(shape).transpose(1, 2)
-                qk = heads[:, :n_qk]
-                if layer.qk_norm is not None:  # Qwen3: every q and k head normalised in one call
-                    qk = rms_norm(qk, layer.qk_norm, layer.qk_eps)
-                qk = rope(qk, cos, sin)
-                q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], heads[:, n_qk:]
-            else:
-                q, k, v = linear(layer.q, x).view(shape), linear(layer.k, x).view(shape), linear(layer.v, x).view(shape)
-                if layer.q_norm is not None:  # Qwen3Attention: q_norm / k_norm on (B, T, H, D), then transpose
-                    q, k = rms_norm(q, layer.q_norm, layer.qk_eps), rms_norm(k, layer.k_norm, layer.qk_eps)
-                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-                q, k = rope(q, cos, sin), rope(k, cos, sin)
-            att = self._segment_attention(i, plan, q, k, v, t)
-            if act32:
-                att = att.to(mm_dtype)
-            h = h + linear(layer.o, att)
-            x = norm(h, layer.ln2, layer.eps2)
-            if layer.gate_up is not None:
-                gate, up = linear(layer.gate_up, x.to(mm_dtype) if act32 else x).chunk(2, -1)
-                h = h + linear(layer.down, F.silu(gate) * up)
-            else:
-                h = h + linear(layer.down, F.silu(linear(layer.gate, x)) * linear(layer.up, x))
+            h = self._layer(i, layer, h, cos, sin, plan)
             yield i
-        for seg in plan.segments:
-            seg.cache.length = seg.total
-        h = norm(h, self.norm, self.norm_eps)
-        if act32:
-            h = h.to(mm_dtype)
+        h = self._mm(self.rms_norm(h, self.norm, self.norm_eps))
         if keep_all:
             return self.lm_head(h)
-        return linear(self.lm_head, h[:, -1:, :])[:, -1]
+        last = h[:, -1:, :]
+        return plan.linear(self.lm_head, last.contiguous() if self.head_folds else last)[:, -1]
 
-    def _segment_attention(self, i: int, plan: RowPlan, q, k, v, t: int) -> torch.Tensor:
-        """Write layer ``i``'s new keys/values into each segment's cache and attend per segment, with the
-        segment's own cache length and mask (as alone). q (R, H, T, D), k/v (R, H_kv, T, D) -> (R, T, H * D)."""
-        outs = []
-        for seg in plan.segments:
-            keys, values = seg.cache.keys[i], seg.cache.values[i]
-            sk, sv = (k, v) if len(plan.segments) == 1 else (k[seg.lo : seg.hi], v[seg.lo : seg.hi])
-            keys[:, :, seg.past : seg.total] = sk
-            values[:, :, seg.past : seg.total] = sv
-            if seg.past:
-                sk, sv = keys[:, :, : seg.total], values[:, :, : seg.total]
-            sq = q if len(plan.segments) == 1 else q[seg.lo : seg.hi]
-            outs.append(self._attention(sq, sk, sv, seg.mask, t))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+    def _layer(self, i: int, layer: Layer, h: torch.Tensor, cos, sin, plan) -> torch.Tensor:
+        """One decoder layer (``LlamaDecoderLayer``): h (R, T, hidden) -> (R, T, hidden)."""
+        b, t = h.shape[0], h.shape[1]
+        shape = (b, t, -1, self.head_dim)
+        n_qk = self.n_heads + self.n_kv
+        x = self.rms_norm(h, layer.ln1, layer.eps1)
+        if layer.qkv is not None:  # one product for q, k, v; one rotary call for q and k together
+            heads = self._f32(plan.linear(layer.qkv, self._mm(x))).view(shape).transpose(1, 2)
+            qk = heads[:, :n_qk]
+            if layer.qk_norm is not None:  # Qwen3: every q and k head normalised in one call
+                qk = rms_norm(qk, layer.qk_norm, layer.qk_eps)
+            qk = rope(qk, cos, sin)
+            q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], heads[:, n_qk:]
+        else:
+            q, k, v = (plan.linear(layer.q, x).view(shape), plan.linear(layer.k, x).view(shape),
+                       plan.linear(layer.v, x).view(shape))
+            if layer.q_norm is not None:  # Qwen3Attention: q_norm / k_norm on (B, T, H, D), then transpose
+                q, k = rms_norm(q, layer.q_norm, layer.qk_eps), rms_norm(k, layer.k_norm, layer.qk_eps)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+        att = plan.attend(i, q, k, v)
+        h = h + plan.linear(layer.o, self._mm(att))
+        x = self.rms_norm(h, layer.ln2, layer.eps2)
+        if layer.gate_up is not None:
+            gate, up = plan.linear(layer.gate_up, self._mm(x)).chunk(2, -1)
+        else:
+            gate, up = plan.linear(layer.gate, x), plan.linear(layer.up, x)
+        return h + plan.linear(layer.down, F.silu(gate) * up)

@@ -19,7 +19,7 @@ Products (:data:`PRODUCTS`; ``x`` has M rows of K, the weight is (N, K)):
 
 * ``linear``: ``F.linear``, what transformers runs. Exact by definition.
 * ``halves``: one row only; ``bmm`` of the row against the two halves of the weight's output rows, one half per
-  OpenMP thread (:func:`decodelab.fastpath.decoder.half_linear`): the same dot products by the same kernel, bit for
+  OpenMP thread (:func:`decodelab.fastpath.projections.half_linear`): the same dot products by the same kernel, bit for
   bit ``F.linear`` (checked again at measurement; a machine where it differs never gets it in exact mode).
 * ``weight_halves``: one row only; ``bmm(weight halves (2, N/2, K), x.T)``: weight-first, rounding may differ.
 * ``weight_first``: ``mm(weight, x.T).T``: rounding may differ.

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import StaticKVCache
+from .projections import half_linear
 
 GEMV_CHUNK = 8192  # weight rows per grouped product: a chunk stays in the last-level cache across the G entries
 
@@ -45,7 +46,7 @@ def grouped_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     x (G, 1, K), weight (N, K) -> (G, 1, N). Each ``bmm`` entry is a 1-row product against a stride-0 expanded
     view of the weight (no copy); weights with more than :data:`GEMV_CHUNK` rows are split so that a chunk is read
     from DRAM once and from cache by the other entries. The bias is added after the product, as
-    :func:`decodelab.fastpath.decoder.half_linear` does.
+    :func:`decodelab.fastpath.projections.half_linear` does.
     """
     g, _, k = x.shape
     n = weight.shape[0]
@@ -108,15 +109,22 @@ class RowPlan:
     Args:
         segments: in row order; the one-row segments first when there are several (the scheduler's order), so
             that they form one contiguous block of ``singles`` rows.
-        halves: a lone one-row segment runs :func:`decodelab.fastpath.decoder.half_linear` (as alone).
+        halves: a lone one-row segment runs :func:`decodelab.fastpath.projections.half_linear` (as alone).
         grouped: several segments on the exact float32 path: one-row segments through :func:`grouped_gemv` (or one
             call per row where :func:`grouped_gemv_is_exact` failed), each multi-row segment its own call;
             otherwise one call over all rows.
         exact_shapes: per (N, K) weight shape, whether :func:`grouped_gemv` is exact (filled by the decoder).
+        attention: ``f(q, k, v, mask, t) -> (B, T, H * D)``, the SDPA call transformers makes
+            (:meth:`decodelab.fastpath.decoder.FastDecoder._attention`).
+
+    This is the eager row plan of :meth:`decodelab.fastpath.decoder.FastDecoder.run` (``linear``, ``attend``);
+    :meth:`finish` advances the caches after the pass.
     """
 
-    def __init__(self, segments: list[Segment], halves: bool, grouped: bool, exact_shapes: dict) -> None:
+    def __init__(self, segments: list[Segment], halves: bool, grouped: bool, exact_shapes: dict,
+                 attention) -> None:
         self.segments = segments
+        self.attention = attention
         self.halves = halves
         self.grouped = grouped and len(segments) > 1
         self.singles = 0
@@ -125,7 +133,7 @@ class RowPlan:
                 self.singles += 1
         self.exact_shapes = exact_shapes
 
-    def linear(self, proj, x: torch.Tensor, half_linear) -> torch.Tensor:
+    def linear(self, proj, x: torch.Tensor) -> torch.Tensor:
         """``proj(x)`` for the (R, T, K) rows ``x`` with the kernels described in the class docstring."""
         if not self.grouped:
             return half_linear(proj, x) if self.halves else proj(x)
@@ -146,3 +154,25 @@ class RowPlan:
         for seg in self.segments[s:]:
             parts.append(proj(x[seg.lo : seg.hi]))
         return torch.cat(parts)
+
+    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write layer ``i``'s new keys/values into each segment's cache and attend per segment, with the
+        segment's own cache length and mask (as alone). q (R, H, T, D), k/v (R, H_kv, T, D) -> (R, T, H * D)."""
+        t = q.shape[2]
+        outs = []
+        single = len(self.segments) == 1
+        for seg in self.segments:
+            keys, values = seg.cache.keys[i], seg.cache.values[i]
+            sk, sv = (k, v) if single else (k[seg.lo : seg.hi], v[seg.lo : seg.hi])
+            keys[:, :, seg.past : seg.total] = sk
+            values[:, :, seg.past : seg.total] = sv
+            if seg.past:
+                sk, sv = keys[:, :, : seg.total], values[:, :, : seg.total]
+            sq = q if single else q[seg.lo : seg.hi]
+            outs.append(self.attention(sq, sk, sv, seg.mask, t))
+        return outs[0] if single else torch.cat(outs)
+
+    def finish(self) -> None:
+        """After the pass: every segment's cache now holds ``total`` positions."""
+        for seg in self.segments:
+            seg.cache.length = seg.total
