@@ -6,7 +6,10 @@ Two servers run in this process on loopback over the same model weights (the emb
 alternating order per round: every client streams ``--requests`` greedy completions of ``--tokens`` new tokens
 (``ignore_eos``, so every answer has exactly that length), prompts of mixed lengths (5 to ~120 tokens). Recorded per
 case: aggregate tokens/s, time to first token and inter-token latency (p50 / p95, from the SSE chunk arrival times),
-peak RSS, and whether every answer equals the same request made alone (the serial server's answer).
+peak RSS of the servers' process, and whether every answer equals the same request made alone (the serial server's
+answer). The clients run in a separate process (``spawn``), as a class's browsers would: in the servers' process
+(``--in-process-clients``, the setting of figures before 2026-12-02 noon) their SSE parsing competes with the servers
+for the interpreter lock.
 
 ``--hf`` adds transformers' own continuous batching (``model.generate_batch``) on the same prompts and lengths, in
 the same process (aggregate tokens/s only: it has no streaming clients).
@@ -99,9 +102,48 @@ async def run_clients(url: str, clients: int, per_client: int, tokens: int) -> d
         "tokens_per_s": len(results) * tokens / wall,
         "ttft_ms_p50": statistics.median(ttft) * 1000, "ttft_ms_p95": pct(ttft, 0.95),
         "itl_ms_p50": statistics.median(itl) * 1000 if itl else float("nan"), "itl_ms_p95": pct(itl, 0.95),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # replaced by the server's
         "texts": [results[i]["text"] for i in range(len(results))],
     }
+
+
+def run_clients_sync(url: str, clients: int, per_client: int, tokens: int) -> dict:
+    """:func:`run_clients` to completion (the entry point of the client process)."""
+    return asyncio.run(run_clients(url, clients, per_client, tokens))
+
+
+class ClientProcess:
+    """The streaming clients in a process of their own (``spawn``), as a class's browsers or a notebook would be:
+    their HTTP and SSE parsing then does not share the servers' interpreter lock. Used as a context manager;
+    :meth:`run` has :func:`run_clients`' signature and result."""
+
+    def __enter__(self) -> "ClientProcess":
+        import concurrent.futures
+        import multiprocessing
+
+        self.pool = concurrent.futures.ProcessPoolExecutor(max_workers=1,
+                                                           mp_context=multiprocessing.get_context("spawn"))
+        return self
+
+    def run(self, url: str, clients: int, per_client: int, tokens: int) -> dict:
+        return self.pool.submit(run_clients_sync, url, clients, per_client, tokens).result()
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class InProcessClients:
+    """The clients in the servers' own process (``--in-process-clients``: the setting of the earlier figures)."""
+
+    def __enter__(self) -> "InProcessClients":
+        return self
+
+    @staticmethod
+    def run(url: str, clients: int, per_client: int, tokens: int) -> dict:
+        return run_clients_sync(url, clients, per_client, tokens)
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def hf_generate_batch(loaded, n: int, tokens: int) -> dict:
@@ -172,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf", action="store_true", help="add transformers' generate_batch")
     ap.add_argument("--llama-server", default=None, metavar="BIN", help="add llama.cpp's server (path to llama-server)")
     ap.add_argument("--llama-type", default="F32", help="llama.cpp weight type for --llama-server (default F32)")
+    ap.add_argument("--in-process-clients", action="store_true",
+                    help="run the clients in the servers' process (default: a separate process, as real clients are)")
     args = ap.parse_args(argv)
     try:
         counts = [int(c) for c in args.clients.split(",")]
@@ -193,19 +237,23 @@ def main(argv: list[str] | None = None) -> int:
     batched_app = create_app(lm_for(), Settings(max_batch_size=args.max_batch_size, max_tokens=4096, max_queue=256))
     serial_app = create_app(lm_for(), Settings(max_batch_size=1, max_tokens=4096, max_queue=256))
     rows = []
-    with BackgroundServer(batched_app) as batched, BackgroundServer(serial_app) as serial:
-        asyncio.run(run_clients(batched.url, 2, 1, 4))  # warm-up both
-        asyncio.run(run_clients(serial.url, 1, 1, 4))
+    client_side = InProcessClients() if args.in_process_clients else ClientProcess()
+    with BackgroundServer(batched_app) as batched, BackgroundServer(serial_app) as serial, client_side as clients:
+        clients.run(batched.url, 2, 1, 4)  # warm-up both (and the client process)
+        clients.run(serial.url, 1, 1, 4)
         for n in counts:
             for r in range(args.rounds):
                 order = [("batched", batched), ("serial", serial)]
                 if r % 2:
                     order.reverse()
-                got = {name: asyncio.run(run_clients(srv.url, n, args.requests, args.tokens)) for name, srv in order}
+                got = {name: clients.run(srv.url, n, args.requests, args.tokens) for name, srv in order}
                 same = got["batched"]["texts"] == got["serial"]["texts"]
                 differing = sum(a != b for a, b in zip(got["batched"]["texts"], got["serial"]["texts"]))
+                server_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the servers' process
                 for name in ("batched", "serial"):
                     res = {k: v for k, v in got[name].items() if k != "texts"}
+                    res["peak_rss_mb"] = server_rss
+                    res["clients_in_process"] = bool(args.in_process_clients)
                     res.update(server=name, round=r, same_as_alone=same, differing=differing)
                     rows.append(res)
                     print(f"{name:8s} clients={n:3d} {res['tokens_per_s']:7.1f} tok/s  ttft p50 "
