@@ -5,8 +5,8 @@ families people run locally (GPT-2 and its descendants, Llama-likes, Gemma 1-3 w
 experts, state-space models Mamba / Mamba2 / FalconMamba, and LFM2's convolution-attention hybrid). For each:
 greedy, beam search with a repetition penalty (3 beams, 2 returned) and seeded sampling must give the ids of
 ``model.generate`` with the same settings (sampling: ``torch.manual_seed(s)`` before ``generate``, decodelab's
-``seed=s``). Llama, Qwen2, Qwen3 and Phi-3 run on decodelab's fast path (Mistral too, but its window of 4 binds
-here); the others on the plain path, which feeds the model what its own ``prepare_inputs_for_generation`` prepares
+``seed=s``). Llama, Mistral (its window of 4 binding), Qwen2, Qwen3, Phi-3 and Gemma 3 run on decodelab's fast
+path; the others on the plain path, which feeds the model what its own ``prepare_inputs_for_generation`` prepares
 (e.g. no attention mask after the first step for Mamba).
 """
 
@@ -74,7 +74,8 @@ def hf_ids(model, seed: int | None = None, **kw) -> list[list[int]]:
 def test_architecture_decodes_like_generate(model_type, tokenizer):
     model = tiny_model(model_type)
     lm = decodelab.LM(model, tokenizer, model_type)
-    assert (lm.engine.fast is not None) == (model_type in ("llama", "qwen2", "qwen3", "phi3"))
+    assert (lm.engine.fast is not None) == (model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3",
+                                                            "gemma3_text"))
     cases = [
         (dict(max_new_tokens=8, do_sample=False), None),
         (dict(max_new_tokens=6, do_sample=False, num_beams=3, num_return_sequences=2, repetition_penalty=2.0),

@@ -13,7 +13,7 @@ Batches are left-padded: row ``b``'s first ``pad_lengths[b]`` positions are padd
 
 Two paths compute the same numbers:
 
-- the **fast path** (default for Llama / Qwen2 / Qwen3 models with SDPA attention, see
+- the **fast path** (default for Llama / Mistral / Phi-3 / Qwen2 / Qwen3 / Gemma 3 text models with SDPA attention, see
   :func:`decodelab.fastpath.unsupported_reason`): :class:`decodelab.fastpath.FastDecoder` over a preallocated
   :class:`decodelab.fastpath.StaticKVCache` sized to the request. In float32 its logits are bit-for-bit those of
   the model (same operations, same shapes), so parity with ``model.generate`` is unchanged; optional weight-only

@@ -81,7 +81,8 @@ def weight_bytes(decoder: FastDecoder) -> int:
         return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
     for layer in decoder.layers:
-        total += size(layer.ln1) + size(layer.ln2) + sum(size(p) for p in layer.projections().values())
+        total += (size(layer.ln1) + size(layer.ln2) + size(layer.post_attn) + size(layer.post_ff)
+                  + sum(size(p) for p in layer.projections().values()))
     return total + size(decoder.norm) + size(decoder.lm_head)
 
 

@@ -1,8 +1,9 @@
-"""The fast path's one decoder: a Llama / Qwen2 / Qwen3 / Mistral / Phi-3 decoder run straight from the weight
-tensors over a :class:`StaticKVCache`, with no transformers module calls, no cache objects and no mask building per
-step. The same forward (:meth:`FastDecoder.run`) is what the eager engine runs and what ``compile=True`` exports
-(:mod:`decodelab.fastpath.static` only supplies the fixed-shape cache access); the projection modules are swapped
-per kernel mode (:mod:`decodelab.fastpath.projections`), as in gpt-fast's ``model.py``.
+"""The fast path's one decoder: a Llama / Qwen2 / Qwen3 / Mistral / Phi-3 / Gemma 3 text decoder run straight from
+the weight tensors over a :class:`StaticKVCache`, with no transformers module calls, no cache objects and no mask
+building per step (except the sliding layers' small window mask). The same forward (:meth:`FastDecoder.run`) is
+what the eager engine runs and what ``compile=True`` exports (:mod:`decodelab.fastpath.static` only supplies the
+fixed-shape cache access); the projection modules are swapped per kernel mode
+(:mod:`decodelab.fastpath.projections`), as in gpt-fast's ``model.py``.
 
 Every operation is the one transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` run (``modeling_llama.py``:
 ``LlamaRMSNorm``, ``apply_rotary_pos_emb``, ``LlamaMLP``; ``integrations/sdpa_attention.py``:
@@ -11,6 +12,14 @@ in the same order, so in float32 on CPU the logits are bit-for-bit those of the 
 decodelab's search returns exactly ``model.generate``'s ids. What is saved is Python: module ``__call__``\\ s,
 decorators, ``DynamicCache`` concatenation (the keys/values are written into a preallocated buffer) and the 4D mask
 built per step (it is a view of the cache's preallocated 2D mask).
+
+Gemma 3 (``modeling_gemma3.py``: ``Gemma3TextScaledWordEmbedding``, ``Gemma3RMSNorm``, ``Gemma3Attention``,
+``Gemma3DecoderLayer``, ``Gemma3ForCausalLM``) is the same forward with data on :class:`Layer` / :class:`FastDecoder`:
+the scaled embedding, its norm function, two more norms per layer (``post_attn``, ``post_ff``), the
+``gelu_pytorch_tanh`` activation, a rotary table per layer type and the final logit soft-capping. Sliding-window
+layers (Gemma 3's ``sliding_attention``, Mistral / Phi-3 with ``sliding_window``) attend over exactly the keys
+transformers' ``DynamicSlidingWindowLayer`` returns, the last W positions, under the mask
+``create_sliding_window_causal_mask`` builds (:func:`decodelab.fastpath.rows.sliding_window_mask`).
 
 Two kernel-level changes keep the numbers and save time: a batch-1 float32 step may run each projection as one
 ``bmm`` over the two halves of its weight (:func:`~decodelab.fastpath.projections.half_linear`, chosen by
@@ -33,12 +42,12 @@ from torch import nn
 from . import kernel_choice
 from .cache import StaticKVCache
 from .projections import Dense, MeasuredDense, PackedDense, _buffer
-from .rows import RowPlan, Segment, attention_mask
+from .rows import RowPlan, Segment, attention_mask, sliding_window_mask
 from .support import SUPPORTED_TYPES, unsupported_reason
 from .weights import stack_weights
 
-__all__ = ["FastDecoder", "Layer", "KERNELS", "SUPPORTED_TYPES", "can_pack", "drain", "fast_rms_norm", "rms_norm",
-           "repeat_kv", "rope", "unsupported_reason"]
+__all__ = ["FastDecoder", "Layer", "KERNELS", "SUPPORTED_TYPES", "can_pack", "drain", "fast_rms_norm",
+           "gemma_rms_norm", "gelu_tanh", "rms_norm", "repeat_kv", "rope", "unsupported_reason"]
 
 KERNELS = ("exact", "fast")
 
@@ -60,21 +69,38 @@ class Layer(nn.Module):
     ``o`` and ``down`` as they are; the unfused names are then ``None``. Fusing stacks the weights into new tensors
     and rebinds the model's own q/k/v/gate/up parameters to views of them (same values, no second copy; a second
     fused engine on the same model finds them stacked and shares the tensors). Phi-3 comes stacked already.
-    Qwen3: ``q_norm`` / ``k_norm`` (D,) per-head RMSNorm weights, and ``qk_norm`` both stacked per head
+    Qwen3 / Gemma 3: ``q_norm`` / ``k_norm`` (D,) per-head RMSNorm weights, and ``qk_norm`` both stacked per head
     (H + H_kv, 1, D) for the fused layout, where q and k heads are normalised in one call.
+
+    ``ln1`` is the norm before attention (``input_layernorm``), ``ln2`` the one before the MLP (Llama's
+    ``post_attention_layernorm``, Gemma 3's ``pre_feedforward_layernorm``). Gemma 3 (``Gemma3DecoderLayer``) also
+    normalises each branch's output before it is added to the residual stream: ``post_attn`` (its
+    ``post_attention_layernorm``) and ``post_ff`` (``post_feedforward_layernorm``), ``None`` elsewhere.
+
+    Attention geometry per layer: ``window`` is the sliding window W (keys within the last W positions, as
+    transformers' ``DynamicSlidingWindowLayer`` keeps them) or ``None`` (full attention); ``rope_key`` names the
+    rotary table the layer uses (Gemma 3's ``layer_types[i]``, ``None`` for the model's one table).
     """
 
-    def __init__(self, block, dense: type[Dense] = Dense, fuse: bool = False) -> None:
+    def __init__(self, block, dense: type[Dense] = Dense, fuse: bool = False, window: int | None = None,
+                 rope_key: str | None = None) -> None:
         super().__init__()
         attn, mlp = block.self_attn, block.mlp
+        self.window, self.rope_key = window, rope_key
+        gemma = hasattr(block, "pre_feedforward_layernorm")
+        pre_mlp = block.pre_feedforward_layernorm if gemma else block.post_attention_layernorm
         _buffer(self, "ln1", block.input_layernorm.weight)
-        _buffer(self, "ln2", block.post_attention_layernorm.weight)
-        self.eps1 = block.input_layernorm.variance_epsilon
-        self.eps2 = block.post_attention_layernorm.variance_epsilon
+        _buffer(self, "ln2", pre_mlp.weight)
+        self.eps1 = _eps(block.input_layernorm)
+        self.eps2 = _eps(pre_mlp)
+        _buffer(self, "post_attn", block.post_attention_layernorm.weight if gemma else None)
+        _buffer(self, "post_ff", block.post_feedforward_layernorm.weight if gemma else None)
+        self.eps_post_attn = _eps(block.post_attention_layernorm) if gemma else None
+        self.eps_post_ff = _eps(block.post_feedforward_layernorm) if gemma else None
         q_norm = k_norm = qk_norm = None
         self.qk_eps = None
         if getattr(attn, "q_norm", None) is not None:
-            q_norm, k_norm, self.qk_eps = attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon
+            q_norm, k_norm, self.qk_eps = attn.q_norm.weight, attn.k_norm.weight, _eps(attn.q_norm)
             n_q, n_kv = attn.config.num_attention_heads, attn.config.num_key_value_heads
             qk_norm = torch.cat([q_norm.detach().expand(n_q, -1), k_norm.detach().expand(n_kv, -1)])[:, None, :]
         _buffer(self, "q_norm", q_norm)
@@ -105,6 +131,11 @@ class Layer(nn.Module):
         return {name: getattr(self, name) for name in names}
 
 
+def _eps(norm: nn.Module) -> float:
+    """An RMSNorm module's epsilon (``LlamaRMSNorm.variance_epsilon``, ``Gemma3RMSNorm.eps``)."""
+    return norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+
+
 def drain(slices):
     """Run a generator of :meth:`FastDecoder.forward_slices` to its end and return its return value."""
     while True:
@@ -122,6 +153,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     var = x.pow(2).mean(-1, keepdim=True)
     x = x * torch.rsqrt(var + eps)
     return weight * (x if dtype == torch.float32 else x.to(dtype))
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``Gemma3RMSNorm`` (transformers' ``modeling_gemma3.py``): ``(x / sqrt(mean(x**2) + eps)) * (1 + weight)``,
+    all in float32, then cast to ``x``'s dtype (the weight is applied before the cast, unlike Llama's; its stored
+    value is the offset from 1). (..., H) -> (..., H)."""
+    out = x.float()
+    out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + eps)
+    out = out * (1.0 + weight.float())
+    return out.type_as(x)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """``gelu_pytorch_tanh`` (transformers' ``ACT2FN``): ``F.gelu(x, approximate="tanh")``, Gemma 3's MLP activation."""
+    return F.gelu(x, approximate="tanh")
 
 
 def fast_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -142,6 +188,22 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, H_kv, L, D) -> (B, H_kv * n_rep, L, D), each key/value head repeated for its query heads."""
     b, h, length, d = x.shape
     return x[:, :, None].expand(b, h, n_rep, length, d).reshape(b, h * n_rep, length, d)
+
+
+def _attention_layout(cfg, n_layers: int) -> tuple[list[int | None], list[str | None]]:
+    """Per layer: the sliding window (``None`` for full attention) and the rotary table key, as transformers'
+    ``DynamicCache(config=...)`` (``cache_utils.get_layer_types_and_kwargs``) and the model lay them out.
+
+    Gemma 3: ``config.layer_types`` (``"sliding_attention"`` layers get ``sliding_window``; each layer type has its
+    own rotary table, ``Gemma3RotaryEmbedding.forward(x, position_ids, layer_type)``). Mistral / Phi-3 (no
+    ``layer_types``): a ``sliding_window`` that is set makes every layer a sliding one (while the sequence is
+    shorter than the window this is full attention, same operations). Others: full attention, one table.
+    """
+    if cfg.model_type == "gemma3_text":
+        types = list(cfg.layer_types)[:n_layers]
+        return [cfg.sliding_window if t == "sliding_attention" else None for t in types], types
+    window = getattr(cfg, "sliding_window", None) if cfg.model_type in ("mistral", "phi3") else None
+    return [window] * n_layers, [None] * n_layers
 
 
 class FastDecoder(nn.Module):
@@ -198,11 +260,26 @@ class FastDecoder(nn.Module):
         dense = PackedDense if self.packed else Dense
         self.rotary = inner.rotary_emb
         self.fused = bool(fuse)
-        self.rms_norm = fast_rms_norm if self.fused else rms_norm  # exact layers: LlamaRMSNorm's own operations
-        self.layers = nn.ModuleList(Layer(block, dense, fuse=self.fused)
-                                    for block in inner.layers[: cfg.num_hidden_layers])
+        self.gemma = cfg.model_type == "gemma3_text"
+        # Gemma 3 (modeling_gemma3.py): Gemma3RMSNorm everywhere (also fused: no one-call form of (1 + w) in float32),
+        # gelu_pytorch_tanh MLP, embeddings scaled by Gemma3TextScaledWordEmbedding's 0-dim ``embed_scale`` buffer
+        # (cast to the weight dtype, as the module multiplies), final logits soft-capped.
+        if self.gemma:
+            self.rms_norm = self.head_norm = gemma_rms_norm
+        else:
+            self.rms_norm = fast_rms_norm if self.fused else rms_norm  # exact layers: LlamaRMSNorm's own operations
+            self.head_norm = rms_norm  # Qwen3's q_norm / k_norm
+        self.act = gelu_tanh if self.gemma else F.silu
+        _buffer(self, "embed_scale", inner.embed_tokens.embed_scale.to(self.dtype) if self.gemma else None)
+        self.softcap = getattr(cfg, "final_logit_softcapping", None) if self.gemma else None
+        windows, rope_keys = _attention_layout(cfg, self.n_layers)
+        self.window = next((w for w in windows if w is not None), None)  # the model's one window size, if any
+        self.rope_keys = tuple(dict.fromkeys(rope_keys))
+        self.layers = nn.ModuleList(Layer(block, dense, fuse=self.fused, window=w, rope_key=key)
+                                    for block, w, key in zip(inner.layers[: cfg.num_hidden_layers], windows,
+                                                             rope_keys))
         _buffer(self, "norm", inner.norm.weight)
-        self.norm_eps = inner.norm.variance_epsilon
+        self.norm_eps = _eps(inner.norm)
         self.lm_head = dense(model.lm_head.weight, model.lm_head.bias)
         # transformers multiplies the (B, 1, hidden) slice h[:, -1:] by the output layer's *parameter*: PyTorch's
         # matmul copies a non-contiguous 3-D input into one 2-D product when the weight requires grad (else it
@@ -217,6 +294,8 @@ class FastDecoder(nn.Module):
         if self.act32:  # float32 copies of the (small) norm weights
             for layer in self.layers:
                 layer.ln1, layer.ln2 = layer.ln1.float(), layer.ln2.float()
+                if layer.post_attn is not None:
+                    layer.post_attn, layer.post_ff = layer.post_attn.float(), layer.post_ff.float()
                 if layer.qk_norm is not None:
                     layer.qk_norm = layer.qk_norm.float()
             self.norm = self.norm.float()
@@ -348,7 +427,9 @@ class FastDecoder(nn.Module):
                 raise ValueError("fast path: multi-token input on a non-empty cache")
             cache.reserve(past + t)
             segments.append(Segment(cache, lo, lo + b, past, past + t,
-                                    attention_mask(cache, t, past + t, ids.device)))
+                                    attention_mask(cache, t, past + t, ids.device),
+                                    None if self.window is None
+                                    else sliding_window_mask(cache, t, past + t, self.window, ids.device)))
             lo += b
         ids = items[order[0]][0] if len(items) == 1 else torch.cat([items[i][0] for i in order])
         positions = items[order[0]][1] if len(items) == 1 else torch.cat([items[i][1] for i in order])
@@ -381,22 +462,37 @@ class FastDecoder(nn.Module):
         """
         b, t = ids.shape
         h = F.embedding(ids, self.embed)
+        if self.embed_scale is not None:  # Gemma3TextScaledWordEmbedding
+            h = h * self.embed_scale
         if self.act32:
             h = h.float()
-        cos, sin = self.rotary(h, positions)
         half = self.head_dim // 2
-        cos, sin = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
+        tables = {}
+        for key in self.rope_keys:  # one (cos, signed sin) pair per rotary table, (R, 1, T, D) each
+            cos, sin = self.rotary(h, positions) if key is None else self.rotary(h, positions, key)
+            tables[key] = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
         for i, layer in enumerate(self.layers):
+            cos, sin = tables[layer.rope_key]
             h = self._layer(i, layer, h, cos, sin, plan)
             yield i
         h = self._mm(self.rms_norm(h, self.norm, self.norm_eps))
         if keep_all:
-            return self.lm_head(h)
+            return self._softcap(self.lm_head(h))
         last = h[:, -1:, :]
-        return plan.linear(self.lm_head, last.contiguous() if self.head_folds else last)[:, -1]
+        return self._softcap(plan.linear(self.lm_head, last.contiguous() if self.head_folds else last)[:, -1])
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gemma 3's final logit soft-capping (``Gemma3ForCausalLM.forward``): ``tanh(logits / c) * c`` as its three
+        operations; the identity elsewhere."""
+        if self.softcap is None:
+            return logits
+        logits = logits / self.softcap
+        logits = torch.tanh(logits)
+        return logits * self.softcap
 
     def _layer(self, i: int, layer: Layer, h: torch.Tensor, cos, sin, plan) -> torch.Tensor:
-        """One decoder layer (``LlamaDecoderLayer``): h (R, T, hidden) -> (R, T, hidden)."""
+        """One decoder layer (``LlamaDecoderLayer``; ``Gemma3DecoderLayer`` where ``layer.post_attn`` is set: each
+        branch's output normalised before the residual add): h (R, T, hidden) -> (R, T, hidden)."""
         b, t = h.shape[0], h.shape[1]
         shape = (b, t, -1, self.head_dim)
         n_qk = self.n_heads + self.n_kv
@@ -404,22 +500,31 @@ class FastDecoder(nn.Module):
         if layer.qkv is not None:  # one product for q, k, v; one rotary call for q and k together
             heads = self._f32(plan.linear(layer.qkv, self._mm(x))).view(shape).transpose(1, 2)
             qk = heads[:, :n_qk]
-            if layer.qk_norm is not None:  # Qwen3: every q and k head normalised in one call
-                qk = rms_norm(qk, layer.qk_norm, layer.qk_eps)
+            if layer.qk_norm is not None:  # Qwen3 / Gemma 3: every q and k head normalised in one call
+                qk = self.head_norm(qk, layer.qk_norm, layer.qk_eps)
             qk = rope(qk, cos, sin)
             q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], heads[:, n_qk:]
         else:
             q, k, v = (plan.linear(layer.q, x).view(shape), plan.linear(layer.k, x).view(shape),
                        plan.linear(layer.v, x).view(shape))
-            if layer.q_norm is not None:  # Qwen3Attention: q_norm / k_norm on (B, T, H, D), then transpose
-                q, k = rms_norm(q, layer.q_norm, layer.qk_eps), rms_norm(k, layer.k_norm, layer.qk_eps)
+            # Qwen3Attention / Gemma3Attention: q_norm / k_norm per head, over D (Gemma normalises after the
+            # transpose below: the same rows, the same values)
+            if layer.q_norm is not None:
+                q, k = self.head_norm(q, layer.q_norm, layer.qk_eps), self.head_norm(k, layer.k_norm, layer.qk_eps)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             q, k = rope(q, cos, sin), rope(k, cos, sin)
-        att = plan.attend(i, q, k, v)
-        h = h + plan.linear(layer.o, self._mm(att))
+        att = plan.attend(i, q, k, v, layer.window)
+        if layer.post_attn is None:
+            h = h + plan.linear(layer.o, self._mm(att))
+        else:
+            h = h + self.rms_norm(self._f32(plan.linear(layer.o, self._mm(att))), layer.post_attn,
+                                  layer.eps_post_attn)
         x = self.rms_norm(h, layer.ln2, layer.eps2)
         if layer.gate_up is not None:
             gate, up = plan.linear(layer.gate_up, self._mm(x)).chunk(2, -1)
         else:
             gate, up = plan.linear(layer.gate, x), plan.linear(layer.up, x)
-        return h + plan.linear(layer.down, F.silu(gate) * up)
+        if layer.post_ff is None:
+            return h + plan.linear(layer.down, self.act(gate) * up)
+        return h + self.rms_norm(self._f32(plan.linear(layer.down, self.act(gate) * up)), layer.post_ff,
+                                 layer.eps_post_ff)

@@ -77,6 +77,7 @@ class Segment:
         lo, hi: its rows in the concatenated batch.
         past: positions filled before this pass; total: after it.
         mask: the (B_s, 1, T, total) boolean attention mask, or ``None`` (no padding: SDPA without a mask).
+        window_mask: the sliding layers' mask (:func:`sliding_window_mask`), when the model has a window.
     """
 
     cache: StaticKVCache
@@ -85,6 +86,7 @@ class Segment:
     past: int
     total: int
     mask: torch.Tensor | None
+    window_mask: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -101,6 +103,32 @@ def attention_mask(cache: StaticKVCache, t: int, total: int, device) -> torch.Te
         causal = torch.ones((t, t), dtype=torch.bool, device=device).tril()
         return causal[None, None] & pad[:, None, None, :]
     return pad[:, None, None, :]
+
+
+def window_start(total: int, t: int, window: int) -> int:
+    """The first cache position a sliding layer's keys start at: 0 for a prefill (all its T keys, as
+    ``DynamicSlidingWindowLayer.update`` returns them), ``max(total - window, 0)`` for a decode step (the W - 1 kept
+    positions and the new one)."""
+    return 0 if t > 1 else max(total - window, 0)
+
+
+def sliding_window_mask(cache: StaticKVCache, t: int, total: int, window: int, device) -> torch.Tensor | None:
+    """The mask transformers builds for a sliding layer of ``window`` positions over the keys from
+    :func:`window_start` to ``total`` (``masking_utils.create_sliding_window_causal_mask``: key ``kv`` visible to
+    query ``q`` iff ``q - window < kv <= q``, and not padding).
+
+    ``None`` only while the keys are fewer than the window and no row is padded (``_ignore_causal_mask_sdpa``); from
+    ``window`` keys on, the mask is built even when it is all True (SDPA then runs another kernel, and transformers'
+    numbers are those of that kernel). Prefill: (B, 1, T, T); decode step: (B, 1, 1, total - start).
+    """
+    if total < window and not cache.padded:
+        return None
+    if t > 1:
+        q = torch.arange(t, device=device)[:, None]
+        kv = torch.arange(total, device=device)[None, :]
+        visible = (kv <= q) & (kv > q - window)
+        return visible[None, None] & cache.pad[:, None, None, :total]
+    return cache.pad[:, None, None, window_start(total, t, window) : total]
 
 
 class RowPlan:
@@ -155,9 +183,14 @@ class RowPlan:
             parts.append(proj(x[seg.lo : seg.hi]))
         return torch.cat(parts)
 
-    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None = None) -> torch.Tensor:
         """Write layer ``i``'s new keys/values into each segment's cache and attend per segment, with the
-        segment's own cache length and mask (as alone). q (R, H, T, D), k/v (R, H_kv, T, D) -> (R, T, H * D)."""
+        segment's own cache length and mask (as alone). q (R, H, T, D), k/v (R, H_kv, T, D) -> (R, T, H * D).
+
+        A sliding layer (``window`` W) attends over exactly the keys transformers' ``DynamicSlidingWindowLayer``
+        returns, a view of the cache from :func:`window_start` (the last min(total, W) positions on a decode step),
+        under the segment's ``window_mask``: masking older keys out of a longer range would change SDPA's sums."""
         t = q.shape[2]
         outs = []
         single = len(self.segments) == 1
@@ -166,10 +199,14 @@ class RowPlan:
             sk, sv = (k, v) if single else (k[seg.lo : seg.hi], v[seg.lo : seg.hi])
             keys[:, :, seg.past : seg.total] = sk
             values[:, :, seg.past : seg.total] = sv
+            mask = seg.mask
             if seg.past:
-                sk, sv = keys[:, :, : seg.total], values[:, :, : seg.total]
+                start = 0 if window is None else window_start(seg.total, t, window)
+                sk, sv = keys[:, :, start : seg.total], values[:, :, start : seg.total]
+            if window is not None:
+                mask = seg.window_mask
             sq = q if single else q[seg.lo : seg.hi]
-            outs.append(self.attention(sq, sk, sv, seg.mask, t))
+            outs.append(self.attention(sq, sk, sv, mask, t))
         return outs[0] if single else torch.cat(outs)
 
     def finish(self) -> None:

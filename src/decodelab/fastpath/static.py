@@ -37,19 +37,29 @@ class StaticRows:
                                                                decoder.scaling)
         self.index, self.keys, self.values = index, keys, values
         self.mask = pad[:, None, None, :]
+        self.window_mask = None
+        if decoder.window is not None:  # sliding layers: also hide the positions at or before index - W
+            recent = torch.arange(pad.shape[1], device=pad.device) > self.index - decoder.window
+            self.window_mask = self.mask & recent[None, None, None, :]
 
     @staticmethod
     def linear(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``proj(x)``: (B, 1, in) -> (B, 1, out)."""
         return proj(x)
 
-    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (B, H, 1, D), k / v (B, H_kv, 1, D) -> (B, 1, H * D), writing k / v into layer ``i``'s buffers."""
+    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None = None) -> torch.Tensor:
+        """q (B, H, 1, D), k / v (B, H_kv, 1, D) -> (B, 1, H * D), writing k / v into layer ``i``'s buffers.
+
+        A sliding layer (``window`` set) attends over the same whole-capacity buffers with the positions older than
+        the window masked out (fixed shapes; the eager path slices the keys instead, so the sums are ordered
+        differently: close, not bit for bit)."""
         b = q.shape[0]
         self.keys[i].index_copy_(2, self.index, k)
         self.values[i].index_copy_(2, self.index, v)
+        mask = self.mask if window is None else self.window_mask
         att = F.scaled_dot_product_attention(q.reshape(b, self.n_kv, self.groups, self.head_dim), self.keys[i],
-                                             self.values[i], attn_mask=self.mask, scale=self.scaling)
+                                             self.values[i], attn_mask=mask, scale=self.scaling)
         return att.reshape(b, -1, 1, self.head_dim).transpose(1, 2).reshape(b, 1, -1)
 
 
