@@ -1,15 +1,14 @@
 """``make bench-load``: the server under concurrent clients, continuous batching against one request at a time.
 
-Two servers run in this process on loopback over the same model weights (the embedded SmolLM2-135M-Instruct unless
-``--model``): one with continuous batching (``--max-batch-size``, default 32) and one with ``max_batch_size=1``
-(today's serial behaviour). For each client count (default 1, 4, 16, 32) both servers get the same workload, in
+Two servers run as ``decodelab serve`` processes on loopback (as a class would run it; ``--in-process``: both in this
+process through ``create_app`` and a background uvicorn thread, the setting of figures before 2026-12-02 noon), over
+the same model weights (the embedded SmolLM2-135M-Instruct unless ``--model``): one with continuous batching
+(``--max-batch-size``, default 32) and one with ``--max-batch-size 1`` (one request at a time). The clients run in
+this process. For each client count (default 1, 4, 16, 32) both servers get the same workload, in
 alternating order per round: every client streams ``--requests`` greedy completions of ``--tokens`` new tokens
 (``ignore_eos``, so every answer has exactly that length), prompts of mixed lengths (5 to ~120 tokens). Recorded per
 case: aggregate tokens/s, time to first token and inter-token latency (p50 / p95, from the SSE chunk arrival times),
-peak RSS of the servers' process, and whether every answer equals the same request made alone (the serial server's
-answer). The clients run in a separate process (``spawn``), as a class's browsers would: in the servers' process
-(``--in-process-clients``, the setting of figures before 2026-12-02 noon) their SSE parsing competes with the servers
-for the interpreter lock.
+peak RSS of the server, and whether every answer equals the same request made alone (the serial server's answer).
 
 ``--hf`` adds transformers' own continuous batching (``model.generate_batch``) on the same prompts and lengths, in
 the same process (aggregate tokens/s only: it has no streaming clients).
@@ -36,6 +35,7 @@ import os
 import pathlib
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -102,7 +102,6 @@ async def run_clients(url: str, clients: int, per_client: int, tokens: int) -> d
         "tokens_per_s": len(results) * tokens / wall,
         "ttft_ms_p50": statistics.median(ttft) * 1000, "ttft_ms_p95": pct(ttft, 0.95),
         "itl_ms_p50": statistics.median(itl) * 1000 if itl else float("nan"), "itl_ms_p95": pct(itl, 0.95),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # replaced by the server's
         "texts": [results[i]["text"] for i in range(len(results))],
     }
 
@@ -112,38 +111,71 @@ def run_clients_sync(url: str, clients: int, per_client: int, tokens: int) -> di
     return asyncio.run(run_clients(url, clients, per_client, tokens))
 
 
-class ClientProcess:
-    """The streaming clients in a process of their own (``spawn``), as a class's browsers or a notebook would be:
-    their HTTP and SSE parsing then does not share the servers' interpreter lock. Used as a context manager;
-    :meth:`run` has :func:`run_clients`' signature and result."""
+class ServeProcess:
+    """``decodelab serve`` in a process of its own on a free loopback port, as a class would run it (its model in the
+    main thread: :mod:`decodelab.threads`). Context manager; ``url`` and ``peak_rss_mb`` (VmHWM) while it runs."""
 
-    def __enter__(self) -> "ClientProcess":
-        import concurrent.futures
-        import multiprocessing
+    def __init__(self, model: str | None, kernels: str, max_batch_size: int) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "decodelab", "serve", "--port", str(self.port), "--kernels", kernels,
+                    "--max-batch-size", str(max_batch_size), "--max-tokens", "4096", "--max-queue", "256"]
+        if model:
+            self.cmd += ["--model", model]
 
-        self.pool = concurrent.futures.ProcessPoolExecutor(max_workers=1,
-                                                           mp_context=multiprocessing.get_context("spawn"))
-        return self
+    def __enter__(self) -> "ServeProcess":
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(1200):
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"decodelab serve exited with {self.proc.returncode}: {self.proc.stderr.read()}")
+            time.sleep(0.1)
+        raise RuntimeError("decodelab serve did not answer /health within 120 s")
 
-    def run(self, url: str, clients: int, per_client: int, tokens: int) -> dict:
-        return self.pool.submit(run_clients_sync, url, clients, per_client, tokens).result()
+    @property
+    def peak_rss_mb(self) -> float:
+        for line in pathlib.Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health").json()
 
     def __exit__(self, *exc) -> None:
-        self.pool.shutdown(wait=True)
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
-class InProcessClients:
-    """The clients in the servers' own process (``--in-process-clients``: the setting of the earlier figures)."""
+class InProcessServer:
+    """``--in-process``: the server (``create_app`` + :class:`BackgroundServer`) in this process, its model driven
+    from the scheduler's or a worker's thread: the setting of the figures before 2026-12-02 (noon)."""
 
-    def __enter__(self) -> "InProcessClients":
+    def __init__(self, lm, max_batch_size: int) -> None:
+        self.bg = BackgroundServer(create_app(lm, Settings(max_batch_size=max_batch_size, max_tokens=4096,
+                                                           max_queue=256)))
+
+    def __enter__(self) -> "InProcessServer":
+        self.bg.__enter__()
+        self.url = self.bg.url
         return self
 
-    @staticmethod
-    def run(url: str, clients: int, per_client: int, tokens: int) -> dict:
-        return run_clients_sync(url, clients, per_client, tokens)
+    @property
+    def peak_rss_mb(self) -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health").json()
 
     def __exit__(self, *exc) -> None:
-        pass
+        self.bg.__exit__(*exc)
 
 
 def hf_generate_batch(loaded, n: int, tokens: int) -> dict:
@@ -214,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf", action="store_true", help="add transformers' generate_batch")
     ap.add_argument("--llama-server", default=None, metavar="BIN", help="add llama.cpp's server (path to llama-server)")
     ap.add_argument("--llama-type", default="F32", help="llama.cpp weight type for --llama-server (default F32)")
-    ap.add_argument("--in-process-clients", action="store_true",
-                    help="run the clients in the servers' process (default: a separate process, as real clients are)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="servers in this process (create_app + BackgroundServer) instead of `decodelab serve` processes")
     args = ap.parse_args(argv)
     try:
         counts = [int(c) for c in args.clients.split(",")]
@@ -234,27 +266,27 @@ def main(argv: list[str] | None = None) -> int:
         lm.engine = Engine(loaded.model, kernels=args.kernels)
         return lm
 
-    batched_app = create_app(lm_for(), Settings(max_batch_size=args.max_batch_size, max_tokens=4096, max_queue=256))
-    serial_app = create_app(lm_for(), Settings(max_batch_size=1, max_tokens=4096, max_queue=256))
+    if args.in_process:
+        batched_srv, serial_srv = InProcessServer(lm_for(), args.max_batch_size), InProcessServer(lm_for(), 1)
+    else:
+        batched_srv = ServeProcess(args.model, args.kernels, args.max_batch_size)
+        serial_srv = ServeProcess(args.model, args.kernels, 1)
     rows = []
-    client_side = InProcessClients() if args.in_process_clients else ClientProcess()
-    with BackgroundServer(batched_app) as batched, BackgroundServer(serial_app) as serial, client_side as clients:
-        clients.run(batched.url, 2, 1, 4)  # warm-up both (and the client process)
-        clients.run(serial.url, 1, 1, 4)
+    with batched_srv as batched, serial_srv as serial:
+        run_clients_sync(batched.url, 2, 1, 4)  # warm-up both
+        run_clients_sync(serial.url, 1, 1, 4)
         for n in counts:
             for r in range(args.rounds):
                 order = [("batched", batched), ("serial", serial)]
                 if r % 2:
                     order.reverse()
-                got = {name: clients.run(srv.url, n, args.requests, args.tokens) for name, srv in order}
+                got = {name: run_clients_sync(srv.url, n, args.requests, args.tokens) for name, srv in order}
                 same = got["batched"]["texts"] == got["serial"]["texts"]
                 differing = sum(a != b for a, b in zip(got["batched"]["texts"], got["serial"]["texts"]))
-                server_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the servers' process
-                for name in ("batched", "serial"):
+                for name, srv in (("batched", batched), ("serial", serial)):
                     res = {k: v for k, v in got[name].items() if k != "texts"}
-                    res["peak_rss_mb"] = server_rss
-                    res["clients_in_process"] = bool(args.in_process_clients)
-                    res.update(server=name, round=r, same_as_alone=same, differing=differing)
+                    res.update(server=name, round=r, same_as_alone=same, differing=differing,
+                               peak_rss_mb=srv.peak_rss_mb, in_process=bool(args.in_process))
                     rows.append(res)
                     print(f"{name:8s} clients={n:3d} {res['tokens_per_s']:7.1f} tok/s  ttft p50 "
                           f"{res['ttft_ms_p50']:7.0f} p95 {res['ttft_ms_p95']:7.0f} ms  itl p50 "
@@ -262,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"  same_as_alone={same} differing={differing}/{len(got[name]['texts'])}")
                 ratio = got["batched"]["tokens_per_s"] / got["serial"]["tokens_per_s"]
                 print(f"         clients={n:3d} batched / serial: {ratio:.2f}x")
-        health = httpx.get(batched.url + "/health").json()
-        print(f"batching counters: {health['batching']}")
+        print(f"batching counters: {batched.health()['batching']}")
     if args.hf:
         for n in counts:
             try:

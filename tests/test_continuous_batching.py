@@ -153,6 +153,15 @@ def test_the_model_is_only_called_from_the_scheduler_thread(tiny_qwen2):
         lm.generate_many(["It was", "The capital", "Once upon"], max_new_tokens=4)
     finally:
         del fast.forward_many
+    assert threads == {threading.current_thread().name}  # generate_many runs the scheduler's loop in this thread
+    # with batching already on, the scheduler's own thread does
+    threads.clear()
+    fast.forward_many = spy
+    try:
+        with lm.batching(4):
+            lm.generate_many(["It was", "The capital", "Once upon"], max_new_tokens=4)
+    finally:
+        del fast.forward_many
     assert threads == {"decodelab-scheduler"}
 
 

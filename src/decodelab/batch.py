@@ -1,7 +1,9 @@
 """Many generations at once through continuous batching, from Python (``LM.generate_many`` / ``LM.generate_iter``).
 
 Each request is validated first (all of them, before any runs), then runs its own search loop in a worker thread;
-the engine's :class:`~decodelab.scheduler.Scheduler` runs their decode steps together. Every request keeps its own
+the engine's :class:`~decodelab.scheduler.Scheduler` runs their decode steps together, its loop in the calling
+thread (the thread that loaded the model, which keeps PyTorch at its speed: :mod:`decodelab.threads`) unless batching
+was already on. Every request keeps its own
 settings, seed, stop rules and trace, and its result equals ``lm.generate(prompt, **its_settings)`` run alone (see
 :mod:`decodelab.scheduler` for the kernels where that holds bit for bit).
 """
@@ -23,13 +25,14 @@ DEFAULT_MAX_BATCH_SIZE = 16
 
 
 @contextlib.contextmanager
-def batching(lm: "LM", max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> Iterator[Any]:
+def batching(lm: "LM", max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, *, thread: bool = True) -> Iterator[Any]:
     """Continuous batching on ``lm``'s engine for the ``with`` block (see :meth:`Engine.start_batching`): calls
     from several threads (``lm.generate``, ``lm.stream``, ...) share decode steps. Already on: left as it is.
-    Yields the :class:`~decodelab.scheduler.Scheduler`."""
+    ``thread=False``: the caller runs the scheduler's loop itself (:meth:`Scheduler.run`). Yields the
+    :class:`~decodelab.scheduler.Scheduler`."""
     engine = lm.engine
     started = engine.scheduler is None
-    scheduler = engine.start_batching(max_batch_size)
+    scheduler = engine.start_batching(max_batch_size, thread=thread)
     try:
         yield scheduler
     finally:
@@ -81,18 +84,26 @@ def generate_iter(lm: "LM", requests, *, max_batch_size: int = DEFAULT_MAX_BATCH
         ``requests[i]``). An error inside a generation is raised when its result is reached.
     """
     runs = _prepare(lm, requests, common)
-    with batching(lm, max_batch_size), ThreadPoolExecutor(max_workers=max_batch_size,
-                                                          thread_name_prefix="decodelab-request") as pool:
+    own = lm.engine.scheduler is None  # this call starts batching: the calling thread runs the scheduler's loop
+    with batching(lm, max_batch_size, thread=not own) as scheduler, ThreadPoolExecutor(
+            max_workers=max_batch_size, thread_name_prefix="decodelab-request") as pool:
         futures = {pool.submit(drain, run): i for i, run in enumerate(runs)}
+        for fut in futures:
+            fut.add_done_callback(lambda _: scheduler.wake())
         try:
             pending = set(futures)
             while pending:
+                if own:  # the model runs here until some request has finished
+                    scheduler.run(until=lambda: any(f.done() for f in pending))
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in sorted(done, key=futures.get):
                     yield futures[fut], fut.result()
         finally:
             for fut in futures:
                 fut.cancel()
+            if own:  # requests still running (the consumer stopped early) end their current step, then stop
+                scheduler.close()
+                scheduler.run()
 
 
 def generate_many(lm: "LM", requests, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,

@@ -33,6 +33,7 @@ import torch
 from .engine_config import DTYPES, EngineConfig
 from .fastpath import FastDecoder, StaticKVCache, unsupported_reason
 from .fastpath.decoder import drain
+from .threads import model_threads
 
 DEFAULT_HEADROOM = 64  # cache positions allocated beyond the prompt when the caller gives no max_new_tokens
 
@@ -156,11 +157,13 @@ class Engine:
         return self.model(**inputs, return_dict=True)
 
     # --- continuous batching -----------------------------------------------------------------------------------
-    def start_batching(self, max_batch_size: int = 16, gather_s: float | None = None):
-        """Hand the model to a :class:`~decodelab.scheduler.Scheduler` thread: from now on ``prefill``, ``step``
-        and ``full_logits`` called from any thread run there, and concurrent requests' decode steps run together
-        (at most ``max_batch_size`` rows per step). Returns the scheduler; a running one is replaced only after
-        :meth:`stop_batching`.
+    def start_batching(self, max_batch_size: int = 16, gather_s: float | None = None, *, thread: bool = True):
+        """Hand the model to a :class:`~decodelab.scheduler.Scheduler`: from now on ``prefill``, ``step``
+        and ``full_logits`` called from any other thread run in the scheduler's loop, and concurrent requests' decode
+        steps run together (at most ``max_batch_size`` rows per step). ``thread``: the scheduler runs its own thread
+        (default); ``False``: the caller runs the loop (:meth:`Scheduler.run <decodelab.scheduler.Scheduler.run>`),
+        in the thread that loaded the model (faster: :mod:`decodelab.threads`). Returns the scheduler; a running
+        one is replaced only after :meth:`stop_batching`.
 
         Raises:
             ConfigError: ``max_batch_size`` < 1 or a negative ``gather_s``.
@@ -168,7 +171,8 @@ class Engine:
         from .scheduler import DEFAULT_GATHER_S, Scheduler
 
         if self.scheduler is None:
-            self.scheduler = Scheduler(self, max_batch_size, DEFAULT_GATHER_S if gather_s is None else gather_s)
+            self.scheduler = Scheduler(self, max_batch_size, DEFAULT_GATHER_S if gather_s is None else gather_s,
+                                       thread=thread)
         return self.scheduler
 
     def stop_batching(self) -> None:
@@ -194,7 +198,8 @@ class Engine:
         scheduler = self._routed()
         if scheduler is not None:
             return scheduler.run_pass(lambda: self._full_logits(input_ids))
-        return self._full_logits(input_ids)
+        with model_threads():
+            return self._full_logits(input_ids)
 
     @torch.inference_mode()
     def _full_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -221,7 +226,8 @@ class Engine:
         if scheduler is not None:
             return scheduler.run_pass(lambda: self._prefill_slices(input_ids, attention_mask, max_new_tokens),
                                       sliced=True)
-        return drain(self._prefill_slices(input_ids, attention_mask, max_new_tokens))
+        with model_threads():
+            return drain(self._prefill_slices(input_ids, attention_mask, max_new_tokens))
 
     def _prefill_slices(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int | None):
         """:meth:`prefill` as a generator that yields after each decoder layer on the fast path
@@ -260,7 +266,8 @@ class Engine:
         scheduler = self._routed()
         if scheduler is not None:
             return scheduler.step(state, tokens)
-        return self._step(state, tokens)
+        with model_threads():
+            return self._step(state, tokens)
 
     @torch.inference_mode()
     def step_many(self, states: list[DecodeState], tokens: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -25,6 +25,7 @@ import torch
 
 from .distribution import log_probs, rank_of, top_candidates
 from .errors import ConfigError
+from .threads import model_threads
 from .trace import LensLayer, LensStep
 
 
@@ -77,7 +78,10 @@ def layer_logits(model, ids: list[int], positions: range) -> torch.Tensor:
 def _lens_passes(engine, fn):
     """Run ``fn()`` where the model may be called: in the batching scheduler's thread when batching is on."""
     scheduler = engine._routed()
-    return scheduler.run_pass(fn) if scheduler is not None else fn()
+    if scheduler is not None:
+        return scheduler.run_pass(fn)
+    with model_threads():
+        return fn()
 
 
 def sequence_lens(engine, tokenizer, ids: list[int], prompt_len: int, top_k: int, sequence: int = 0) -> list[LensStep]:

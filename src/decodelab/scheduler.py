@@ -79,6 +79,9 @@ class Scheduler:
         max_batch_size: most rows (beam search: ``num_beams`` per request; ``n`` samples: ``n``) in one decode
             step; >= 1. A single request with more rows still runs, alone.
         gather_s: seconds to wait, after the first request of a step asked, for the other active requests.
+        thread: start the scheduler's own thread (default). ``False``: the owner runs the loop in a thread of its own
+            choosing with :meth:`run` (the thread where the model was loaded: see :mod:`decodelab.threads` for why
+            that is faster); until then, work waits in the queue.
 
     Counters (read-only): ``steps`` (decode steps run), ``rows_stepped`` (rows fed in them; ``rows_stepped / steps`` is
     the mean batch), ``max_rows`` (largest step), ``passes`` (prefills and other whole passes finished;
@@ -89,7 +92,8 @@ class Scheduler:
         ConfigError: ``max_batch_size`` < 1 or ``gather_s`` < 0.
     """
 
-    def __init__(self, engine, max_batch_size: int = 16, gather_s: float = DEFAULT_GATHER_S) -> None:
+    def __init__(self, engine, max_batch_size: int = 16, gather_s: float = DEFAULT_GATHER_S, *,
+                 thread: bool = True) -> None:
         from .errors import ConfigError
 
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -110,8 +114,11 @@ class Scheduler:
         self._closed = False
         self.steps = self.rows_stepped = self.max_rows = self.passes = self.slices = self.steps_within_passes = 0
         self.passes_started = 0
-        self._thread = threading.Thread(target=self._loop, name="decodelab-scheduler", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # the thread running the loop
+        self._own_thread: threading.Thread | None = None
+        if thread:
+            self._own_thread = threading.Thread(target=self.run, name="decodelab-scheduler", daemon=True)
+            self._own_thread.start()
 
     # --- called from request threads ---------------------------------------------------------------------------
     def owns_current_thread(self) -> bool:
@@ -148,13 +155,38 @@ class Scheduler:
             self._active.discard(id(state))
             self._cond.notify_all()
 
+    def wake(self) -> None:
+        """Wake the loop so that :meth:`run`'s ``until`` is checked again (call it when that condition may have
+        changed, e.g. from a future's done-callback)."""
+        with self._cond:
+            self._cond.notify_all()
+
     def close(self) -> None:
-        """Stop the thread after the work already queued; later calls raise ``RuntimeError``."""
+        """Stop the loop after the work already queued (its own thread is joined); later calls raise
+        ``RuntimeError``."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if not self.owns_current_thread():
-            self._thread.join(timeout=30)
+        if self._own_thread is not None and not self.owns_current_thread():
+            self._own_thread.join(timeout=30)
+
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Run the scheduler loop in the calling thread until :meth:`close` (and the queued work is done), or until
+        ``until()`` is true (checked whenever the loop is woken: new work, a finished request, :meth:`wake`). Model
+        calls from other threads wait in the queue while no thread runs the loop; run it again to go on.
+
+        Raises:
+            RuntimeError: another thread is running the loop.
+        """
+        with self._cond:
+            if self._thread is not None and self._thread is not threading.current_thread():
+                raise RuntimeError("the batching scheduler's loop is already running in another thread")
+            self._thread = threading.current_thread()
+        try:
+            self._loop(until)
+        finally:
+            with self._cond:
+                self._thread = None
 
     def _check_open(self) -> None:
         if self._closed:
@@ -179,11 +211,15 @@ class Scheduler:
             self._first_step_at = time.monotonic() - self.gather_s  # the rest are due at once
         return taken
 
-    def _loop(self) -> None:
+    def _loop(self, until: Callable[[], bool] | None = None) -> None:
         with torch.inference_mode():
             while True:
+                if until is not None and until():
+                    return
                 with self._cond:
                     while not self._steps and not self._passes and self._current is None and not self._closed:
+                        if until is not None and until():
+                            return
                         self._cond.wait()
                     if self._closed and not self._steps and not self._passes and self._current is None:
                         return

@@ -201,7 +201,7 @@ class EventStream:
         step = 0
         while True:
             try:
-                event = next(run.events)
+                event = next(run)  # Run.__next__: the step single-threaded, as in generate
             except StopIteration as done:
                 self.generation = done.value
                 break

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, TypeVar
 
 import torch
 
+from ..threads import single_threaded
+
 if TYPE_CHECKING:
     from ..config import GenerationConfig
     from ..processors import Context, Processor
@@ -158,16 +160,20 @@ class Run:
         return self
 
     def __next__(self):
-        return next(self.events)
+        with single_threaded():  # the step's own tensor work; its model calls run with the model's threads
+            return next(self.events)
 
     def send(self, value):
-        return self.events.send(value)
+        with single_threaded():
+            return self.events.send(value)
 
     def throw(self, *args):
-        return self.events.throw(*args)
+        with single_threaded():
+            return self.events.throw(*args)
 
     def close(self) -> None:
-        self.events.close()
+        with single_threaded():
+            self.events.close()
 
 
 def drain(gen: Generator[object, None, T]) -> T:

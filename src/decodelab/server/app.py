@@ -20,6 +20,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from .. import __version__
+from ..threads import limit_current_thread
 from .access import Access, AccessMiddleware, document_security
 from .errors import BodyLimitMiddleware, install_error_handlers
 from .files import PackageFiles
@@ -58,7 +59,11 @@ def create_app(lm, settings: Settings | None = None) -> FastAPI:
         The FastAPI app; ``app.state`` holds ``lm``, ``settings``, ``runner``, ``access``.
     """
     settings = settings or Settings()
-    runner = Runner(settings.concurrency, settings.max_queue, settings.request_timeout_s)
+    def worker_setup() -> None:  # a worker that hands the model's work to the scheduler: no intra-op threads of its own
+        if lm.engine.scheduler is not None:
+            limit_current_thread()
+
+    runner = Runner(settings.concurrency, settings.max_queue, settings.request_timeout_s, thread_setup=worker_setup)
 
     def start_batching() -> None:
         if settings.max_batch_size > 1:

@@ -49,13 +49,17 @@ class Runner:
         max_concurrent: model calls at once (worker threads); >= 1.
         max_queue: requests allowed to wait for a slot beyond the running ones; >= 0.
         timeout_s: seconds per request, waiting included.
+        thread_setup: called once in each worker thread when it starts (the app limits the threads' own tensor work
+            to one core while the batching scheduler runs the model elsewhere: :mod:`decodelab.threads`).
 
     Counters (read-only, for health checks and tests): ``running`` (slots taken), ``admitted`` (running + waiting),
     ``completed``, ``rejected`` (queue full), ``timed_out``, ``cancelled``.
     """
 
-    def __init__(self, max_concurrent: int = 1, max_queue: int = 64, timeout_s: float = 300.0) -> None:
+    def __init__(self, max_concurrent: int = 1, max_queue: int = 64, timeout_s: float = 300.0,
+                 thread_setup: Callable[[], None] | None = None) -> None:
         self.max_concurrent = max_concurrent
+        self.thread_setup = thread_setup
         self.max_queue = max_queue
         self.timeout_s = timeout_s
         self._pool: ThreadPoolExecutor | None = None
@@ -242,7 +246,8 @@ class Runner:
     def _executor(self) -> ThreadPoolExecutor:
         """The worker threads (created on first use, and again after :meth:`shutdown` if the app restarts)."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.max_concurrent, thread_name_prefix="decodelab-model")
+            self._pool = ThreadPoolExecutor(max_workers=self.max_concurrent, thread_name_prefix="decodelab-model",
+                                            initializer=self.thread_setup)
         return self._pool
 
     def shutdown(self) -> None:
