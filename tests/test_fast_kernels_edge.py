@@ -14,6 +14,7 @@ import decodelab
 from decodelab.engine import Engine
 from decodelab.engine_config import EngineConfig
 from decodelab.fastpath.projections import MeasuredDense
+from tiny_models import run_steps
 
 
 def build(arch: str = "llama", *, vocab: int = 1000, hidden: int = 64, heads: int = 4, kv: int = 2, inter: int = 64,
@@ -46,20 +47,6 @@ def left_padded(vocab: int, lengths: list[int], seed: int = 1):
         ids[row, width - n:] = torch.randint(1, vocab, (n,), generator=gen)
         mask[row, width - n:] = 1
     return ids, mask
-
-
-def run_steps(engine: Engine, ids, mask, steps: int, hint: int | None = None, reorder=None):
-    """Prefill then greedy-feed ``steps`` tokens (``reorder(step, batch)``: rows to select first). All logits."""
-    logits, state = engine.prefill(ids, mask, hint)
-    out = [logits]
-    for s in range(steps):
-        if reorder is not None:
-            rows = reorder(s, logits.shape[0])
-            Engine.select(state, rows)
-            logits = logits.index_select(0, rows)
-        logits = engine.step(state, logits.argmax(-1))
-        out.append(logits)
-    return out, state
 
 
 def max_diff(a, b) -> float:

@@ -14,6 +14,7 @@ import torch
 import decodelab
 from decodelab.engine import DecodeState, Engine
 from decodelab.fastpath import StaticKVCache, unsupported_reason
+from tiny_models import run_steps
 
 
 def lm_with(loaded, **engine_kw) -> decodelab.LM:
@@ -24,19 +25,6 @@ def lm_with(loaded, **engine_kw) -> decodelab.LM:
 
 def batch(loaded, texts):
     return loaded.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
-
-
-def run_steps(engine: Engine, ids, mask, steps: int, hint: int | None, reorder=None):
-    """Prefill then greedy-feed ``steps`` tokens; optionally reorder rows before each step. Returns all logits."""
-    logits, state = engine.prefill(ids, mask, hint)
-    out = [logits]
-    for s in range(steps):
-        if reorder is not None:
-            Engine.select(state, reorder(s, logits.shape[0]))
-            logits = logits.index_select(0, reorder(s, logits.shape[0]))
-        logits = engine.step(state, logits.argmax(-1))
-        out.append(logits)
-    return out, state
 
 
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2", "embedded"])

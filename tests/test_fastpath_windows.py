@@ -18,6 +18,7 @@ import decodelab
 from decodelab.engine import Engine
 from decodelab.fastpath import unsupported_reason
 from decodelab.fastpath.static import StaticStep
+from tiny_models import run_steps
 
 STEPS = 18
 PATTERN = ["sliding_attention", "sliding_attention", "full_attention"] * 2
@@ -87,20 +88,6 @@ def model(request):
     return MODELS[request.param]()
 
 
-def run_steps(engine: Engine, ids, mask, steps: int, reorder=None):
-    """Prefill then feed ``steps`` greedy tokens (optionally reordering rows first, as beam search does)."""
-    logits, state = engine.prefill(ids, mask, steps)
-    out = [logits]
-    for s in range(steps):
-        if reorder is not None:
-            rows = reorder(s, logits.shape[0])
-            Engine.select(state, rows)
-            logits = logits.index_select(0, rows)
-        logits = engine.step(state, logits.argmax(-1))
-        out.append(logits)
-    return out
-
-
 def prompts(lengths: list[int], seed: int = 0):
     """Left-padded (B, max(lengths)) ids (pad 0) and mask."""
     gen = torch.Generator().manual_seed(seed)
@@ -125,7 +112,7 @@ def test_windowed_models_take_the_fast_path_bit_exactly(model):
     assert any(layer.window is not None for layer in fast.fast.layers)
     for lengths in BATCHES:
         ids, mask = prompts(lengths, seed=len(lengths) * 10 + max(lengths))
-        a, b = run_steps(fast, ids, mask, STEPS), run_steps(plain, ids, mask, STEPS)
+        a, b = run_steps(fast, ids, mask, STEPS, STEPS)[0], run_steps(plain, ids, mask, STEPS, STEPS)[0]
         for step, (x, y) in enumerate(zip(a, b)):
             assert torch.equal(x, y), (lengths, step, float((x - y).abs().max()))
 
@@ -138,7 +125,9 @@ def test_windowed_beam_reorders_match_plain(model):
     def reorder(step, rows):
         return torch.tensor([1, 1] if step % 3 == 0 else [1, 0])
 
-    for x, y in zip(run_steps(fast, ids, mask, STEPS, reorder), run_steps(plain, ids, mask, STEPS, reorder)):
+    fast_steps, plain_steps = run_steps(fast, ids, mask, STEPS, STEPS, reorder)[0], run_steps(plain, ids, mask, STEPS,
+                                                                                             STEPS, reorder)[0]
+    for x, y in zip(fast_steps, plain_steps):
         assert torch.equal(x, y)
 
 
@@ -161,7 +150,7 @@ def test_windowed_fast_kernels_stay_within_rounding(model):
     fused, plain = Engine(model, kernels="fast"), Engine(model, fast=False)
     assert fused.fast is not None and fused.fast.fused
     ids, mask = prompts([12, 7, 3], seed=1)
-    for x, y in zip(run_steps(fused, ids, mask, STEPS), run_steps(plain, ids, mask, STEPS)):
+    for x, y in zip(run_steps(fused, ids, mask, STEPS, STEPS)[0], run_steps(plain, ids, mask, STEPS, STEPS)[0]):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
 
 

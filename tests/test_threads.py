@@ -55,7 +55,8 @@ def test_scheduler_loop_runs_in_the_callers_thread_until_its_condition(tiny_llam
     alone = lm.generate("It was a dark and stormy", max_new_tokens=6).sequences[0].new_ids
     scheduler = lm.engine.start_batching(4, thread=False)
     try:
-        assert isinstance(scheduler, Scheduler) and not scheduler.owns_current_thread()
+        # this thread drives the loop: its own calls run directly while the loop is paused
+        assert isinstance(scheduler, Scheduler) and scheduler.owns_current_thread()
         result = []
         worker = threading.Thread(target=lambda: result.append(
             lm.generate("It was a dark and stormy", max_new_tokens=6).sequences[0].new_ids))
@@ -73,7 +74,7 @@ def test_scheduler_loop_runs_in_the_callers_thread_until_its_condition(tiny_llam
         scheduler.run(until=done)
         finished.join()
         assert result == [alone] and scheduler.steps == len(alone) - 1 and all(seen)
-        assert not scheduler.owns_current_thread()  # the loop has returned
+        assert not in_thread(scheduler.owns_current_thread)  # another thread's calls are queued for the loop
     finally:
         lm.engine.stop_batching()
     assert lm.engine.scheduler is None
@@ -101,6 +102,30 @@ def test_generate_many_drives_the_scheduler_from_the_calling_thread(tiny_llama):
     first = next(it)
     it.close()
     assert first[1].sequences[0].new_ids == alone[first[0]] and lm.engine.scheduler is None
+
+
+def test_a_generate_iter_consumer_may_use_the_model_between_results(tiny_llama):
+    """The thread that drives the loop runs its own model calls directly while the loop waits for it (queueing them
+    would wait for the loop this thread runs): scoring or generating between two results neither hangs nor changes
+    a number."""
+    lm = decodelab.LM(tiny_llama.model, tiny_llama.tokenizer, "tiny-llama")
+    lm.engine = Engine(tiny_llama.model)
+    prompts = ["It was a dark and stormy", "Hello", "1, 2, 3,"]
+    alone = [lm.generate(p, max_new_tokens=4) for p in prompts]
+    checks = []
+
+    def consume():
+        for i, g in lm.generate_iter(prompts, max_new_tokens=4):
+            again = lm.generate(prompts[i], max_new_tokens=4)  # while the other requests wait
+            scored = lm.score_ids(alone[i].sequences[0].ids)
+            checks.append((g.sequences[0].new_ids == alone[i].sequences[0].new_ids == again.sequences[0].new_ids,
+                           scored is not None))
+
+    worker = threading.Thread(target=consume, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "generate_iter deadlocked"
+    assert checks == [(True, True)] * 3
 
 
 def _free_port() -> int:

@@ -66,3 +66,19 @@ def tiny_random_model(arch: str = "llama", *, vocab_size: int | None = None, see
     gen = model.generation_config
     gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = eos, tokenizer.pad_token_id, tokenizer.bos_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, name=f"tiny-random-{arch}", source="random")
+
+
+def run_steps(engine, ids, mask, steps: int, hint: int | None = None, reorder=None):
+    """Prefill (left-padded (B, T) ``ids`` / ``mask``; ``hint``: the engine's ``max_new_tokens`` cache hint) then
+    greedy-feed ``steps`` tokens; ``reorder(step, batch)`` gives the rows to select before a step, as beam search does.
+    Returns (every step's (B, V) float32 logits, the decode state)."""
+    logits, state = engine.prefill(ids, mask, hint)
+    out = [logits]
+    for s in range(steps):
+        if reorder is not None:
+            rows = reorder(s, logits.shape[0])
+            engine.select(state, rows)
+            logits = logits.index_select(0, rows)
+        logits = engine.step(state, logits.argmax(-1))
+        out.append(logits)
+    return out, state

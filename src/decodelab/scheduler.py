@@ -116,14 +116,19 @@ class Scheduler:
         self.passes_started = 0
         self._thread: threading.Thread | None = None  # the thread running the loop
         self._own_thread: threading.Thread | None = None
+        self._driver = None if thread else threading.current_thread()  # who runs the loop (thread=False)
         if thread:
             self._own_thread = threading.Thread(target=self.run, name="decodelab-scheduler", daemon=True)
             self._own_thread.start()
 
     # --- called from request threads ---------------------------------------------------------------------------
     def owns_current_thread(self) -> bool:
-        """Whether the caller is the scheduler thread (whose engine calls run directly)."""
-        return threading.current_thread() is self._thread
+        """Whether the caller's engine calls run directly: it is the thread running the loop, or, for a scheduler
+        without its own thread, the thread that drives it (its creator) while the loop is paused (a
+        ``generate_iter`` consumer scoring or generating between two results: queueing that call would wait for
+        the loop this very thread runs)."""
+        current = threading.current_thread()
+        return current is self._thread or (self._thread is None and current is self._driver)
 
     def run_pass(self, fn: Callable[[], Any], sliced: bool = False) -> Any:
         """Run ``fn()`` (a prefill or a full forward pass) in the scheduler thread between decode steps; block
