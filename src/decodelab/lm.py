@@ -307,7 +307,8 @@ class LM:
         ``requests``: prompts (str) and/or dicts ``{"prompt": ..., **settings}`` whose settings override
         ``kwargs`` (any :meth:`generate` keyword: each request keeps its own strategy, seed, stop strings, trace).
         At most ``max_batch_size`` rows share a decode step. Each result equals ``generate`` of that request alone
-        (bit for bit on the default exact float32 engine; see :mod:`decodelab.scheduler`).
+        (bit for bit on the default exact float32 engine; see :mod:`decodelab.scheduler`). The model runs in the
+        calling thread (the requests' search loops in worker threads), unless batching is already on.
 
         Raises:
             ConfigError, InputError: a bad request, before anything runs; the message starts with ``requests[i]``.

@@ -1,5 +1,10 @@
 """Continuous batching: one thread owns the model and runs one decode step for every active request together.
 
+That thread is the scheduler's own (``Scheduler(thread=True)``, what ``lm.batching()`` and an in-process server
+use) or one the owner chooses and hands to :meth:`Scheduler.run`: ``decodelab serve`` runs the loop in its main
+thread and ``generate_many`` in the calling thread, the thread that loaded the model, where PyTorch's OpenMP runs
+at full speed (:mod:`decodelab.threads`).
+
 What it does:
 
 1. Requests run their own search loops (processors, seeded generators, stop rules, tracer, stream) in their own
