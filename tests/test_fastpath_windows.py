@@ -51,36 +51,26 @@ def tiny_gemma3(window: int = 4, n_kv: int = 2, softcap: float | None = 30.0):
     return model
 
 
-def tiny_mistral(window: int = 4):
-    from transformers import MistralConfig, MistralForCausalLM
+def tiny_windowed(arch: str, window: int = 4):
+    """A seeded tiny random Mistral or Phi-3 (Llama's layer; Phi-3 with stacked q/k/v and gate/up) whose sliding window
+    of ``window`` positions binds: 2 layers, GQA 4/2, randomised norm weights."""
+    import transformers
 
-    cfg = MistralConfig(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        sliding_window=window, initializer_range=0.1, pad_token_id=0, bos_token_id=1,
-                        eos_token_id=2, attn_implementation="sdpa")
+    config_cls, model_cls, seed = {"mistral": ("MistralConfig", "MistralForCausalLM", 4),
+                                   "phi3": ("Phi3Config", "Phi3ForCausalLM", 5)}[arch]
+    cfg = getattr(transformers, config_cls)(
+        vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=window, initializer_range=0.1,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(4)
-        model = MistralForCausalLM(cfg).eval()
-        _randomize_norms(model, 8, 1.0)
-    return model
-
-
-def tiny_phi3(window: int = 4):
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    cfg = Phi3Config(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                     sliding_window=window, initializer_range=0.1, pad_token_id=0, bos_token_id=1,
-                     eos_token_id=2, attn_implementation="sdpa")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        model = Phi3ForCausalLM(cfg).eval()
-        _randomize_norms(model, 9, 1.0)
+        torch.manual_seed(seed)
+        model = getattr(transformers, model_cls)(cfg).eval()
+        _randomize_norms(model, seed + 4, 1.0)
     return model
 
 
 MODELS = {"gemma3": tiny_gemma3, "gemma3_w8_mha": lambda: tiny_gemma3(window=8, n_kv=4, softcap=None),
-          "mistral": tiny_mistral, "phi3": tiny_phi3}
+          "mistral": lambda: tiny_windowed("mistral"), "phi3": lambda: tiny_windowed("phi3")}
 
 
 @pytest.fixture(scope="module", params=list(MODELS))

@@ -51,18 +51,26 @@ def _openmp():
     return None
 
 
+_local = threading.local()  # per thread: initialised (bool); stack: the thread counts single_threaded() replaced
+
+
+def _runtime():
+    """:func:`_openmp`, once PyTorch has set this thread's OpenMP thread count (it does on the thread's first
+    parallel operator, which would undo an earlier override)."""
+    if not getattr(_local, "initialised", False):
+        import torch
+
+        torch.get_num_threads()
+        _local.initialised = True
+    return _openmp()
+
+
 def limit_current_thread() -> None:
     """:func:`single_threaded` for the rest of the calling thread's life (a pool thread that never runs the model,
     e.g. a server worker while the batching scheduler runs it). Raises nothing."""
-    import torch
-
-    torch.get_num_threads()
-    lib = _openmp()
+    lib = _runtime()
     if lib is not None:
         lib.omp_set_num_threads(1)
-
-
-_local = threading.local()  # per thread: the OpenMP thread counts that single_threaded() replaced (a stack)
 
 
 @contextlib.contextmanager
@@ -74,10 +82,7 @@ def single_threaded() -> Iterator[None]:
     Every search loop step runs in it (:class:`decodelab.search.common.Run`), alone or batched, so a request's own
     tensor work (processors, softmax, log-sum-exp over the vocabulary) gives the same numbers in every thread: a
     reduction split over 2 threads can round differently from 1."""
-    import torch
-
-    torch.get_num_threads()  # PyTorch sets a thread's OpenMP threads on its first use: do it before overriding
-    lib = _openmp()
+    lib = _runtime()
     if lib is None:
         yield
         return
