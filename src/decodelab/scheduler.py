@@ -91,7 +91,8 @@ class Scheduler:
     Counters (read-only): ``steps`` (decode steps run), ``rows_stepped`` (rows fed in them; ``rows_stepped / steps`` is
     the mean batch), ``max_rows`` (largest step), ``passes`` (prefills and other whole passes finished;
     ``passes_started``: begun), ``slices`` (pieces of cut passes run), ``steps_within_passes`` (decode steps run while a
-    cut pass was under way: the streams it did not hold up).
+    cut pass was under way: the streams it did not hold up), ``step_s`` and ``pass_s`` (seconds spent in decode steps
+    and in passes: ``step_s / steps`` is the mean step time).
 
     Raises:
         ConfigError: ``max_batch_size`` < 1 or ``gather_s`` < 0.
@@ -119,6 +120,7 @@ class Scheduler:
         self._closed = False
         self.steps = self.rows_stepped = self.max_rows = self.passes = self.slices = self.steps_within_passes = 0
         self.passes_started = 0
+        self.step_s = self.pass_s = 0.0
         self._thread: threading.Thread | None = None  # the thread running the loop
         self._own_thread: threading.Thread | None = None
         self._driver = None if thread else threading.current_thread()  # who runs the loop (thread=False)
@@ -246,8 +248,11 @@ class Scheduler:
                     if self._current is not None:
                         self.steps_within_passes += 1
                     now = time.monotonic()
+                    self.step_s += now - started
                     deadline = now + max(PASS_SHARE * (now - started), MIN_PASS_S)
+                started = time.monotonic()
                 self._run_passes(deadline)
+                self.pass_s += time.monotonic() - started
 
     def _run_passes(self, deadline: float | None) -> None:
         """Advance the passes (the one under way, then queued ones) until ``deadline`` (monotonic seconds), or,
