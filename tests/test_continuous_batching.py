@@ -76,6 +76,22 @@ def test_grouped_gemv_is_exact_here_for_the_embedded_shapes(embedded):
         assert rows.grouped_gemv_is_exact(proj.weight, torch.ones(proj.weight.shape[0]))
 
 
+def test_grouped_gemv_cuts_a_large_weight_into_chunks_without_changing_a_result(monkeypatch):
+    """A weight over ``GEMV_CHUNK_BYTES`` runs as several ``bmm`` calls of ``gemv_chunk_rows`` rows (the output
+    layer of a real vocabulary): the same numbers as one call over the whole weight."""
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(1000, 64, generator=gen), torch.randn(1000, generator=gen)
+    x = torch.randn(5, 1, 64, generator=gen)
+    whole = rows.grouped_gemv(x, weight, bias)
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(b.shape[-1]) or bmm(a, b))
+    monkeypatch.setattr(rows, "GEMV_CHUNK_BYTES", 300 * 64 * 4)
+    assert rows.gemv_chunk_rows(weight) == 300
+    assert torch.equal(rows.grouped_gemv(x, weight, bias), whole)
+    assert calls == [300, 300, 300, 100]
+
+
 REQUESTS = [
     {"prompt": "It was a dark and stormy", "max_new_tokens": 12},
     {"prompt": "The capital of France is", "max_new_tokens": 9, "repetition_penalty": 1.5},
