@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install dev bench bench-load bench-sweep bench-peers bench-grammar serve clean browser
+.PHONY: demo test install dev bench bench-load bench-step bench-sweep bench-peers bench-grammar serve clean browser
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ bench: $(STAMP)
 # and transformers' generate_batch on the same prompts.
 bench-load: $(STAMP)
 	$(PY) bench/load.py --hf
+
+bench-step: $(STAMP)
+	$(PY) bench/batch_step.py
 
 # A sweep (degeneration grid, 64 tokens) locally and on a local Ray cluster with 1 and 2 actors.
 bench-sweep: $(STAMP)

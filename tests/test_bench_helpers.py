@@ -49,3 +49,13 @@ def test_gemv_probe_reports_a_plausible_bandwidth():
     assert probe.weight.numel() * 4 <= 8 * 2**20
     gbs = probe()
     assert 0.1 < gbs < 10_000  # GB/s: a real number, not a unit slip of 1e3 either way
+
+
+def test_batch_step_bench_rejects_bad_arguments_with_exit_2(capsys):
+    import batch_step
+
+    assert batch_step.parse_rows("1,4,16") == [1, 4, 16]
+    assert batch_step.main(["--rows", "1,x"]) == 2
+    assert batch_step.main(["--rows", "0"]) == 2
+    assert batch_step.main(["--kernels", "exact,turbo"]) == 2
+    assert "error: invalid --rows='1,x'" in capsys.readouterr().err
