@@ -22,7 +22,7 @@ Products (:data:`PRODUCTS`; ``x`` has M rows of K, the weight is (N, K)):
   OpenMP thread (:func:`decodelab.fastpath.projections.half_linear`): the same dot products by the same kernel, bit for
   bit ``F.linear`` (checked again at measurement; a machine where it differs never gets it in exact mode).
 * ``weight_halves``: one row only; ``bmm(weight halves (2, N/2, K), x.T)``: weight-first, rounding may differ.
-* ``weight_first``: ``mm(weight, x.T).T``: rounding may differ.
+* ``weight_first``: ``mm(weight, x.T).T``, copied back to row-major: rounding may differ.
 * ``onednn``: oneDNN's GEMM on a copy of the weight prepacked once (``torch.ops.mkldnn._reorder_linear_weight`` /
   ``_linear_pointwise``, as Inductor's freezing pass uses); doubles the weight memory where chosen; rounding may
   differ.
@@ -135,7 +135,9 @@ def _weight_halves(x, weight, bias, packed):
 
 
 def _weight_first(x, weight, bias, packed):
-    y = torch.mm(weight, x.t()).t()
+    # the (N, M) product transposed back to row-major (M, N): a copy of M x N values, counted in its measured time,
+    # so that the operations after it (attention, SiLU * up, residual adds) read rows, not strided columns
+    y = torch.mm(weight, x.t()).t().contiguous()
     return y if bias is None else y + bias
 
 
@@ -167,10 +169,16 @@ def choice_path(dtype: torch.dtype, mode: str) -> pathlib.Path:
     return cache_dir() / "kernels" / f"{digest}.json"
 
 
+PRODUCTS_VERSION = 2
+"""Bumped when a product's code changes what it costs (2: ``weight_first`` returns row-major results), so that
+choices measured with the earlier code are measured again."""
+
+
 def machine_key(dtype: torch.dtype) -> dict:
-    """What a measured choice is valid for: CPU model, torch version, ATen's CPU capability, dtype, threads."""
+    """What a measured choice is valid for: CPU model, torch version, ATen's CPU capability, dtype, threads, and
+    :data:`PRODUCTS_VERSION`."""
     return {"cpu": cpu_model(), "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(),
-            "dtype": str(dtype), "threads": torch.get_num_threads()}
+            "dtype": str(dtype), "threads": torch.get_num_threads(), "products": PRODUCTS_VERSION}
 
 
 def shape_key(weight: torch.Tensor, has_bias: bool) -> str:
