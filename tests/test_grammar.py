@@ -209,7 +209,8 @@ def test_trace_records_allowed_count_forbidden_tokens_and_mass_removed(lm):
     allowed[lm.tokenizer.eos_token_id] = False  # nothing generated yet: not complete
     c0 = steps[0].constraint
     assert c0.allowed == int(allowed.sum())
-    assert c0.mass_removed == pytest.approx(float(probs[~allowed].sum()), abs=1e-5)
+    # a float32 sum over ~49k probabilities, clamped to [0, 1] by the tracer: its rounding reaches ~2e-5 (AVX2)
+    assert c0.mass_removed == pytest.approx(min(1.0, float(probs.double()[~allowed].sum())), abs=1e-4)
     forbidden_ref = torch.topk(probs.masked_fill(allowed, -1.0), 5)
     assert [c.id for c in c0.forbidden] == forbidden_ref.indices.tolist()
     assert [c.prob for c in c0.forbidden] == pytest.approx(forbidden_ref.values.tolist(), abs=1e-6)
