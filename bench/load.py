@@ -106,6 +106,17 @@ async def run_clients(url: str, clients: int, per_client: int, tokens: int) -> d
     }
 
 
+def scheduler_delta(before: dict | None, after: dict | None) -> dict:
+    """What the batching scheduler did between two ``/health`` readings (``{}`` without batching): decode
+    ``steps``, ``mean_rows`` per step, ``ms_per_step``, seconds in steps (``step_s``) and in prefills (``pass_s``)."""
+    if not before or not after:
+        return {}
+    steps = after["steps"] - before["steps"]
+    step_s = after["step_s"] - before["step_s"]
+    return {"steps": steps, "mean_rows": (after["rows_stepped"] - before["rows_stepped"]) / max(steps, 1),
+            "ms_per_step": 1000 * step_s / max(steps, 1), "step_s": step_s, "pass_s": after["pass_s"] - before["pass_s"]}
+
+
 def run_clients_sync(url: str, clients: int, per_client: int, tokens: int) -> dict:
     """:func:`run_clients` to completion (the entry point of the client process)."""
     return asyncio.run(run_clients(url, clients, per_client, tokens))
@@ -280,13 +291,17 @@ def main(argv: list[str] | None = None) -> int:
                 order = [("batched", batched), ("serial", serial)]
                 if r % 2:
                     order.reverse()
-                got = {name: run_clients_sync(srv.url, n, args.requests, args.tokens) for name, srv in order}
+                got, counters = {}, {}
+                for name, srv in order:
+                    before = srv.health()["batching"]
+                    got[name] = run_clients_sync(srv.url, n, args.requests, args.tokens)
+                    counters[name] = scheduler_delta(before, srv.health()["batching"])
                 same = got["batched"]["texts"] == got["serial"]["texts"]
                 differing = sum(a != b for a, b in zip(got["batched"]["texts"], got["serial"]["texts"]))
                 for name, srv in (("batched", batched), ("serial", serial)):
                     res = {k: v for k, v in got[name].items() if k != "texts"}
                     res.update(server=name, round=r, same_as_alone=same, differing=differing,
-                               peak_rss_mb=srv.peak_rss_mb, in_process=bool(args.in_process))
+                               peak_rss_mb=srv.peak_rss_mb, in_process=bool(args.in_process), **counters[name])
                     rows.append(res)
                     print(f"{name:8s} clients={n:3d} {res['tokens_per_s']:7.1f} tok/s  ttft p50 "
                           f"{res['ttft_ms_p50']:7.0f} p95 {res['ttft_ms_p95']:7.0f} ms  itl p50 "
@@ -294,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
                           f"  same_as_alone={same} differing={differing}/{len(got[name]['texts'])}")
                 ratio = got["batched"]["tokens_per_s"] / got["serial"]["tokens_per_s"]
                 print(f"         clients={n:3d} batched / serial: {ratio:.2f}x")
+                c = counters["batched"]
+                if c:
+                    print(f"         batched scheduler: {c['steps']} steps, {c['mean_rows']:.1f} rows each, "
+                          f"{c['ms_per_step']:.1f} ms per step, {c['step_s']:.1f} s in steps, {c['pass_s']:.1f} s in "
+                          f"prefills")
         print(f"batching counters: {batched.health()['batching']}")
     if args.hf:
         for n in counts:

@@ -205,6 +205,40 @@ def test_a_stream_closed_early_frees_its_rows(tiny_llama):
     assert out.sequences[0].ids == lm.generate("Hello", max_new_tokens=5).sequences[0].ids
 
 
+def test_a_stream_that_asks_during_a_step_joins_the_next_one_instead_of_alternating():
+    """Stream B asks for its first step while stream A's step runs (a step longer than ``gather_s``). B must wait
+    for A to ask again, not run alone as soon as A's step ends: counting its wait from its own request, B ran alone,
+    then A alone while B computed, and the two took turns one row per step to the end (measured with two clients:
+    14 steps of 1 row for 14 tokens)."""
+    import time
+
+    from decodelab.scheduler import Scheduler
+
+    class SlowEngine:
+        def step_many(self, states, tokens):
+            time.sleep(0.12)
+            return [torch.zeros((t.shape[0], 4)) for t in tokens]
+
+    scheduler = Scheduler(SlowEngine(), max_batch_size=4, gather_s=0.05)
+    a, b = object(), object()
+
+    def stream(state, delay: float) -> None:
+        time.sleep(delay)
+        for _ in range(6):
+            scheduler.step(state, torch.tensor([1]))
+            time.sleep(0.002)  # the request's own search step
+        scheduler.release(state)
+
+    threads = [threading.Thread(target=stream, args=(a, 0.0)), threading.Thread(target=stream, args=(b, 0.04))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    scheduler.close()
+    assert scheduler.max_rows == 2
+    assert scheduler.steps <= 7  # A's first step alone, then together (12 alternating)
+
+
 def test_scheduler_settings_are_validated(tiny_llama):
     engine = Engine(tiny_llama.model)
     with pytest.raises(ConfigError, match="max_batch_size"):
