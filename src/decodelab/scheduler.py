@@ -84,7 +84,8 @@ class Scheduler:
         engine: the :class:`~decodelab.engine.Engine` whose model this thread owns.
         max_batch_size: most rows (beam search: ``num_beams`` per request; ``n`` samples: ``n``) in one decode
             step; >= 1. A single request with more rows still runs, alone.
-        gather_s: seconds to wait, after the first request of a step asked, for the other active requests.
+        gather_s: seconds to wait, after the first request of a step asked (counted from the end of the previous
+            step at the earliest), for the other active requests.
         thread: start the scheduler's own thread (default). ``False``: the owner runs the loop in a thread of its own
             choosing with :meth:`run` (the thread where the model was loaded: see :mod:`decodelab.threads` for why
             that is faster); until then, work waits in the queue.
