@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = cpu_model()
     print(f"CPU: {cpu}; torch threads {torch.get_num_threads()}; kernels {modes}; rows {counts}")
     lms = {mode: decodelab.load(args.model, kernels=mode) for mode in modes}
-    room = (args.steps + 1) * args.rounds + 1
+    room = (args.steps + 1) * len(counts) + 1  # states are prefilled each round; the first is stepped for every count
     texts = prompts(max(counts))
     ms: dict[str, dict[int, list[float]]] = {mode: {n: [] for n in counts} for mode in modes}
     with torch.inference_mode():

@@ -114,7 +114,8 @@ def scheduler_delta(before: dict | None, after: dict | None) -> dict:
     steps = after["steps"] - before["steps"]
     step_s = after["step_s"] - before["step_s"]
     return {"steps": steps, "mean_rows": (after["rows_stepped"] - before["rows_stepped"]) / max(steps, 1),
-            "ms_per_step": 1000 * step_s / max(steps, 1), "step_s": step_s, "pass_s": after["pass_s"] - before["pass_s"]}
+            "ms_per_step": 1000 * step_s / max(steps, 1), "step_s": step_s,
+            "pass_s": after["pass_s"] - before["pass_s"]}
 
 
 def run_clients_sync(url: str, clients: int, per_client: int, tokens: int) -> dict:

@@ -142,10 +142,10 @@ def test_bucket_maps_row_counts():
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_attention_inputs_are_row_major_after_weight_first_products(own_cache, monkeypatch, fused):
-    """A weight-first product (``mm(W, x.T).T``, the AMD choice for 2-3 rows and for batched decode steps) returns
-    its rows transposed in memory; fed to SDPA as q/k/v views, that made PyTorch skip its flash kernel for the
-    math fallback (5x slower per call: a 16-request decode step on an AMD EPYC went 113 -> 167 ms). Every q, k, v
-    SDPA sees, prefill and decode step of 3 rows, has a unit last-dimension stride."""
+    """A weight-first product (``mm(W, x.T).T``, the AMD choice for 2-3 rows and for batched decode steps) returned its
+    rows transposed in memory (it now copies them back); fed to SDPA as q/k/v views, that made PyTorch skip its
+    flash kernel for the math fallback (5x slower per call: a 16-request decode step on an AMD EPYC went 113 ->
+    167 ms). Every q, k, v SDPA sees, prefill and decode step of 3 rows, has a unit last-dimension stride."""
     model = build("qwen2")
     dec = FastDecoder(model, kernels="fast", fuse=fused,
                       kernel_table=table_for(model, {**AMD_LIKE, "4": "weight_first"}, fused=fused))

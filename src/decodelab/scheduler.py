@@ -14,11 +14,12 @@ What it does:
 2. Decode steps are gathered: the scheduler runs one step when every active request has asked for its next step,
    when ``max_batch_size`` rows are waiting, or ``gather_s`` after the first one asked, counted from the end of the
    previous step (a request that is slow to come back, e.g. a stream whose client reads slowly, joins the next
-   step; one that asked while a step ran does not run alone right after it, out of phase with the others). One step feeds one token per row of
-   every gathered request through :meth:`Engine.step_many`: on the fast path one forward pass
-   (:meth:`decodelab.fastpath.FastDecoder.forward_many`) whose logits are, on the default exact float32 engine, bit
-   for bit those of each request alone (:mod:`decodelab.fastpath.rows` explains how); on the plain path one
-   forward over the requests' merged left-padded caches (:mod:`decodelab.padded_batch`, within float rounding).
+   step; one that asked while a step ran does not run alone right after it, out of phase with the others). One
+   step feeds one token per row of every gathered request through :meth:`Engine.step_many`: on the fast path one
+   forward pass (:meth:`decodelab.fastpath.FastDecoder.forward_many`) whose logits are, on the default exact
+   float32 engine, bit for bit those of each request alone (:mod:`decodelab.fastpath.rows` explains how); on the
+   plain path one forward over the requests' merged left-padded caches (:mod:`decodelab.padded_batch`, within
+   float rounding).
 3. Prompts join between steps, the waiting ones taken round-robin between their owners (:data:`PASS_OWNER`: the server's
    clients), so one client's burst of prompts does not hold another's first token. After a decode step that took d
    seconds, the scheduler spends at most about d more (:data:`PASS_SHARE` times d, at least :data:`MIN_PASS_S`) on

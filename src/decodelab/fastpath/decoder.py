@@ -497,19 +497,18 @@ class FastDecoder(nn.Module):
         shape = (b, t, -1, self.head_dim)
         n_qk = self.n_heads + self.n_kv
         x = self.rms_norm(h, layer.ln1, layer.eps1)
-        # q, k, v in row-major layout: a weight-first product (kernels="fast", 2-16 rows) returns a transposed
-        # (R, T, N) result, and SDPA's flash kernel needs a unit last-dim stride (else its 5x slower math
-        # fallback); a no-op for every other product
+        # every product returns row-major rows (kernel_choice's weight-first product copies its transposed result
+        # back): SDPA's flash kernel needs q/k/v with a unit last-dim stride, else it takes the 5x slower math path
         if layer.qkv is not None:  # one product for q, k, v; one rotary call for q and k together
-            heads = self._f32(plan.linear(layer.qkv, self._mm(x)).contiguous()).view(shape).transpose(1, 2)
+            heads = self._f32(plan.linear(layer.qkv, self._mm(x))).view(shape).transpose(1, 2)
             qk = heads[:, :n_qk]
             if layer.qk_norm is not None:  # Qwen3 / Gemma 3: every q and k head normalised in one call
                 qk = self.head_norm(qk, layer.qk_norm, layer.qk_eps)
             qk = rope(qk, cos, sin)
             q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], heads[:, n_qk:]
         else:
-            q, k, v = (plan.linear(layer.q, x).contiguous().view(shape), plan.linear(layer.k, x).contiguous().view(shape),
-                       plan.linear(layer.v, x).contiguous().view(shape))
+            q, k, v = (plan.linear(layer.q, x).view(shape), plan.linear(layer.k, x).view(shape),
+                       plan.linear(layer.v, x).view(shape))
             # Qwen3Attention / Gemma3Attention: q_norm / k_norm per head, over D (Gemma normalises after the
             # transpose below: the same rows, the same values)
             if layer.q_norm is not None:
