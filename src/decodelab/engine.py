@@ -118,6 +118,7 @@ class Engine:
         self.fast_reason = unsupported_reason(model) if _fast_enabled(config.fast) or wants_fast else "disabled"
         self.compiled = None
         self.scheduler = None  # a decodelab.scheduler.Scheduler while batching (start_batching)
+        self.slot_pool = None  # while batching: the one-row requests' shared cache slots (_pooled_cache)
         self.kernels = kernels
         forward_params = inspect.signature(model.forward).parameters
         self._takes_positions = "position_ids" in forward_params
@@ -178,6 +179,7 @@ class Engine:
     def stop_batching(self) -> None:
         """Stop the scheduler thread (after the work queued); calls run directly in the caller's thread again."""
         scheduler, self.scheduler = self.scheduler, None
+        self.slot_pool = None  # caches in its slots keep their views of it
         if scheduler is not None:
             scheduler.close()
 
@@ -246,7 +248,7 @@ class Engine:
             capacity = ids.shape[1] + extra
             if self.compiled is not None:
                 capacity = self.compiled.capacity_for(capacity)
-            cache = self.fast.new_cache(ids.shape[0], capacity)
+            cache = self._pooled_cache(ids.shape[0], capacity) or self.fast.new_cache(ids.shape[0], capacity)
             cache.start(mask)
         slices = self.fast.forward_slices([(ids, positions, cache)])
         while True:
@@ -259,6 +261,19 @@ class Engine:
             yield
         # a fresh tensor: converted, not copied
         return logits.float().contiguous(), DecodeState(cache, None, positions[:, -1:])
+
+    def _pooled_cache(self, batch: int, capacity: int) -> StaticKVCache | None:
+        """While batching, off the exact float32 path, uncompiled: a one-row request's cache in a slot of the
+        engine's :class:`~decodelab.fastpath.slots.SlotPool` (made at the first such request, one slot per row of
+        ``max_batch_size``), so that batched decode steps attend in one call; ``None`` where that does not apply or
+        no slot is free (the request then gets a cache of its own)."""
+        scheduler = self.scheduler
+        if scheduler is None or batch != 1 or self.compiled is not None or self.fast.rows_exact:
+            return None
+        if self.slot_pool is None:
+            self.slot_pool = self.fast.new_pool(scheduler.max_batch_size)
+        slot = self.slot_pool.acquire(capacity)
+        return None if slot is None else StaticKVCache.in_slot(self.slot_pool, slot)
 
     def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row: (B,) ids -> (B, V) float32 logits. Updates ``state`` in place. With batching

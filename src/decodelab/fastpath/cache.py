@@ -5,10 +5,13 @@ own allocation (a compiled step writes into them in place; writing through views
 the compiler copy the whole buffer every step). ``length`` is the number of positions filled (the same for every
 row: batches are left-padded, so row ``b`` starts with ``pad_lengths[b]`` padding positions, masked by ``pad``).
 ``pad`` is (B, capacity) bool, True on real tokens (the 2D attention mask of transformers, kept preallocated so a
-decode step appends nothing).
+decode step appends nothing). Under continuous batching, a one-row request's buffers may instead be views of a slot
+of a shared :class:`~decodelab.fastpath.slots.SlotPool` (:meth:`StaticKVCache.in_slot`; never for a compiled step).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -33,6 +36,31 @@ class StaticKVCache:
         self.pad = torch.zeros((batch, capacity), dtype=torch.bool, device=device)
         self.length = 0
         self.padded = False  # True when some row has left padding: attention then needs the explicit mask
+        self.pool = None  # the SlotPool whose slot ``slot`` this one-row cache views (in_slot), else None
+        self.slot: int | None = None
+        self._give_back = None
+
+    @classmethod
+    def in_slot(cls, pool, slot: int) -> "StaticKVCache":
+        """A one-row cache whose buffers are views of ``slot`` of ``pool`` (a
+        :class:`~decodelab.fastpath.slots.SlotPool`, capacity C): batched decode steps attend over the pool's slots
+        in one call. The slot goes back to the pool when this cache is collected, or when it leaves the pool
+        (growing past C, or :meth:`select` making another row count: its contents are copied to buffers of its
+        own)."""
+        cache = cls.__new__(cls)
+        cache.keys = [t[slot : slot + 1] for t in pool.keys]
+        cache.values = [t[slot : slot + 1] for t in pool.values]
+        cache.pad = pool.pad[slot : slot + 1]
+        cache.length, cache.padded = 0, False
+        cache.pool, cache.slot = pool, slot
+        cache._give_back = weakref.finalize(cache, pool.release, slot)
+        return cache
+
+    def _leave_pool(self) -> None:
+        """After the buffers were replaced by ones of its own: give the slot back."""
+        if self._give_back is not None:
+            self._give_back()
+        self.pool = self.slot = self._give_back = None
 
     @property
     def capacity(self) -> int:
@@ -63,6 +91,7 @@ class StaticKVCache:
         pad = self.pad.new_zeros((self.pad.shape[0], new_cap))
         pad[:, :n] = self.pad[:, :n]
         self.pad = pad
+        self._leave_pool()
 
     def start(self, mask: torch.Tensor) -> None:
         """Record the prompt's (B, T) attention mask (1 = real token) before the prefill writes T positions."""
@@ -93,6 +122,7 @@ class StaticKVCache:
         self._remake(pick)
         self.pad = self.pad.index_select(0, rows)
         self.padded = not bool(self.pad[:, :filled].all())
+        self._leave_pool()
 
     def clone(self) -> "StaticKVCache":
         """An independent copy (buffers cloned)."""
@@ -100,4 +130,5 @@ class StaticKVCache:
         copy.keys = [t.clone() for t in self.keys]
         copy.values = [t.clone() for t in self.values]
         copy.pad, copy.length, copy.padded = self.pad.clone(), self.length, self.padded
+        copy.pool = copy.slot = copy._give_back = None
         return copy

@@ -43,6 +43,7 @@ from . import kernel_choice
 from .cache import StaticKVCache
 from .projections import Dense, MeasuredDense, PackedDense, _buffer
 from .rows import RowPlan, Segment, attention_mask, sliding_window_mask
+from .slots import SLOT_POSITIONS, SlotPool
 from .support import SUPPORTED_TYPES, unsupported_reason
 from .weights import stack_weights
 
@@ -354,6 +355,18 @@ class FastDecoder(nn.Module):
         return (rows == 1 and self.halves and not self.packed and self.quantized is None
                 and torch.get_num_threads() >= 2)
 
+    @property
+    def rows_exact(self) -> bool:
+        """Whether a batched pass gives every request its logits alone bit for bit (:mod:`decodelab.fastpath.rows`):
+        the unfused, unpacked, unquantized ``kernels="exact"`` decoder. Elsewhere one-row requests may share a
+        :class:`~decodelab.fastpath.slots.SlotPool` (:meth:`new_pool`)."""
+        return not self.packed and self.quantized is None and not self.fused and self.kernels == "exact"
+
+    def new_pool(self, slots: int, positions: int = SLOT_POSITIONS) -> SlotPool:
+        """A :class:`~decodelab.fastpath.slots.SlotPool` of ``slots`` one-row caches of ``positions`` positions
+        in ``act_dtype`` on the model's device (memory is touched only as slots are used)."""
+        return SlotPool(self.n_layers, self.n_kv, self.head_dim, slots, positions, self.act_dtype, self.device)
+
     def new_cache(self, batch: int, capacity: int) -> StaticKVCache:
         """An empty cache of ``capacity`` positions for ``batch`` rows in ``act_dtype`` on the model's device."""
         return StaticKVCache(self.n_layers, self.n_kv, self.head_dim, batch, capacity, self.act_dtype,
@@ -416,8 +429,21 @@ class FastDecoder(nn.Module):
         """
         if len(items) > 1 and any(ids.shape[1] != 1 for ids, _, _ in items):
             raise ValueError("fast path: only decode steps (one token per row) can be batched")
-        # one-row requests first, so that they form one block for the grouped products (rows.RowPlan)
-        order = sorted(range(len(items)), key=lambda i: items[i][0].shape[0] != 1) if len(items) > 1 else [0]
+        exact_rows = self.rows_exact
+        # one-row requests first, so that they form one block for the grouped products (rows.RowPlan); before them,
+        # off the exact path, the requests in slots of one pool, by slot (their attention runs in one call)
+        pool = None
+        if len(items) > 1 and not exact_rows:
+            pool = next((c.pool for _, _, c in items if c.pool is not None), None)
+
+        def place(i: int) -> tuple[int, int]:
+            ids, _, cache = items[i]
+            if ids.shape[0] != 1:
+                return 2, 0
+            return (0, cache.slot) if pool is not None and cache.pool is pool else (1, 0)
+
+        order = sorted(range(len(items)), key=place) if len(items) > 1 else [0]
+        pooled = sum(1 for i in order if place(i)[0] == 0)
         segments, lo = [], 0
         for i in order:
             ids, _, cache = items[i]
@@ -435,8 +461,8 @@ class FastDecoder(nn.Module):
         positions = items[order[0]][1] if len(items) == 1 else torch.cat([items[i][1] for i in order])
         b, t = ids.shape
         plan = RowPlan(segments, not self.fused and self._halves_for(b * t if len(items) == 1 else 1),
-                       grouped=not self.packed and self.quantized is None and not self.fused
-                       and self.kernels == "exact", exact_shapes=self._exact_shapes, attention=self._attention)
+                       grouped=exact_rows, exact_shapes=self._exact_shapes, attention=self._attention,
+                       pooled=pooled)
         logits = yield from self.run(ids, positions, plan, keep_all)
         plan.finish()
         out = [None] * len(items)

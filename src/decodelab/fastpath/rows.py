@@ -7,7 +7,8 @@ row's logits are bit for bit the ones the same request gets alone, so this modul
 kernel computes which rows:
 
 * attention runs per segment, on the segment's own cache with exactly the shapes, mask and SDPA call of the request
-  alone (:meth:`FastDecoder._attention`);
+  alone (:meth:`FastDecoder._attention`), except off the exact path, where the one-row requests' caches are slots of
+  one :class:`~decodelab.fastpath.slots.SlotPool` and attend in one call (:meth:`RowPlan.attend`);
 * element-wise and per-row operations (embedding, RMSNorm, rotary, SiLU, residual adds) are row-independent and run
   once over all rows;
 * a matrix product's result for a row depends on how many rows the BLAS call had (a one-row product is a
@@ -158,14 +159,31 @@ class RowPlan:
         exact_shapes: per (N, K) weight shape, whether :func:`grouped_gemv` is exact (filled by the decoder).
         attention: ``f(q, k, v, mask, t) -> (B, T, H * D)``, the SDPA call transformers makes
             (:meth:`decodelab.fastpath.decoder.FastDecoder._attention`).
+        pooled: the number of leading one-row decode segments (>= 2, ordered by slot) whose caches are slots of one
+            :class:`~decodelab.fastpath.slots.SlotPool`: their full-attention layers write and attend in one call
+            over the pool's slots (:meth:`attend`); 0: every segment attends on its own (the exact float32 path).
 
     This is the eager row plan of :meth:`decodelab.fastpath.decoder.FastDecoder.run` (``linear``, ``attend``);
     :meth:`finish` advances the caches after the pass.
     """
 
     def __init__(self, segments: list[Segment], halves: bool, grouped: bool, exact_shapes: dict,
-                 attention) -> None:
+                 attention, pooled: int = 0) -> None:
         self.segments = segments
+        self.pooled = pooled if pooled >= 2 else 0
+        if self.pooled:
+            pool_segments = segments[: self.pooled]
+            self.pool = pool_segments[0].cache.pool
+            slots = [seg.cache.slot for seg in pool_segments]
+            self.slot_lo, self.slot_hi = slots[0], slots[-1] + 1
+            device = pool_segments[0].cache.pad.device
+            self.slot_index = torch.tensor(slots, device=device)
+            self.write_at = torch.tensor([seg.past for seg in pool_segments], device=device)
+            self.keys_upto = max(seg.total for seg in pool_segments)
+            self.pool.make_finite({seg.cache.slot: seg.past for seg in pool_segments}, self.keys_upto)
+            # (S', 1, 1, L) over the slot range; holes (slots of requests not in this step) attend to their own
+            # rows, which are dropped
+            self.pool_mask = self.pool.pad[self.slot_lo : self.slot_hi, None, None, : self.keys_upto]
         self.attention = attention
         self.halves = halves
         self.grouped = grouped and len(segments) > 1
@@ -208,7 +226,11 @@ class RowPlan:
         t = q.shape[2]
         outs = []
         single = len(self.segments) == 1
-        for seg in self.segments:
+        segments = self.segments
+        if self.pooled and window is None:
+            outs.append(self._attend_pooled(i, q, k, v))
+            segments = segments[self.pooled :]
+        for seg in segments:
             keys, values = seg.cache.keys[i], seg.cache.values[i]
             sk, sv = (k, v) if single else (k[seg.lo : seg.hi], v[seg.lo : seg.hi])
             keys[:, :, seg.past : seg.total] = sk
@@ -222,6 +244,20 @@ class RowPlan:
             sq = q if single else q[seg.lo : seg.hi]
             outs.append(self.attention(sq, sk, sv, mask, t))
         return outs[0] if single else torch.cat(outs)
+
+    def _attend_pooled(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The pooled segments' cache writes (one indexed copy each for keys and values) and attention (one SDPA
+        call over the slot range, keys ``[0, keys_upto)`` under the pool's padding rows): (P, 1, H * D)."""
+        p, lo, hi = self.pooled, self.slot_lo, self.slot_hi
+        keys, values = self.pool.keys[i], self.pool.values[i]
+        keys[self.slot_index, :, self.write_at] = k[:p, :, 0]
+        values[self.slot_index, :, self.write_at] = v[:p, :, 0]
+        sq = q[:p]
+        if hi - lo != p:  # holes in the slot range: their rows get zeros and are dropped after
+            sq = q.new_zeros((hi - lo, *q.shape[1:])).index_copy_(0, self.slot_index - lo, sq)
+        out = self.attention(sq, keys[lo:hi, :, : self.keys_upto], values[lo:hi, :, : self.keys_upto],
+                             self.pool_mask, 1)
+        return out if hi - lo == p else out.index_select(0, self.slot_index - lo)
 
     def finish(self) -> None:
         """After the pass: every segment's cache now holds ``total`` positions."""
