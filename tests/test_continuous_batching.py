@@ -239,6 +239,54 @@ def test_a_stream_that_asks_during_a_step_joins_the_next_one_instead_of_alternat
     assert scheduler.steps <= 7  # A's first step alone, then together (12 alternating)
 
 
+def test_a_burst_of_prompts_is_prefilled_before_the_next_step_and_a_lone_prompt_waits_its_share():
+    """Four prompts arrive while one stream decodes (more waiting than WAITING_SERVED_RATIO x 1 decoding): all four
+    are prefilled back to back before its next step, so they join the batch together. Each pass is longer than the
+    step's share (PASS_SHARE x 0.2 s), so without the rule one pass would run per step."""
+    import time
+
+    from decodelab.scheduler import Scheduler
+
+    log: list[str] = []
+    burst = threading.Event()
+
+    class SlowEngine:
+        def step_many(self, states, tokens):
+            log.append("step")
+            if log.count("step") == 2:
+                burst.set()
+                time.sleep(0.2)  # the prompts queue meanwhile
+            else:
+                time.sleep(0.01)
+            return [torch.zeros((t.shape[0], 4)) for t in tokens]
+
+    scheduler = Scheduler(SlowEngine(), max_batch_size=8, gather_s=0.05)
+    stream_state = object()
+
+    def stream() -> None:
+        for _ in range(30):
+            scheduler.step(stream_state, torch.tensor([1]))
+            time.sleep(0.002)
+        scheduler.release(stream_state)
+
+    def prompt(name: str) -> None:
+        scheduler.run_pass(lambda: log.append(name) or time.sleep(0.3))
+
+    runner = threading.Thread(target=stream)
+    runner.start()
+    assert burst.wait(10)
+    prompts = [threading.Thread(target=prompt, args=(f"burst{i}",)) for i in range(4)]
+    for t in prompts:
+        t.start()
+    for t in prompts:
+        t.join()
+    runner.join()
+    scheduler.close()
+    first = log.index("burst0")
+    assert log[first : first + 4] == ["burst0", "burst1", "burst2", "burst3"]  # no step between them
+    assert log[first - 1] == "step" and log[first + 4] == "step"
+
+
 def test_scheduler_settings_are_validated(tiny_llama):
     engine = Engine(tiny_llama.model)
     with pytest.raises(ConfigError, match="max_batch_size"):

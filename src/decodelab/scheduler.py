@@ -24,7 +24,9 @@ What it does:
    clients), so one client's burst of prompts does not hold another's first token. After a decode step that took d
    seconds, the scheduler spends at most about d more (:data:`PASS_SHARE` times d, at least :data:`MIN_PASS_S`) on
    prefills and other whole-sequence passes before the next step, so running streams' inter-token latency at most
-   roughly doubles while prompts join, whatever their number and length. A fast-path prefill is cut between decoder
+   roughly doubles while prompts join, whatever their number and length; except that when more prompts wait than
+   :data:`WAITING_SERVED_RATIO` times the requests decoding (a burst), they are all prefilled first, so that they
+   join the batch together rather than one per step. A fast-path prefill is cut between decoder
    layers, not between tokens (:meth:`Engine._prefill_slices`): each layer sees the whole prompt at once, exactly as
    alone, so the answer is unchanged (cutting the prompt into token chunks would change the sums, so the answer would no
    longer equal the request alone), and a long prompt holds the streams for one layer's share at a time, never for the
@@ -52,6 +54,13 @@ import torch
 DEFAULT_GATHER_S = 0.05  # longest wait for the slowest active request before a step runs without it
 PASS_SHARE = 1.0  # time for prefills between two decode steps, as a multiple of the last decode step's time
 MIN_PASS_S = 0.02  # ... but at least this many seconds
+WAITING_SERVED_RATIO = 1.2
+"""When more prompts wait for their prefill than this times the requests decoding, they are all prefilled before the
+next decode step (the rule and default of text-generation-inference's router, ``--waiting-served-ratio``): a burst of
+new requests joins the running batch at once instead of one per step. Measured on an AMD EPYC (AVX-512), 16 and 32
+clients sending together, ``kernels="fast"``: 87 steps of 11.6 rows and 111 of 18.2 rows for 64 tokens before, 65 of
+15.5 and 66 of 30.5 with every prefill first; throughput against one request at a time 3.28x -> 4.01x (16) and
+4.53x -> 5.25x (32)."""
 # Who a pass is for (the server sets the client: its API key's place or its address). Waiting passes are served
 # round-robin between owners, oldest first within one owner, so one client's burst of prompts cannot queue ahead of
 # another client's prompt; with no owner set (the Python API), passes run in arrival order.
@@ -254,6 +263,7 @@ class Scheduler:
                         self._cond.wait(max(self._due_at() - time.monotonic(), 1e-4))
                         continue
                 deadline = None  # no step ran: passes run until a step is due
+                drain = 0
                 if steps:
                     started = time.monotonic()
                     self._run_steps(steps)
@@ -262,13 +272,18 @@ class Scheduler:
                     now = self._step_done_at = time.monotonic()
                     self.step_s += now - started
                     deadline = now + max(PASS_SHARE * (now - started), MIN_PASS_S)
+                    with self._cond:
+                        waiting = len(self._passes) + (self._current is not None)
+                        if waiting > WAITING_SERVED_RATIO * len(self._active):
+                            drain = self.passes + waiting  # the passes waiting now, all of them, before a step
                 started = time.monotonic()
-                self._run_passes(deadline)
+                self._run_passes(deadline, drain)
                 self.pass_s += time.monotonic() - started
 
-    def _run_passes(self, deadline: float | None) -> None:
+    def _run_passes(self, deadline: float | None, drain: int = 0) -> None:
         """Advance the passes (the one under way, then queued ones) until ``deadline`` (monotonic seconds), or,
-        without one, until a decode step is due; stops only at the cuts of a sliced pass."""
+        without one, until a decode step is due; stops only at the cuts of a sliced pass. ``drain``: instead, until
+        the :attr:`passes` counter reaches it (:data:`WAITING_SERVED_RATIO`)."""
         while True:
             op = self._current
             if op is None:
@@ -277,7 +292,10 @@ class Scheduler:
                         return
                     op = self._current = self._next_pass()
             self._advance(op)
-            if deadline is not None:
+            if drain:
+                if self.passes >= drain:
+                    return
+            elif deadline is not None:
                 if time.monotonic() >= deadline:
                     return
             else:
