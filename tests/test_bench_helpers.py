@@ -64,8 +64,9 @@ def test_batch_step_bench_rejects_bad_arguments_with_exit_2(capsys):
 def test_load_bench_reads_what_the_scheduler_did_between_two_health_readings():
     import load
 
-    before = {"steps": 10, "rows_stepped": 40, "step_s": 1.0, "pass_s": 0.5, "max_rows": 8}
-    after = {"steps": 30, "rows_stepped": 280, "step_s": 3.0, "pass_s": 0.75, "max_rows": 16}
+    before = {"steps": 10, "rows_stepped": 40, "step_s": 1.0, "pass_s": 0.5, "max_rows": 8, "wait_s": 0.25}
+    after = {"steps": 30, "rows_stepped": 280, "step_s": 3.0, "pass_s": 0.75, "max_rows": 16, "wait_s": 1.0}
     delta = load.scheduler_delta(before, after)
-    assert delta == {"steps": 20, "mean_rows": 12.0, "ms_per_step": 100.0, "step_s": 2.0, "pass_s": 0.25}
+    assert delta == {"steps": 20, "mean_rows": 12.0, "ms_per_step": 100.0, "step_s": 2.0, "pass_s": 0.25,
+                     "wait_s": 0.75}
     assert load.scheduler_delta(None, None) == {}

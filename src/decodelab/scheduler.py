@@ -104,7 +104,8 @@ class Scheduler:
     the mean batch), ``max_rows`` (largest step), ``passes`` (prefills and other whole passes finished;
     ``passes_started``: begun), ``slices`` (pieces of cut passes run), ``steps_within_passes`` (decode steps run while a
     cut pass was under way: the streams it did not hold up), ``step_s`` and ``pass_s`` (seconds spent in decode steps
-    and in passes: ``step_s / steps`` is the mean step time).
+    and in passes: ``step_s / steps`` is the mean step time), ``wait_s`` (seconds the loop waited for requests to ask
+    while some were decoding: the model idle during their own search steps).
 
     Raises:
         ConfigError: ``max_batch_size`` < 1 or ``gather_s`` < 0.
@@ -134,7 +135,7 @@ class Scheduler:
         self._closed = False
         self.steps = self.rows_stepped = self.max_rows = self.passes = self.slices = self.steps_within_passes = 0
         self.passes_started = 0
-        self.step_s = self.pass_s = 0.0
+        self.step_s = self.pass_s = self.wait_s = 0.0
         self._thread: threading.Thread | None = None  # the thread running the loop
         self._own_thread: threading.Thread | None = None
         self._driver = None if thread else threading.current_thread()  # who runs the loop (thread=False)
@@ -253,14 +254,14 @@ class Scheduler:
                     while not self._steps and not self._passes and self._current is None and not self._closed:
                         if until is not None and until():
                             return
-                        self._cond.wait()
+                        self._wait(None)
                     if self._closed and not self._steps and not self._passes and self._current is None:
                         return
                     steps: list[_StepOp] = []
                     if self._steps and (self._closed or self._ready()):
                         steps = self._take_steps()
                     elif not self._passes and self._current is None:
-                        self._cond.wait(max(self._due_at() - time.monotonic(), 1e-4))
+                        self._wait(max(self._due_at() - time.monotonic(), 1e-4))
                         continue
                 deadline = None  # no step ran: passes run until a step is due
                 drain = 0
@@ -279,6 +280,15 @@ class Scheduler:
                 started = time.monotonic()
                 self._run_passes(deadline, drain)
                 self.pass_s += time.monotonic() - started
+
+    def _wait(self, timeout: float | None) -> None:
+        """Wait on the condition (lock held); the time counts in ``wait_s`` while some request is decoding."""
+        if not self._active:
+            self._cond.wait(timeout)
+            return
+        started = time.monotonic()
+        self._cond.wait(timeout)
+        self.wait_s += time.monotonic() - started
 
     def _run_passes(self, deadline: float | None, drain: int = 0) -> None:
         """Advance the passes (the one under way, then queued ones) until ``deadline`` (monotonic seconds), or,
