@@ -2,7 +2,8 @@
 
 What continuous batching can gain at most on this machine: ``Engine.step_many`` over R one-row requests (greedy
 streams), R = 1, 2, 4, 8, 16, 32, each request with its own prompt (the mixed-length prompts of ``bench/load.py``,
-prefilled first with room for ``--steps`` more tokens). Every row count is timed in every round, rounds interleave
+prefilled first with room for ``--steps`` more tokens; batching on, as in a server, so off the exact path their caches
+are slots of one pool: :mod:`decodelab.fastpath.slots`). Every row count is timed in every round, rounds interleave
 the kernel modes (``--kernels``, default ``exact,fast``), and the median over rounds counts. Reported per mode and
 row count: milliseconds per step, tokens per second (R / step time), and the ratio to the one-row step of the same
 mode (the ceiling of "batched / serial" in ``bench/load.py``, which adds prefills, the requests' own search steps,
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu = cpu_model()
     print(f"CPU: {cpu}; torch threads {torch.get_num_threads()}; kernels {modes}; rows {counts}")
     lms = {mode: decodelab.load(args.model, kernels=mode) for mode in modes}
+    for lm in lms.values():  # as a server's step: batching on, driven from this thread (one-row requests in slots
+        lm.engine.start_batching(max(counts), thread=False)  # of one pool where the mode allows)
     room = (args.steps + 1) * len(counts) + 1  # states are prefilled each round; the first is stepped for every count
     texts = prompts(max(counts))
     ms: dict[str, dict[int, list[float]]] = {mode: {n: [] for n in counts} for mode in modes}
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 states = prefilled(lm, texts, room)
                 for n in counts:
                     ms[mode][n].append(1000 * time_steps(lm.engine, states[:n], args.steps))
+                del states  # frees their slots for the next round
     rows = []
     for mode in modes:
         one = statistics.median(ms[mode][counts[0]]) if counts[0] == 1 else None
