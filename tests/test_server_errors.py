@@ -14,7 +14,7 @@ import pytest
 import decodelab
 from decodelab.server import Settings, create_app
 from decodelab.server.background import BackgroundServer
-from decodelab.server.runner import QueueFullError, RequestTimeoutError, Runner
+from decodelab.server.runner import STREAM_AHEAD, QueueFullError, RequestTimeoutError, Runner
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -420,20 +420,41 @@ def test_runner_queue_limit_order_and_timeout():
         await asyncio.sleep(0.1)
         assert runner.running == 0  # drive() stops a generator at its next step
         runner.timeout_s = 5
-        pulled = []
+        pulled, closed_in = [], []
 
         def numbers():
-            for i in range(1000):
-                pulled.append(i)
-                yield i
+            try:
+                for i in range(1000):
+                    pulled.append(i)
+                    yield i
+            finally:
+                closed_in.append(threading.current_thread().name)
 
         got = []
-        async for x in runner.stream(numbers):
+        stream = runner.stream(numbers)
+        async for x in stream:
             got.append(x)
+            if x == 0:  # the worker pulls ahead of the consumer (its next decode step need not wait for us) ...
+                await asyncio.sleep(0.1)
+                assert len(pulled) == 1 + STREAM_AHEAD  # ... but no more than STREAM_AHEAD items
             if x == 2:
                 break
+        await stream.aclose()  # what Starlette does when the client goes away
         await asyncio.sleep(0.1)
-        assert got == [0, 1, 2] and len(pulled) <= 4 and runner.running == 0
+        assert got == [0, 1, 2] and len(pulled) <= 4 + STREAM_AHEAD and runner.running == 0
+        assert closed_in and closed_in[0].startswith("decodelab-model")  # closed in the worker that ran it
+
+        def failing():
+            yield "first"
+            raise ValueError("bad token")
+
+        got = []
+        with pytest.raises(ValueError, match="bad token"):
+            async for x in runner.stream(failing):
+                got.append(x)
+        assert got == ["first"]
+        await asyncio.sleep(0.05)
+        assert runner.running == 0
         runner.shutdown()
 
     asyncio.run(main())

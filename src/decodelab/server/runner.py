@@ -12,9 +12,10 @@ Three ways in:
 - :meth:`Runner.drive` ``(make_gen)``: a generator that yields once per model step (``LM._run`` yields once per
   token) and *returns* the result; the worker checks between steps whether the request was cancelled, timed out or
   its client went away, and stops (closing the generator) so the slot is freed after at most one more step.
-- :meth:`Runner.stream` ``(make_iter)``: an async iterator over a blocking iterator's items, pulled one at a time in
-  the worker; when the consumer stops (client disconnect cancels the response task), no further item is pulled,
-  the iterator is closed in the worker and the slot is freed.
+- :meth:`Runner.stream` ``(make_iter)``: an async iterator over a blocking iterator's items, pulled in the worker
+  a few items ahead of the consumer (:data:`STREAM_AHEAD`); when the consumer stops (client disconnect cancels the
+  response task), the worker stops after the item it is computing, the iterator is closed in the worker and the
+  slot is freed.
 """
 
 from __future__ import annotations
@@ -205,43 +206,53 @@ class Runner:
                 work.add_done_callback(_swallow)
 
     async def stream(self, make_iter: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
-        """Yield the items of the blocking iterator ``make_iter()``, each pulled in the worker thread.
+        """Yield the items of the blocking iterator ``make_iter()``, pulled in one worker thread up to
+        :data:`STREAM_AHEAD` items ahead of the consumer.
+
+        The worker does not wait for the consumer to ask for each item: a generation's next decode step starts as
+        soon as its last item is handed over, while the event loop sends it (under continuous batching the
+        scheduler waits for every decoding request to ask for its next step; pulling one item per round trip through
+        the event loop made it wait for the loop to serve every stream first: measured on an AMD EPYC, 1.4 s of
+        6.7 s with 16 streams, 3.0 s of 11.5 s with 32). A consumer that reads slowly holds its worker after
+        :data:`STREAM_AHEAD` items (its request then joins later decode steps).
 
         The slot is held from the first item to the last. When the consumer stops early (``aclose``, a cancelled
-        task: Starlette cancels a streaming response when its client disconnects) no further item is pulled; the
-        iterator is closed in the worker and the slot released once the item being computed (if any) is done.
+        task: Starlette cancels a streaming response when its client disconnects) the worker stops after the item
+        it is computing; the iterator is closed in the worker and the slot released.
 
         Raises:
-            QueueFullError; RequestTimeoutError (when ``timeout_s`` passes between items); what the iterator raises.
+            QueueFullError; RequestTimeoutError (``timeout_s`` after the request came, waiting included); what the
+            iterator raises.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         self._admit()
         await self._acquire(deadline)
-        box: dict[str, Any] = {}
-        last = self._submit_or_release(functools.partial(_start, make_iter, box))
+        items: asyncio.Queue = asyncio.Queue()
+        room = threading.Semaphore(STREAM_AHEAD)  # items the worker may pull before the consumer takes them
+        stop = threading.Event()
+        fut = self._submit_or_release(functools.partial(_pump, make_iter, loop, items, room, stop))
+        self._release_when_done(fut)
         try:
-            await _wait(last, deadline, loop)
             while True:
                 try:
-                    last = self._submit(functools.partial(_next, box))
-                except RuntimeError:  # interpreter or app shutting down
-                    raise QueueFullError("server is shutting down") from None
-                try:
-                    item = await _wait(last, deadline, loop)
-                except RequestTimeoutError:
+                    async with asyncio.timeout_at(deadline):
+                        kind, value = await items.get()
+                except TimeoutError:
                     self.timed_out += 1
                     raise RequestTimeoutError(self._timeout_message("generating")) from None
-                if item is _END:
+                room.release()
+                if kind is _END:
                     return
-                yield item
+                if kind is _FAILED:
+                    raise value
+                yield value
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1
             raise
         finally:
-            # No awaiting here: a cancelled task's cleanup must not block. Close after the in-flight step.
-            closer = _after(last, self._executor(), functools.partial(_close, box))
-            self._release_when_done(closer)
+            stop.set()
+            room.release()  # wakes a worker waiting for room, which then stops
 
     def _executor(self) -> ThreadPoolExecutor:
         """The worker threads (created on first use, and again after :meth:`shutdown` if the app restarts)."""
@@ -272,61 +283,43 @@ def _drain(make_gen: Callable[[], Generator[Any, None, T]], stop: threading.Even
         gen.close()
 
 
-def _start(make_iter: Callable[[], Iterator[Any]], box: dict) -> None:
-    box["it"] = iter(make_iter())
+def _pump(make_iter: Callable[[], Iterator[Any]], loop: asyncio.AbstractEventLoop, items: asyncio.Queue,
+          room: threading.Semaphore, stop: threading.Event) -> None:
+    """:meth:`Runner.stream`'s worker: pull the items of ``make_iter()`` into ``items`` (``(_ITEM, item)``, then
+    ``(_END, None)`` or ``(_FAILED, exception)``), each after taking ``room``; stop when ``stop`` is set; close the
+    iterator here, in the thread that ran it."""
 
+    def put(kind, value) -> None:
+        with contextlib.suppress(RuntimeError):  # loop closed at shutdown: nobody is reading
+            loop.call_soon_threadsafe(items.put_nowait, (kind, value))
 
-def _next(box: dict) -> Any:
+    it = None
     try:
-        return next(box["it"])
-    except StopIteration:
-        box["done"] = True
-        raise _EndOfIteration() from None
-
-
-def _close(box: dict) -> None:
-    it = box.get("it")
-    close = getattr(it, "close", None)
-    if close is not None:
-        with contextlib.suppress(Exception):
-            close()
-
-
-class _EndOfIteration(Exception):
-    """StopIteration cannot cross a Future (Python turns it into RuntimeError); this stands in for it."""
+        it = iter(make_iter())
+        while True:
+            room.acquire()
+            if stop.is_set():
+                return
+            try:
+                item = next(it)
+            except StopIteration:
+                put(_END, None)
+                return
+            put(_ITEM, item)
+    except BaseException as exc:  # reaches the consumer, never the pool
+        put(_FAILED, exc)
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
 
 
 _END = object()
+_ITEM, _FAILED = object(), object()  # Runner.stream's queue entries: an item, the iterator's exception
 
-
-async def _wait(fut, deadline: float, loop: asyncio.AbstractEventLoop) -> Any:
-    """Await the concurrent future ``fut`` until ``deadline``; ``_END`` for the end of the iterator."""
-    try:
-        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), max(deadline - loop.time(), 0.0))
-    except asyncio.TimeoutError:
-        raise RequestTimeoutError("timeout") from None
-    except _EndOfIteration:
-        return _END
-
-
-def _after(fut, executor: ThreadPoolExecutor, fn: Callable[[], None]):
-    """A concurrent future for ``fn`` run in ``executor`` after ``fut`` finishes (never concurrently with it)."""
-    from concurrent.futures import Future
-
-    out: Future = Future()
-
-    def chain(_f) -> None:
-        try:
-            inner = executor.submit(fn)
-        except RuntimeError:  # executor shut down: run inline
-            with contextlib.suppress(Exception):
-                fn()
-            out.set_result(None)
-            return
-        inner.add_done_callback(lambda _i: out.set_result(None))
-
-    fut.add_done_callback(chain)
-    return out
+STREAM_AHEAD = 8
+"""Items :meth:`Runner.stream`'s worker may pull before its consumer takes them."""
 
 
 def _swallow(task: asyncio.Future) -> None:
