@@ -286,8 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         serial_srv = ServeProcess(args.model, args.kernels, 1)
     rows = []
     with batched_srv as batched, serial_srv as serial:
-        run_clients_sync(batched.url, 2, 1, 4)  # warm-up both
-        run_clients_sync(serial.url, 1, 1, 4)
+        # warm-up both with the largest client count: a fresh server's first steps of a new size pay for oneDNN's
+        # kernels for that row count and first-touch page faults (cache slots, activations); a class's server is warm
+        run_clients_sync(batched.url, max(counts), 1, 8)
+        run_clients_sync(serial.url, max(counts), 1, 2)
         for n in counts:
             for r in range(args.rounds):
                 order = [("batched", batched), ("serial", serial)]
