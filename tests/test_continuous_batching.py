@@ -287,6 +287,35 @@ def test_a_burst_of_prompts_is_prefilled_before_the_next_step_and_a_lone_prompt_
     assert log[first - 1] == "step" and log[first + 4] == "step"
 
 
+def test_an_idle_scheduler_keeps_no_decode_state_alive():
+    """Once a request is done, nothing in the scheduler refers to its decode state: its KV cache (a slot of the shared
+    pool, off the exact path) is freed at once, not when the next step runs (the loop's last taken steps held it)."""
+    import gc
+    import weakref
+
+    from decodelab.scheduler import Scheduler
+
+    class Engine1:
+        def step_many(self, states, tokens):
+            return [torch.zeros((t.shape[0], 4)) for t in tokens]
+
+    class State:
+        pass
+
+    scheduler = Scheduler(Engine1(), max_batch_size=4, gather_s=0.01)
+    state = State()
+    alive = weakref.ref(state)
+    for _ in range(3):
+        scheduler.step(state, torch.tensor([1]))
+    scheduler.release(state)
+    del state
+    gc.collect()
+    try:
+        assert alive() is None
+    finally:
+        scheduler.close()
+
+
 def test_scheduler_settings_are_validated(tiny_llama):
     engine = Engine(tiny_llama.model)
     with pytest.raises(ConfigError, match="max_batch_size"):

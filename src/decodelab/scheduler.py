@@ -268,6 +268,7 @@ class Scheduler:
                 if steps:
                     started = time.monotonic()
                     self._run_steps(steps)
+                    steps.clear()  # else the idle loop keeps the last step's decode states (and cache slots) alive
                     if self._current is not None:
                         self.steps_within_passes += 1
                     now = self._step_done_at = time.monotonic()
