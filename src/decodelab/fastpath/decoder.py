@@ -442,8 +442,9 @@ class FastDecoder(nn.Module):
                 return 2, 0
             return (0, cache.slot) if pool is not None and cache.pool is pool else (1, 0)
 
-        order = sorted(range(len(items)), key=place) if len(items) > 1 else [0]
-        pooled = sum(1 for i in order if place(i)[0] == 0)
+        places = [place(i) for i in range(len(items))] if len(items) > 1 else [(1, 0)]
+        order = sorted(range(len(items)), key=places.__getitem__)
+        pooled = sum(1 for p in places if p[0] == 0)
         segments, lo = [], 0
         for i in order:
             ids, _, cache = items[i]
