@@ -316,6 +316,51 @@ def test_an_idle_scheduler_keeps_no_decode_state_alive():
         scheduler.close()
 
 
+def test_requests_asking_for_a_step_wake_the_loop_once_per_gather_not_once_each():
+    """A request asking for its step wakes the scheduler's loop only when it starts a gather (the loop then waits
+    until the step is due) or completes one. Each wake-up takes the GIL from the requests' own search steps, and
+    with one notification per request the loop woke 16 times per 16-row step."""
+    import time
+
+    from decodelab.scheduler import Scheduler
+
+    class Engine1:
+        def step_many(self, states, tokens):
+            time.sleep(0.005)
+            return [torch.zeros((t.shape[0], 4)) for t in tokens]
+
+    requests, steps_each = 8, 10
+    scheduler = Scheduler(Engine1(), max_batch_size=requests, gather_s=1.0)
+    notified = []
+    notify_all = scheduler._cond.notify_all
+
+    def counting_notify_all():
+        notified.append(1)
+        notify_all()
+
+    scheduler._cond.notify_all = counting_notify_all
+    go = threading.Barrier(requests)
+
+    def stream() -> None:
+        state = object()
+        go.wait()
+        for _ in range(steps_each):
+            scheduler.step(state, torch.tensor([1]))
+        scheduler.release(state)
+
+    threads = [threading.Thread(target=stream) for _ in range(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    scheduler.close()
+    asks = requests * steps_each
+    assert scheduler.rows_stepped == asks
+    # at most a start and an end per step, a first ask per request (it joins the active set), one per release, and
+    # close(); one notification per ask would be 80 + 8 + 1
+    assert len(notified) <= 2 * scheduler.steps + 2 * requests + 1 < asks
+
+
 def test_scheduler_settings_are_validated(tiny_llama):
     engine = Engine(tiny_llama.model)
     with pytest.raises(ConfigError, match="max_batch_size"):

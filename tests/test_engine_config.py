@@ -147,6 +147,10 @@ def test_criteria_list_ors_and_names_the_first_reason_in_order():
     assert criteria(rows[:, :3], [0, 1, 0]).tolist() == [False, False, False]
     assert {k: v.tolist() for k, v in criteria.fired(rows, [0, 1, 0]).items()} == {
         "eos": [True, False, False], "stop": [True, False, False], "length": [True, True, True]}
+    as_lists = rows.tolist()  # what the search loops pass: the new ids they keep, no tensor per token
+    assert criteria.reasons(as_lists, [0, 1, 0]) == ["eos", "length", "length"]
+    assert criteria.reasons([r[:3] for r in as_lists], [0, 1, 0]) == [None, None, None]
+    assert [c.hits(as_lists, [0, 1, 0]) for c in criteria] == [c(rows, [0, 1, 0]).tolist() for c in criteria]
     only_length = stopping_criteria(5, torch.tensor([], dtype=torch.long), StopStrings(None, ()), [[0]])
     assert [type(c) for c in only_length] == [MaxLengthCriterion] and only_length[0].max_new_tokens == 5
 

@@ -222,3 +222,29 @@ def test_removing_every_token_is_an_error_not_nan(tiny_llama):
     assert err.value.param == "suppress_tokens"
     with pytest.raises(ConfigError):
         lm.generate(PROMPT, max_new_tokens=2, suppress_tokens=list(range(lm.vocab_size)))
+
+
+def test_the_step_arithmetic_on_the_host_equals_torch():
+    """token_search's per-token arithmetic runs on NumPy views (host_scores): the greedy choice is torch.argmax's
+    (first maximum, first NaN), the log-normaliser torch.logsumexp's to float32 rounding, with its edge rows
+    (every token removed: -inf; +inf; NaN), and a row's numbers do not depend on the rows beside it."""
+    import numpy as np
+
+    from decodelab.search.sampling import host_scores, log_normalizers
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 49152, generator=gen) * 5
+    scores[1] = float("-inf")
+    scores[2, 7] = float("inf")
+    scores[3, [11, 13]] = float("nan")
+    scores[4, [5, 900]] = 1e4  # a tie: the first wins
+    host = host_scores(scores)
+    assert np.shares_memory(host, scores.numpy())  # a view, not a copy
+    assert host.argmax(axis=-1).tolist() == torch.argmax(scores, dim=-1).tolist() == [
+        int(torch.argmax(scores[0])), 0, 7, 11, 5, int(torch.argmax(scores[5]))]
+    ours, ref = torch.from_numpy(log_normalizers(host)), torch.logsumexp(scores, dim=-1)
+    assert ours[1] == float("-inf") and ours[2] == float("inf") and ours[3].isnan()
+    assert torch.allclose(ours[[0, 4, 5]], ref[[0, 4, 5]], rtol=1e-6, atol=0)
+    for r in (0, 4, 5):  # alone: the same bits as in the batch
+        assert log_normalizers(host[r : r + 1])[0] == ours[r].item()
+    assert host_scores(scores.to(torch.bfloat16)).dtype == np.float32  # no NumPy bfloat16: a float32 copy

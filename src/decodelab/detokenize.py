@@ -39,8 +39,15 @@ def prompt_context(prompt_ids: list[int]) -> list[int]:
     return list(prompt_ids[-CONTEXT_TOKENS:])
 
 
-def continuation_text(tokenizer, context_ids: list[int], new_ids: list[int]) -> str:
-    """Text that ``new_ids`` add after ``context_ids`` (special tokens skipped).
+def context_text(tokenizer, context_ids: list[int]) -> str:
+    """``decode(context_ids)`` (special tokens skipped): what :func:`continuation_text` strips from the joint decode;
+    a caller decoding many continuations of one context computes it once and passes it on."""
+    return tokenizer.decode(context_ids, skip_special_tokens=True) if context_ids else ""
+
+
+def continuation_text(tokenizer, context_ids: list[int], new_ids: list[int], prefix: str | None = None) -> str:
+    """Text that ``new_ids`` add after ``context_ids`` (special tokens skipped). ``prefix``: the context's own text,
+    :func:`context_text` (decoded here when not given).
 
     Falls back to ``decode(new_ids)`` alone when the context's own text is not a prefix of the joint decode (a
     partial UTF-8 character split between the prompt and the first new token).
@@ -49,7 +56,8 @@ def continuation_text(tokenizer, context_ids: list[int], new_ids: list[int]) -> 
         return ""
     if not context_ids:
         return tokenizer.decode(new_ids, skip_special_tokens=True)
-    prefix = tokenizer.decode(context_ids, skip_special_tokens=True)
+    if prefix is None:
+        prefix = context_text(tokenizer, context_ids)
     full = tokenizer.decode(list(context_ids) + list(new_ids), skip_special_tokens=True)
     if full.startswith(prefix) and not prefix.endswith(REPLACEMENT):
         return full[len(prefix) :]

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from .detokenize import continuation_text, prompt_context
+from .detokenize import context_text, continuation_text, prompt_context
 
 
 def find_stop(text: str, stop_strings: tuple[str, ...], start: int = 0) -> int:
@@ -60,12 +60,13 @@ class StopStrings:
     def __bool__(self) -> bool:
         return bool(self.stop_strings)
 
-    def cut(self, new_ids: list[int], context_ids: list[int] = ()) -> int:
-        """Character index where the text of ``new_ids`` (decoded after the prompt ``context_ids``) must be cut
-        (start of the first stop string), or -1."""
+    def cut(self, new_ids: list[int], context_ids: list[int] = (), prefix: str | None = None) -> int:
+        """Character index where the text of ``new_ids`` (decoded after the prompt ``context_ids``, whose own text
+        is ``prefix`` when the caller has it: :func:`~decodelab.detokenize.context_text`) must be cut (start of the
+        first stop string), or -1."""
         if not self.stop_strings:
             return -1
-        return find_stop(continuation_text(self.tokenizer, list(context_ids), new_ids), self.stop_strings)
+        return find_stop(continuation_text(self.tokenizer, list(context_ids), new_ids, prefix), self.stop_strings)
 
 
 def eos_tensor(eos_ids: tuple[int, ...], device) -> torch.Tensor:
@@ -74,17 +75,22 @@ def eos_tensor(eos_ids: tuple[int, ...], device) -> torch.Tensor:
 
 
 class StoppingCriterion:
-    """One rule that ends a continuation. Subclasses set :attr:`reason` and implement ``__call__``.
+    """One rule that ends a continuation. Subclasses set :attr:`reason` and implement :meth:`hits`.
 
-    ``__call__(new_ids, prompts)``: ``new_ids`` (N, L) int64, the ids generated so far by N continuations (newest
-    last, L >= 1); ``prompts``: the prompt index of each row (length N). Returns an (N,) bool tensor on
-    ``new_ids.device``: True where the continuation ends with its newest token. Never modifies its inputs.
+    ``hits(new_ids, prompts)``: ``new_ids`` the ids generated so far by N continuations, one list per row (newest
+    last, each at least one id); ``prompts``: the prompt index of each row (length N). Returns N bools: True where
+    the continuation ends with its newest token. Never modifies its inputs. The search loops call it on the lists
+    they keep (no tensor per token); ``__call__`` is the same rule on an (N, L) int64 tensor, as transformers'
+    ``StoppingCriteria.__call__``, returning an (N,) bool tensor on ``new_ids.device``.
     """
 
     reason = ""  # the finish_reason of a row this criterion ends: "eos" | "stop" | "length"
 
-    def __call__(self, new_ids: torch.Tensor, prompts: Sequence[int]) -> torch.Tensor:  # pragma: no cover
+    def hits(self, new_ids: Sequence[Sequence[int]], prompts: Sequence[int]) -> list[bool]:  # pragma: no cover
         raise NotImplementedError
+
+    def __call__(self, new_ids: torch.Tensor, prompts: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(self.hits(new_ids.tolist(), prompts), dtype=torch.bool, device=new_ids.device)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -95,16 +101,17 @@ class EosCriterion(StoppingCriterion):
     -1], eos_token_id)``). The eos token stays in the ids; its text is left out of ``new_text``.
 
     Args:
-        eos_ids: (E,) int64 tensor of eos ids, on the device of the ids it will be called with (E may be 0: never).
+        eos_ids: (E,) int64 tensor of eos ids (E may be 0: never).
     """
 
     reason = "eos"
 
     def __init__(self, eos_ids: torch.Tensor):
         self.eos_ids = eos_ids
+        self._ids = frozenset(eos_ids.tolist())
 
-    def __call__(self, new_ids: torch.Tensor, prompts: Sequence[int]) -> torch.Tensor:
-        return torch.isin(new_ids[:, -1], self.eos_ids)
+    def hits(self, new_ids: Sequence[Sequence[int]], prompts: Sequence[int]) -> list[bool]:
+        return [ids[-1] in self._ids for ids in new_ids]
 
     def __repr__(self) -> str:
         return f"EosCriterion({self.eos_ids.tolist()})"
@@ -119,9 +126,8 @@ class MaxLengthCriterion(StoppingCriterion):
     def __init__(self, max_new_tokens: int):
         self.max_new_tokens = max_new_tokens
 
-    def __call__(self, new_ids: torch.Tensor, prompts: Sequence[int]) -> torch.Tensor:
-        done = new_ids.shape[1] >= self.max_new_tokens
-        return torch.full((new_ids.shape[0],), done, dtype=torch.bool, device=new_ids.device)
+    def hits(self, new_ids: Sequence[Sequence[int]], prompts: Sequence[int]) -> list[bool]:
+        return [len(ids) >= self.max_new_tokens for ids in new_ids]
 
     def __repr__(self) -> str:
         return f"MaxLengthCriterion({self.max_new_tokens})"
@@ -143,11 +149,10 @@ class StopStringCriterion(StoppingCriterion):
     def __init__(self, stops: StopStrings, prompts: Sequence[Sequence[int]]):
         self.stops = stops
         self.contexts = [prompt_context(list(p)) for p in prompts]
+        self.texts = [context_text(stops.tokenizer, c) for c in self.contexts]  # decoded once, not per token
 
-    def __call__(self, new_ids: torch.Tensor, prompts: Sequence[int]) -> torch.Tensor:
-        rows = new_ids.tolist()
-        hits = [self.stops.cut(ids, self.contexts[p]) >= 0 for ids, p in zip(rows, prompts)]
-        return torch.tensor(hits, dtype=torch.bool, device=new_ids.device)
+    def hits(self, new_ids: Sequence[Sequence[int]], prompts: Sequence[int]) -> list[bool]:
+        return [self.stops.cut(list(ids), self.contexts[p], self.texts[p]) >= 0 for ids, p in zip(new_ids, prompts)]
 
     def __repr__(self) -> str:
         return f"StopStringCriterion({list(self.stops.stop_strings)})"
@@ -155,28 +160,34 @@ class StopStringCriterion(StoppingCriterion):
 
 class StoppingCriteria(list):
     """The criteria of one request, in precedence order (transformers' ``StoppingCriteriaList``, which ORs them):
-    when several fire on the same token, the row's ``finish_reason`` is the first one's :attr:`reason`."""
+    when several fire on the same token, the row's ``finish_reason`` is the first one's :attr:`reason`.
+
+    The generated ids come as an (N, L) int64 tensor (:meth:`reasons`: or as N lists of ids, what the search loops
+    keep; see :class:`StoppingCriterion`)."""
 
     def __call__(self, new_ids: torch.Tensor, prompts: Sequence[int]) -> torch.Tensor:
         """(N,) bool: True where any criterion fires (see :class:`StoppingCriterion` for the arguments)."""
-        done = torch.zeros(new_ids.shape[0], dtype=torch.bool, device=new_ids.device)
-        for criterion in self:
-            done = done | criterion(new_ids, prompts)
-        return done
+        rows = new_ids.tolist()
+        hits = [criterion.hits(rows, prompts) for criterion in self]
+        done = [any(hit[i] for hit in hits) for i in range(len(rows))]
+        return torch.tensor(done, dtype=torch.bool, device=new_ids.device)
 
     def fired(self, new_ids: torch.Tensor, prompts: Sequence[int]) -> dict[str, torch.Tensor]:
         """``{reason: (N,) bool}`` for every criterion (criteria with the same reason ORed)."""
-        out: dict[str, torch.Tensor] = {}
+        rows = new_ids.tolist()
+        out: dict[str, list[bool]] = {}
         for criterion in self:
-            hit = criterion(new_ids, prompts)
-            out[criterion.reason] = out[criterion.reason] | hit if criterion.reason in out else hit
-        return out
+            hit = criterion.hits(rows, prompts)
+            out[criterion.reason] = [a or b for a, b in zip(out[criterion.reason], hit)] if criterion.reason in out \
+                else hit
+        return {reason: torch.tensor(hit, dtype=torch.bool, device=new_ids.device) for reason, hit in out.items()}
 
-    def reasons(self, new_ids: torch.Tensor, prompts: Sequence[int]) -> list[str | None]:
+    def reasons(self, new_ids: torch.Tensor | Sequence[Sequence[int]], prompts: Sequence[int]) -> list[str | None]:
         """Per row, the :attr:`~StoppingCriterion.reason` of the first criterion that fires, or ``None``."""
-        out: list[str | None] = [None] * new_ids.shape[0]
+        rows = new_ids.tolist() if isinstance(new_ids, torch.Tensor) else new_ids
+        out: list[str | None] = [None] * len(rows)
         for criterion in self:
-            for i, hit in enumerate(criterion(new_ids, prompts).tolist()):
+            for i, hit in enumerate(criterion.hits(rows, prompts)):
                 if hit and out[i] is None:
                     out[i] = criterion.reason
         return out

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from .detokenize import CLEANUP_PATTERNS, cleans_up_spaces, continuation_text, prompt_context, valid_length
+from .detokenize import CLEANUP_PATTERNS, cleans_up_spaces, context_text, continuation_text, prompt_context, valid_length
 from .events import BeamUpdate, Event, Finish, StepDone, TextDelta, TokenEvent, TraceStep
 from .search.common import BeamEvent
 from .stopping import find_stop, holdback
@@ -57,6 +57,7 @@ class IncrementalDetokenizer:
                  eos_ids: tuple[int, ...] | set[int] = ()):
         self.tokenizer = tokenizer
         self.context = prompt_context(list(context_ids))
+        self.context_text = context_text(tokenizer, self.context)  # decoded once, not on every token
         self.stop_strings = tuple(stop_strings)
         self.eos_ids = frozenset(eos_ids)
         self.cleanup = cleans_up_spaces(tokenizer)
@@ -80,7 +81,7 @@ class IncrementalDetokenizer:
 
     def stable_text(self) -> str:
         """The text of the ids so far minus the tail that may still change (see the module docstring)."""
-        full = continuation_text(self.tokenizer, self.context, self.ids)
+        full = continuation_text(self.tokenizer, self.context, self.ids, self.context_text)
         self.end = valid_length(full)
         cut = find_stop(full, self.stop_strings) if self.stop_strings else -1
         if cut >= 0:
@@ -183,7 +184,7 @@ class EventStream:
         tok, context, eos = self.lm.tokenizer, seq.detok.context, seq.detok.eos_ids
         for n in range(len(seq.sent), len(ids)):
             text_ids = [t for t in ids[:n] if t not in eos]
-            offset = valid_length(continuation_text(tok, context, text_ids)) if text_ids else 0
+            offset = valid_length(continuation_text(tok, context, text_ids, seq.detok.context_text)) if text_ids else 0
             seq.sent.append(ids[n])
             yield TokenEvent(i, step, ids[n], self._piece(ids[n]), offset)
 
@@ -214,7 +215,7 @@ class EventStream:
                     i = b * beam_n
                     seq = streamed[i]
                     text = seq.detok.set_ids(stable)
-                    yield BeamUpdate(step, b, i, tuple(best), continuation_text(tok, seq.detok.context, best),
+                    yield BeamUpdate(step, b, i, tuple(best), continuation_text(tok, seq.detok.context, best, seq.detok.context_text),
                                      tuple(stable), seq.detok.text)
                     yield from self._tokens(i, seq, stable, step)
                     if text:
