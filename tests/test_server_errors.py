@@ -528,3 +528,33 @@ def test_api_generate_takes_one_eos_token_id_as_the_python_api_does(server):
     r = server.post("/api/generate", json={"prompt": "hi", "max_new_tokens": 3, "eos_token_id": 5})
     assert r.status_code == 200, r.text
     assert r.json()["trace"]["config"]["eos_token_id"] == [5]
+
+
+def test_streamed_items_put_together_wake_the_event_loop_once_and_arrive_in_order():
+    """Workers hand streamed items to the event loop through one mailbox: the entries put while the loop had not
+    yet taken the earlier ones cost one wake-up of the loop (not one write to its wake-up socket per token and
+    stream), and each queue gets its entries in order."""
+    from decodelab.server.runner import _LoopMail
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        wakes = []
+        call_soon_threadsafe = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: wakes.append(a) or call_soon_threadsafe(*a)
+        mail = _LoopMail(loop)
+        queues = [asyncio.Queue() for _ in range(3)]
+
+        def worker() -> None:
+            for i in range(50):
+                for q in queues:
+                    mail.put(q, i)
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()  # the loop is held here: nothing was delivered yet
+        assert len(wakes) == 1 and all(q.empty() for q in queues)
+        assert [[await q.get() for _ in range(50)] for q in queues] == [list(range(50))] * 3
+        mail.put(queues[0], "next")
+        assert len(wakes) == 2 and await queues[0].get() == "next"
+
+    asyncio.run(main())

@@ -66,6 +66,7 @@ class Runner:
         self._pool: ThreadPoolExecutor | None = None
         self._slots: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._mail: _LoopMail | None = None  # hands streamed items to the event loop (its loop: _mail.loop)
         self.admitted = 0
         self.running = 0
         self.completed = 0
@@ -231,7 +232,9 @@ class Runner:
         items: asyncio.Queue = asyncio.Queue()
         room = threading.Semaphore(STREAM_AHEAD)  # items the worker may pull before the consumer takes them
         stop = threading.Event()
-        fut = self._submit_or_release(functools.partial(_pump, make_iter, loop, items, room, stop))
+        if self._mail is None or self._mail.loop is not loop:
+            self._mail = _LoopMail(loop)
+        fut = self._submit_or_release(functools.partial(_pump, make_iter, self._mail, items, room, stop))
         self._release_when_done(fut)
         try:
             while True:
@@ -283,15 +286,53 @@ def _drain(make_gen: Callable[[], Generator[Any, None, T]], stop: threading.Even
         gen.close()
 
 
-def _pump(make_iter: Callable[[], Iterator[Any]], loop: asyncio.AbstractEventLoop, items: asyncio.Queue,
+class _LoopMail:
+    """Entries handed from worker threads to asyncio queues of one event loop, with one wake-up of the loop for all
+    the entries put while it had not yet taken the earlier ones.
+
+    ``loop.call_soon_threadsafe`` per entry writes to the loop's wake-up socket every time: with continuous batching,
+    16 streams each hand over their token right after the same decode step, and those 16 writes (and the loop's 16
+    wake-ups, each taking the GIL from the requests' own search steps) were 23 % of the request threads' samples
+    (py-spy, AMD EPYC, 16 streaming clients). Entries reach each queue in the order they were put.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Any]] = []
+        self._scheduled = False  # a _deliver call is on its way to the loop
+
+    def put(self, queue: asyncio.Queue, entry: Any) -> None:
+        """Deliver ``entry`` to ``queue`` in the loop's thread (soon). Raises nothing: once the loop is closed
+        (server shutdown) nobody reads, and the entry is dropped."""
+        with self._lock:
+            self._pending.append((queue, entry))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # loop closed at shutdown
+            with self._lock:
+                self._pending.clear()
+                self._scheduled = False
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._scheduled = False
+        for queue, entry in pending:
+            queue.put_nowait(entry)
+
+
+def _pump(make_iter: Callable[[], Iterator[Any]], mail: _LoopMail, items: asyncio.Queue,
           room: threading.Semaphore, stop: threading.Event) -> None:
     """:meth:`Runner.stream`'s worker: pull the items of ``make_iter()`` into ``items`` (``(_ITEM, item)``, then
     ``(_END, None)`` or ``(_FAILED, exception)``), each after taking ``room``; stop when ``stop`` is set; close the
     iterator here, in the thread that ran it."""
 
     def put(kind, value) -> None:
-        with contextlib.suppress(RuntimeError):  # loop closed at shutdown: nobody is reading
-            loop.call_soon_threadsafe(items.put_nowait, (kind, value))
+        mail.put(items, (kind, value))
 
     it = None
     try:
