@@ -92,6 +92,45 @@ def test_detokenizer_property_join_equals_decode(smol_tok, parts, start, length)
         assert stop not in "".join(deltas)
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(["a", " ", "ż", "🙂", "你", "\n", "x", " the", " .", " ,", " n't", " 's", "'", "?"]),
+                min_size=20, max_size=120),
+       st.sampled_from(["smol", "qwen", "smol_cleanup"]))
+def test_detokenizer_decodes_a_few_ids_per_token_and_gives_the_whole_decode(smol_tok, qwen_tok, parts, which):
+    """The detokenizer keeps the text of the ids before its last checkpoint and decodes only the ids after it; at
+    every token its text equals the text of all the ids decoded after the prompt (``continuation_text``), also for
+    a tokenizer that cleans up spaces (" ." -> "."), and each decode covers at most a few ids."""
+    import copy
+
+    from decodelab.detokenize import CONTEXT_TOKENS, continuation_text
+    from decodelab.streaming import CHECKPOINT_TOKENS
+
+    tok = qwen_tok if which == "qwen" else smol_tok
+    if which == "smol_cleanup":
+        tok = copy.copy(smol_tok)
+        tok.clean_up_tokenization_spaces = True  # transformers 5 applies it to a BPE tokenizer only when forced:
+        tok.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+        assert tok.decode(tok(" n't .").input_ids) == "n't."
+    prompt = tok("It was a dark").input_ids
+    ids = tok("".join(parts)).input_ids
+    detok = IncrementalDetokenizer(tok, prompt)
+    decoded: list[int] = []  # ids per decode call of the detokenizer
+    decode = tok.decode
+    counting = lambda token_ids, **kw: decoded.append(len(token_ids)) or decode(token_ids, **kw)  # noqa: E731
+    for n in range(1, len(ids) + 1):
+        tok.decode = counting
+        try:
+            detok.push(ids[n - 1])
+            text = detok.full_text()
+        finally:
+            del tok.decode
+        assert text == continuation_text(tok, prompt[-CONTEXT_TOKENS:], ids[:n])
+    assert "".join([detok.text, detok.finish(continuation_text(tok, prompt[-CONTEXT_TOKENS:], ids))]) == \
+        continuation_text(tok, prompt[-CONTEXT_TOKENS:], ids)
+    if which != "smol_cleanup":  # byte-level text without clean-up: checkpoints wherever a character is whole
+        assert max(decoded) <= CONTEXT_TOKENS + CHECKPOINT_TOKENS + 8  # not len(ids) + CONTEXT_TOKENS
+
+
 # --- LM.stream on a generation forced to write TEXT ---------------------------------------------------------------------
 
 

@@ -27,11 +27,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from .detokenize import CLEANUP_PATTERNS, cleans_up_spaces, context_text, continuation_text, prompt_context, valid_length
+from .detokenize import (CLEANUP_PATTERNS, CONTEXT_TOKENS, cleans_up_spaces, context_text, continuation_text,
+                         prompt_context, valid_length)
 from .events import BeamUpdate, Event, Finish, StepDone, TextDelta, TokenEvent, TraceStep
 from .search.common import BeamEvent
 from .stopping import find_stop, holdback
 from .trace import Generation, Step
+
+
+CHECKPOINT_TOKENS = 4
+""":class:`IncrementalDetokenizer` keeps the text of the ids decoded so far and sets a checkpoint after at most this
+many more ids (where the text can no longer change), so each token decodes at most ~2 x this many ids plus the
+decode context, whatever the length of the generation; it decoded every id so far on every token before."""
 
 
 class IncrementalDetokenizer:
@@ -58,6 +65,9 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.context = prompt_context(list(context_ids))
         self.context_text = context_text(tokenizer, self.context)  # decoded once, not on every token
+        # the text of ids[:_done] is _done_text; later ids are decoded after _window (the ids before them)
+        self._done, self._done_text = 0, ""
+        self._window, self._window_text = self.context, self.context_text
         self.stop_strings = tuple(stop_strings)
         self.eos_ids = frozenset(eos_ids)
         self.cleanup = cleans_up_spaces(tokenizer)
@@ -76,12 +86,37 @@ class IncrementalDetokenizer:
     def set_ids(self, ids: list[int]) -> str:
         """Replace the ids by ``ids`` (which must extend the ids seen so far, as beam search's stable prefix does;
         a trailing eos id is dropped) and return the newly stable text."""
-        self.ids = list(ids[:-1] if ids and ids[-1] in self.eos_ids else ids)
+        new = list(ids[:-1] if ids and ids[-1] in self.eos_ids else ids)
+        if new[: self._done] != self.ids[: self._done]:  # not an extension after all: decode from the prompt again
+            self._done, self._done_text, self._window, self._window_text = 0, "", self.context, self.context_text
+        self.ids = new
         return self._emit()
+
+    def full_text(self) -> str:
+        """``continuation_text(tokenizer, context_ids, ids)``: the whole text of the ids so far, decoding only the
+        ids after the last checkpoint (so each token costs a decode of a few ids, not of everything so far).
+
+        The ids at a checkpoint are never decoded again: their text is kept, and the ids after them are decoded after
+        the :data:`~decodelab.detokenize.CONTEXT_TOKENS` ids before them (as the first new ids are decoded after the
+        prompt's last ids). A checkpoint is set, at most every :data:`CHECKPOINT_TOKENS` ids, only where the text so
+        far can no longer change whatever comes next: it ends with a whole character (no U+FFFD), with no beginning
+        of a pattern that the tokenizer's clean-up of spaces rewrites, and the ids before it decode to some text
+        (a window of special tokens only would let a decoder strip the next token's leading space)."""
+        tail = self.ids[self._done :]
+        text = self._done_text + continuation_text(self.tokenizer, self._window, tail, self._window_text)
+        if len(tail) >= CHECKPOINT_TOKENS and valid_length(text) == len(text) and not (
+                self.cleanup and holdback(text, CLEANUP_PATTERNS)):
+            window = self.ids[-CONTEXT_TOKENS:] if len(self.ids) >= CONTEXT_TOKENS else \
+                (self.context + self.ids)[-CONTEXT_TOKENS:]
+            window_text = context_text(self.tokenizer, window)
+            if window_text:
+                self._done, self._done_text = len(self.ids), text
+                self._window, self._window_text = window, window_text
+        return text
 
     def stable_text(self) -> str:
         """The text of the ids so far minus the tail that may still change (see the module docstring)."""
-        full = continuation_text(self.tokenizer, self.context, self.ids, self.context_text)
+        full = self.full_text()
         self.end = valid_length(full)
         cut = find_stop(full, self.stop_strings) if self.stop_strings else -1
         if cut >= 0:
