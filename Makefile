@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install dev bench bench-load bench-step bench-sweep bench-peers bench-grammar serve clean browser
+.PHONY: demo test install dev bench bench-load bench-step bench-requests bench-sweep bench-peers bench-grammar serve clean browser
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ bench-load: $(STAMP)
 
 bench-step: $(STAMP)
 	$(PY) bench/batch_step.py
+
+# The requests' own CPU per token under continuous batching (the model waits for it every step).
+bench-requests: $(STAMP)
+	$(PY) bench/request_cpu.py
 
 # A sweep (degeneration grid, 64 tokens) locally and on a local Ray cluster with 1 and 2 actors.
 bench-sweep: $(STAMP)

@@ -61,6 +61,17 @@ def test_batch_step_bench_rejects_bad_arguments_with_exit_2(capsys):
     assert "error: invalid --rows='1,x'" in capsys.readouterr().err
 
 
+def test_request_cpu_bench_rejects_bad_arguments_with_exit_2(capsys):
+    import request_cpu
+
+    assert request_cpu.main(["--requests", "0"]) == 2
+    assert request_cpu.main(["--tokens", "-1"]) == 2
+    assert "error: --requests, --tokens and --rounds must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse: an unknown kernel mode
+        request_cpu.main(["--kernels", "turbo"])
+    assert exit_info.value.code == 2
+
+
 def test_load_bench_reads_what_the_scheduler_did_between_two_health_readings():
     import load
 
