@@ -15,15 +15,11 @@ The CPU model is printed and stored with the results in ``bench/results/step-<st
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import pathlib
 import statistics
 import sys
 import time
 
-HERE = pathlib.Path(__file__).resolve().parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -32,6 +28,7 @@ import decodelab  # noqa: E402
 from decodelab.engine import Engine  # noqa: E402
 from decodelab.fastpath.kernel_choice import cpu_model  # noqa: E402
 from load import prompts  # noqa: E402
+from results_io import write_results  # noqa: E402
 
 
 def prefilled(lm: decodelab.LM, texts: list[str], room: int) -> list:
@@ -111,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             ratio = f"  {row['vs_one_row']:.2f}x one row" if one is not None else ""
             print(f"{mode:5s} rows={n:3d} {med:7.1f} ms/step {row['tokens_per_s']:7.1f} tok/s{ratio}")
-    out = HERE / "results" / f"step-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"cpu": cpu, "threads": torch.get_num_threads(), "args": vars(args), "rows": rows},
-                              indent=1))
+    out = write_results("step", {"cpu": cpu, "threads": torch.get_num_threads(), "args": vars(args), "rows": rows})
     print(f"results: {out}")
     return 0
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import pathlib
@@ -43,7 +42,6 @@ import sys
 import tempfile
 import time
 
-HERE = pathlib.Path(__file__).resolve().parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
@@ -53,6 +51,7 @@ from decodelab.engine import Engine  # noqa: E402
 from decodelab.fastpath.kernel_choice import cpu_model  # noqa: E402
 from decodelab.server import Settings, create_app  # noqa: E402
 from decodelab.server.background import BackgroundServer  # noqa: E402
+from results_io import write_results  # noqa: E402
 
 BASE = ["It was a dark and stormy night", "The capital of France is", "Once upon a time, in a small village,",
         "def fibonacci(n):", "The three laws of robotics are", "My favourite recipe for soup starts with"]
@@ -341,9 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"llama.cpp {args.llama_type} clients={n:3d} {res['tokens_per_s']:7.1f} tok/s  ttft p50 "
                       f"{res['ttft_ms_p50']:7.0f} p95 {res['ttft_ms_p95']:7.0f} ms  itl p50 {res['itl_ms_p50']:6.0f} "
                       f"p95 {res['itl_ms_p95']:6.0f} ms")
-    out = HERE / "results" / f"load-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"cpu": cpu, "args": vars(args), "rows": rows}, indent=1))
+    out = write_results("load", {"cpu": cpu, "args": vars(args), "rows": rows})
     print(f"results: {out}")
     return 0
 

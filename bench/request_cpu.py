@@ -14,22 +14,19 @@ The CPU model is printed and stored with the results in ``bench/results/requests
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import pathlib
 import statistics
 import sys
 import threading
 import time
 
-HERE = pathlib.Path(__file__).resolve().parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import decodelab  # noqa: E402
 from decodelab.fastpath.kernel_choice import cpu_model  # noqa: E402
 from decodelab.threads import limit_current_thread  # noqa: E402
 from load import prompts  # noqa: E402
+from results_io import write_results  # noqa: E402
 
 
 def consume(lm: decodelab.LM, prompt: str, tokens: int, events: bool) -> float:
@@ -100,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"round": r, "batched": b})
     med = statistics.median(row["batched"]["cpu_us_per_token"] for row in rows)
     print(f"median batched: {med:.0f} us CPU per request and token")
-    out = HERE / "results" / f"requests-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"cpu": cpu, "args": vars(args), "rows": rows}, indent=1))
+    out = write_results("requests", {"cpu": cpu, "args": vars(args), "rows": rows})
     print(f"results: {out}")
     return 0
 

@@ -17,11 +17,9 @@ import numpy as np
 import torch
 
 from ..config import GenerationConfig
-from ..engine import Engine
 from ..errors import ConfigError
 from ..processors import apply
-from .common import PromptBatch, RawSequence, SearchRequest
-from .tracing import Tracer
+from .common import RawSequence, SearchRequest
 
 # What the generator yields after each step: the new token of every row (pad for finished rows) and which rows
 # were still running before this step.
