@@ -60,7 +60,7 @@ class StopStrings:
     def __bool__(self) -> bool:
         return bool(self.stop_strings)
 
-    def cut(self, new_ids: list[int], context_ids: list[int] = (), prefix: str | None = None) -> int:
+    def cut(self, new_ids: Sequence[int], context_ids: Sequence[int] = (), prefix: str | None = None) -> int:
         """Character index where the text of ``new_ids`` (decoded after the prompt ``context_ids``, whose own text
         is ``prefix`` when the caller has it: :func:`~decodelab.detokenize.context_text`) must be cut (start of the
         first stop string), or -1."""
@@ -152,7 +152,7 @@ class StopStringCriterion(StoppingCriterion):
         self.texts = [context_text(stops.tokenizer, c) for c in self.contexts]  # decoded once, not per token
 
     def hits(self, new_ids: Sequence[Sequence[int]], prompts: Sequence[int]) -> list[bool]:
-        return [self.stops.cut(list(ids), self.contexts[p], self.texts[p]) >= 0 for ids, p in zip(new_ids, prompts)]
+        return [self.stops.cut(ids, self.contexts[p], self.texts[p]) >= 0 for ids, p in zip(new_ids, prompts)]
 
     def __repr__(self) -> str:
         return f"StopStringCriterion({list(self.stops.stop_strings)})"
@@ -177,9 +177,8 @@ class StoppingCriteria(list):
         rows = new_ids.tolist()
         out: dict[str, list[bool]] = {}
         for criterion in self:
-            hit = criterion.hits(rows, prompts)
-            out[criterion.reason] = [a or b for a, b in zip(out[criterion.reason], hit)] if criterion.reason in out \
-                else hit
+            hit, earlier = criterion.hits(rows, prompts), out.get(criterion.reason)
+            out[criterion.reason] = hit if earlier is None else [a or b for a, b in zip(earlier, hit)]
         return {reason: torch.tensor(hit, dtype=torch.bool, device=new_ids.device) for reason, hit in out.items()}
 
     def reasons(self, new_ids: torch.Tensor | Sequence[Sequence[int]], prompts: Sequence[int]) -> list[str | None]:

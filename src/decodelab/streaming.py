@@ -92,6 +92,11 @@ class IncrementalDetokenizer:
         self.ids = new
         return self._emit()
 
+    def text_of(self, ids: list[int]) -> str:
+        """``continuation_text`` of ``ids`` after this sequence's prompt context (its text decoded once), from
+        scratch: for ids that are not the ones pushed (a beam, the ids before a token)."""
+        return continuation_text(self.tokenizer, self.context, ids, self.context_text)
+
     def full_text(self) -> str:
         """``continuation_text(tokenizer, context_ids, ids)``: the whole text of the ids so far, decoding only the
         ids after the last checkpoint (so each token costs a decode of a few ids, not of everything so far).
@@ -216,10 +221,10 @@ class EventStream:
 
     def _tokens(self, i: int, seq: _Sequence, ids: list[int], step: int | None) -> Iterator[TokenEvent]:
         """TokenEvents for the ids of ``ids`` beyond those already reported (offsets decoded token by token)."""
-        tok, context, eos = self.lm.tokenizer, seq.detok.context, seq.detok.eos_ids
+        eos = seq.detok.eos_ids
         for n in range(len(seq.sent), len(ids)):
             text_ids = [t for t in ids[:n] if t not in eos]
-            offset = valid_length(continuation_text(tok, context, text_ids, seq.detok.context_text)) if text_ids else 0
+            offset = valid_length(seq.detok.text_of(text_ids)) if text_ids else 0
             seq.sent.append(ids[n])
             yield TokenEvent(i, step, ids[n], self._piece(ids[n]), offset)
 
@@ -250,7 +255,7 @@ class EventStream:
                     i = b * beam_n
                     seq = streamed[i]
                     text = seq.detok.set_ids(stable)
-                    yield BeamUpdate(step, b, i, tuple(best), continuation_text(tok, seq.detok.context, best, seq.detok.context_text),
+                    yield BeamUpdate(step, b, i, tuple(best), seq.detok.text_of(best),
                                      tuple(stable), seq.detok.text)
                     yield from self._tokens(i, seq, stable, step)
                     if text:
