@@ -1,9 +1,9 @@
 """Many generations at once through continuous batching, from Python (``LM.generate_many`` / ``LM.generate_iter``).
 
-Each request is validated first (all of them, before any runs), then runs its own search loop in a worker thread;
-the engine's :class:`~decodelab.scheduler.Scheduler` runs their decode steps together, its loop in the calling
-thread (the thread that loaded the model, which keeps PyTorch at its speed: :mod:`decodelab.threads`) unless batching
-was already on. Every request keeps its own
+Each request is validated first (all of them, before any runs), then runs its own search loop as a task of the
+engine's :class:`~decodelab.scheduler.Scheduler` (:meth:`~decodelab.scheduler.Scheduler.spawn`), which runs their
+decode steps together, its loop in the calling thread (the thread that loaded the model, which keeps PyTorch at its
+speed: :mod:`decodelab.threads`) unless batching was already on. Every request keeps its own
 settings, seed, stop rules and trace, and its result equals ``lm.generate(prompt, **its_settings)`` run alone (see
 :mod:`decodelab.scheduler` for the kernels where that holds bit for bit).
 """
@@ -11,7 +11,11 @@ settings, seed, stop rules and trace, and its result equals ``lm.generate(prompt
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+import collections
+import functools
+import queue
+import threading
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .errors import DecodelabError, InputError
@@ -85,22 +89,35 @@ def generate_iter(lm: "LM", requests, *, max_batch_size: int = DEFAULT_MAX_BATCH
     """
     runs = _prepare(lm, requests, common)
     own = lm.engine.scheduler is None  # this call starts batching: the calling thread runs the scheduler's loop
-    with batching(lm, max_batch_size, thread=not own) as scheduler, ThreadPoolExecutor(
-            max_workers=max_batch_size, thread_name_prefix="decodelab-request") as pool:
-        futures = {pool.submit(drain, run): i for i, run in enumerate(runs)}
-        for fut in futures:
-            fut.add_done_callback(lambda _: scheduler.wake())
+    with batching(lm, max_batch_size, thread=not own) as scheduler:
+        waiting = collections.deque(enumerate(runs))
+        finished: queue.SimpleQueue[tuple[int, Future]] = queue.SimpleQueue()
+        lock = threading.Lock()
+        stopped = False  # the consumer stopped early: start nothing more
+
+        def start_next() -> None:  # at most max_batch_size requests at once, as many KV caches
+            with lock:
+                if stopped or not waiting:
+                    return
+                i, run = waiting.popleft()
+            scheduler.spawn(functools.partial(drain, run)).add_done_callback(functools.partial(done, i))
+
+        def done(i: int, fut: Future) -> None:
+            finished.put((i, fut))
+            start_next()
+            scheduler.wake()
+
         try:
-            pending = set(futures)
-            while pending:
+            for _ in range(min(max_batch_size, len(runs))):
+                start_next()
+            for _ in range(len(runs)):
                 if own:  # the model runs here until some request has finished
-                    scheduler.run(until=lambda: any(f.done() for f in pending))
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in sorted(done, key=futures.get):
-                    yield futures[fut], fut.result()
+                    scheduler.run(until=lambda: not finished.empty())
+                i, fut = finished.get()
+                yield i, fut.result()
         finally:
-            for fut in futures:
-                fut.cancel()
+            with lock:
+                stopped = True
             if own:  # requests still running (the consumer stopped early) end their current step, then stop
                 scheduler.close()
                 scheduler.run()

@@ -7,10 +7,13 @@ at full speed (:mod:`decodelab.threads`).
 
 What it does:
 
-1. Requests run their own search loops (processors, seeded generators, stop rules, tracer, stream) in their own
-   threads, exactly as alone: the search code does not know it is batched. Their calls into the
-   :class:`~decodelab.engine.Engine` (``prefill``, ``step``, ``full_logits``) are handed to the scheduler thread,
-   the only thread that calls the model, and block until it answers.
+1. Requests run their own search loops (processors, seeded generators, stop rules, tracer, stream) exactly as
+   alone: the search code does not know it is batched. Their calls into the :class:`~decodelab.engine.Engine`
+   (``prefill``, ``step``, ``full_logits``) are handed to the scheduler thread, the only thread that calls the
+   model. A request runs either in a thread of its own, which blocks until the scheduler answers, or (what
+   ``generate_many`` and the server do) as a task of the scheduler (:meth:`Scheduler.spawn`): a greenlet in the
+   scheduler's own thread that hands the thread back at each engine call and is resumed with the answer, so a
+   token costs no thread wake-up and no GIL handoff per request (``bench/request_cpu.py`` measures both).
 2. Decode steps are gathered: the scheduler runs one step when every active request has asked for its next step,
    when ``max_batch_size`` rows are waiting, or ``gather_s`` after the first one asked, counted from the end of the
    previous step (a request that is slow to come back, e.g. a stream whose client reads slowly, joins the next
@@ -43,13 +46,17 @@ from __future__ import annotations
 
 import collections
 import contextvars
+import functools
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import greenlet
 import torch
+
+from .threads import set_thread_count
 
 DEFAULT_GATHER_S = 0.05  # longest wait for the slowest active request before a step runs without it
 PASS_SHARE = 1.0  # time for prefills between two decode steps, as a multiple of the last decode step's time
@@ -65,6 +72,28 @@ clients sending together, ``kernels="fast"``: 87 steps of 11.6 rows and 111 of 1
 # round-robin between owners, oldest first within one owner, so one client's burst of prompts cannot queue ahead of
 # another client's prompt; with no owner set (the Python API), passes run in arrival order.
 PASS_OWNER: contextvars.ContextVar[str | None] = contextvars.ContextVar("decodelab_pass_owner", default=None)
+
+
+@dataclass(eq=False)
+class Task:
+    """A request running inside the scheduler's thread (:meth:`Scheduler.spawn`); opaque to callers, who only hand it
+    back to :meth:`Scheduler.wake_task`."""
+
+    fn: Callable[[], Any]
+    context: contextvars.Context
+    future: Future = field(default_factory=Future)
+    glet: Any = None  # its greenlet, once started
+    paused: bool = False  # in Scheduler.pause, waiting for wake_task
+    wake_pending: bool = False  # wake_task came before pause
+    failure: BaseException | None = None  # raised in the task when it resumes from pause (the scheduler closed)
+
+
+class _TaskGreenlet(greenlet.greenlet):
+    """The greenlet of a :class:`Task`: how the scheduler recognises its own tasks' calls."""
+
+    def __init__(self, run: Callable[[], Any], parent, scheduler: "Scheduler", task: Task) -> None:
+        super().__init__(run, parent)
+        self.scheduler, self.task = scheduler, task
 
 
 @dataclass
@@ -134,9 +163,13 @@ class Scheduler:
         self._served: dict[str | None, int] = {}  # owner -> number of the last pass started for it
         self._active: set[int] = set()  # id() of the decode states that have stepped and not been released
         self._closed = False
+        self._new_tasks: collections.deque[Task] = collections.deque()  # spawned, not started
+        self._resumable: collections.deque[Task] = collections.deque()  # to resume: their op is settled, or woken
+        self._paused: set[Task] = set()  # in pause(), waiting for wake_task
         self.steps = self.rows_stepped = self.max_rows = self.passes = self.slices = self.steps_within_passes = 0
         self.passes_started = 0
-        self.step_s = self.pass_s = self.wait_s = 0.0
+        self.tasks = 0
+        self.step_s = self.pass_s = self.wait_s = self.task_s = 0.0
         self._thread: threading.Thread | None = None  # the thread running the loop
         self._own_thread: threading.Thread | None = None
         self._driver = None if thread else threading.current_thread()  # who runs the loop (thread=False)
@@ -150,8 +183,71 @@ class Scheduler:
         without its own thread, the thread that drives it (its creator) while the loop is paused (a
         ``generate_iter`` consumer scoring or generating between two results: queueing that call would wait for
         the loop this very thread runs)."""
+        if self.current_task() is not None:  # a task's model calls go through the queue like any request's
+            return False
         current = threading.current_thread()
         return current is self._thread or (self._thread is None and current is self._driver)
+
+    def current_task(self) -> Task | None:
+        """The :class:`Task` of this scheduler the caller runs in (:meth:`spawn`), else ``None``."""
+        current = greenlet.getcurrent()
+        return current.task if isinstance(current, _TaskGreenlet) and current.scheduler is self else None
+
+    def spawn(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn()`` (a request: a search loop and whatever consumes it) as a task inside the loop's own thread
+        and return a ``concurrent.futures.Future`` of its result.
+
+        A task runs until it calls the engine (``prefill``, ``step``, ``full_logits``): its call is queued as any
+        request's, and the loop goes on with other work (a greenlet switch, no thread handoff) and resumes the task
+        with the answer. After a decode step the loop resumes each task of the step in turn, each runs its own
+        search step and asks for the next, and the next step is due at once. Compared with a thread per request,
+        this removes a thread wake-up and a GIL handoff per request and token (measured in ``bench/request_cpu.py``).
+        A task runs as a request thread would: its own context variables (a copy of the caller's), one OpenMP
+        thread for its own tensor work, grad mode on and inference mode off; the loop switches those back for the
+        model. A task must not block on anything but the engine and :meth:`pause` (it would hold the model's
+        thread). Cancelling the future before the task starts skips it.
+
+        Raises:
+            RuntimeError: the scheduler is closed.
+        """
+        task = Task(fn, contextvars.copy_context())
+        with self._cond:
+            self._check_open()
+            self._new_tasks.append(task)
+            self._cond.notify_all()
+        return task.future
+
+    def pause(self) -> None:
+        """Suspend the calling task until :meth:`wake_task` is called for it (from any thread; at once if that
+        already happened since its last pause). The loop goes on meanwhile.
+
+        Raises:
+            RuntimeError: not called from a task of this scheduler, or the scheduler closed while it waited.
+        """
+        task = self.current_task()
+        if task is None:
+            raise RuntimeError("Scheduler.pause() is for the scheduler's own tasks (Scheduler.spawn)")
+        with self._cond:
+            if task.wake_pending:
+                task.wake_pending = False
+                return
+            task.paused = True
+            self._paused.add(task)
+        self._park(None)
+        if task.failure is not None:
+            failure, task.failure = task.failure, None
+            raise failure
+
+    def wake_task(self, task: Task) -> None:
+        """Resume ``task`` from :meth:`pause` (or let its next pause return at once). Thread-safe."""
+        with self._cond:
+            if task.paused:
+                task.paused = False
+                self._paused.discard(task)
+                self._resumable.append(task)
+                self._cond.notify_all()
+            else:
+                task.wake_pending = True
 
     def run_pass(self, fn: Callable[[], Any], sliced: bool = False) -> Any:
         """Run ``fn()`` (a prefill or a full forward pass) in the scheduler thread between decode steps; block
@@ -162,12 +258,13 @@ class Scheduler:
             self._check_open()
             self._passes.append(op)
             self._cond.notify_all()
-        return op.future.result()
+        return self._park(op) if self.current_task() is not None else op.future.result()
 
     def step(self, state, tokens: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` (B,) to ``state`` in the next batched decode step; block until it ran and return the
         (B, V) float32 logits, as :meth:`Engine.step` does."""
         op = _StepOp(state, tokens)
+        task = self.current_task()
         with self._cond:
             self._check_open()
             first = not self._steps
@@ -177,10 +274,11 @@ class Scheduler:
             self._waiting_rows += op.rows
             self._active.add(id(state))
             # Wake the loop only when this request starts a gather (the loop then waits until it is due) or
-            # completes one: a notification per request made the loop take the GIL 16 times per 16-row step.
-            if first or self._waiting_rows >= self.max_batch_size or self._all_asked():
+            # completes one: a notification per request made the loop take the GIL 16 times per 16-row step. A task
+            # runs in the loop's thread: nobody to wake.
+            if task is None and (first or self._waiting_rows >= self.max_batch_size or self._all_asked()):
                 self._cond.notify_all()
-        return op.future.result()
+        return self._park(op) if task is not None else op.future.result()
 
     def release(self, state) -> None:
         """``state``'s request is finished (or gone): the next steps no longer wait for it."""
@@ -257,15 +355,25 @@ class Scheduler:
     def _loop(self, until: Callable[[], bool] | None = None) -> None:
         with torch.inference_mode():
             while True:
+                self._run_tasks()
                 if until is not None and until():
                     return
                 with self._cond:
-                    while not self._steps and not self._passes and self._current is None and not self._closed:
+                    while not (self._steps or self._passes or self._current is not None or self._resumable
+                               or self._new_tasks or self._closed):
                         if until is not None and until():
                             return
                         self._wait(None)
+                    if self._resumable or self._new_tasks:
+                        continue
                     if self._closed and not self._steps and not self._passes and self._current is None:
-                        return
+                        if not self._paused:
+                            return
+                        for task in self._paused:  # waiting for a wake that will not come: end them
+                            task.paused, task.failure = False, RuntimeError("the batching scheduler is closed")
+                            self._resumable.append(task)
+                        self._paused.clear()
+                        continue
                     steps: list[_StepOp] = []
                     if self._steps and (self._closed or self._ready()):
                         steps = self._take_steps()
@@ -287,9 +395,66 @@ class Scheduler:
                         waiting = len(self._passes) + (self._current is not None)
                         if waiting > WAITING_SERVED_RATIO * len(self._active):
                             drain = self.passes + waiting  # the passes waiting now, all of them, before a step
-                started = time.monotonic()
+                started, task_s = time.monotonic(), self.task_s
                 self._run_passes(deadline, drain)
-                self.pass_s += time.monotonic() - started
+                self.pass_s += time.monotonic() - started - (self.task_s - task_s)  # tasks run between passes
+
+    # --- tasks (Scheduler.spawn) -------------------------------------------------------------------------------
+    def _park(self, op: _PassOp | _StepOp | None) -> Any:
+        """In a task: hand the loop's thread back until ``op`` (queued by the caller) is settled, then return its
+        result or raise its exception; ``op=None``: until :meth:`wake_task`."""
+        current = greenlet.getcurrent()
+        if op is not None:
+            op.future.add_done_callback(functools.partial(self._make_ready, current.task))
+        with torch.inference_mode():  # the loop's own mode while it runs; the task's comes back when it resumes
+            current.parent.switch()
+        return None if op is None else op.future.result()
+
+    def _make_ready(self, task: Task, _future: Future | None = None) -> None:
+        with self._cond:
+            self._resumable.append(task)
+
+    def _run_tasks(self) -> None:
+        """Resume the ready tasks and start the new ones, each until it parks again or ends (loop thread)."""
+        while True:
+            with self._cond:
+                if self._resumable:
+                    task = self._resumable.popleft()
+                elif self._new_tasks:
+                    task = self._new_tasks.popleft()
+                else:
+                    return
+            self._switch(task)
+
+    def _switch(self, task: Task) -> None:
+        """Run ``task`` (loop thread) until it parks or ends; its own tensor work runs on one OpenMP thread, the
+        loop's count is restored after."""
+        if task.glet is None:
+            if not task.future.set_running_or_notify_cancel():
+                return  # cancelled before it started
+            if self._closed:
+                task.future.set_exception(RuntimeError("the batching scheduler is closed"))
+                return
+            task.glet = _TaskGreenlet(functools.partial(self._task_main, task), greenlet.getcurrent(), self, task)
+            task.glet.gr_context = task.context
+        started = time.monotonic()
+        threads = set_thread_count(1)
+        try:
+            task.glet.switch()
+        finally:
+            if threads is not None:
+                set_thread_count(threads)
+            self.task_s += time.monotonic() - started
+
+    @staticmethod
+    def _task_main(task: Task) -> None:
+        try:
+            with torch.inference_mode(False), torch.enable_grad():  # as a request thread: the loop's modes are off
+                result = task.fn()
+        except BaseException as exc:  # reaches the future's owner, never the loop
+            task.future.set_exception(exc)
+        else:
+            task.future.set_result(result)
 
     def _wait(self, timeout: float | None) -> None:
         """Wait on the condition (lock held); the time counts in ``wait_s`` while some request is decoding."""
@@ -312,6 +477,7 @@ class Scheduler:
                         return
                     op = self._current = self._next_pass()
             self._advance(op)
+            self._run_tasks()  # the pass's task (and any other ready one) goes on to its next model call
             if drain:
                 if self.passes >= drain:
                     return

@@ -73,6 +73,20 @@ def limit_current_thread() -> None:
         lib.omp_set_num_threads(1)
 
 
+def set_thread_count(n: int) -> int | None:
+    """Set the calling thread's OpenMP thread count to ``n`` (nothing else: no :func:`single_threaded` stack);
+    returns the count it replaced, or ``None`` (and does nothing) without an OpenMP runtime. The batching scheduler
+    uses it around the request tasks it runs in its own thread (:meth:`decodelab.scheduler.Scheduler.spawn`): 1 for
+    a task's own work, the model's count back for the model. Raises nothing."""
+    lib = _runtime()
+    if lib is None:
+        return None
+    previous = lib.omp_get_max_threads()
+    if previous != n:
+        lib.omp_set_num_threads(n)
+    return previous
+
+
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
     """Run the block's PyTorch CPU operators in the calling thread only (OpenMP's per-thread ``nthreads`` setting

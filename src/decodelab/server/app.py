@@ -63,7 +63,8 @@ def create_app(lm, settings: Settings | None = None) -> FastAPI:
         if lm.engine.scheduler is not None:
             limit_current_thread()
 
-    runner = Runner(settings.concurrency, settings.max_queue, settings.request_timeout_s, thread_setup=worker_setup)
+    runner = Runner(settings.concurrency, settings.max_queue, settings.request_timeout_s, thread_setup=worker_setup,
+                    tasks=lambda: lm.engine.scheduler)
 
     def start_batching() -> None:
         if settings.max_batch_size > 1:

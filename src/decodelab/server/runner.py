@@ -1,6 +1,6 @@
 """Runner: the one queue in front of the model.
 
-Every model call of the server goes through one :class:`Runner`. It runs blocking work in worker threads, at most
+Every model call of the server goes through one :class:`Runner`. It runs blocking work in workers, at most
 ``max_concurrent`` at a time (default 1: one generation at a time, in arrival order), lets at most ``max_queue``
 more wait (one more gets :class:`QueueFullError`, a 503), and gives each request ``timeout_s`` seconds, queueing
 included (then :class:`RequestTimeoutError`, a 504).
@@ -16,6 +16,10 @@ Three ways in:
   a few items ahead of the consumer (:data:`STREAM_AHEAD`); when the consumer stops (client disconnect cancels the
   response task), the worker stops after the item it is computing, the iterator is closed in the worker and the
   slot is freed.
+
+A worker is a task of the continuous-batching scheduler when batching is on (``tasks`` returns the
+:class:`~decodelab.scheduler.Scheduler`: :meth:`~decodelab.scheduler.Scheduler.spawn` runs it in the model's own
+thread, and its model calls hand that thread back instead of blocking), else a pool thread.
 """
 
 from __future__ import annotations
@@ -52,15 +56,18 @@ class Runner:
         timeout_s: seconds per request, waiting included.
         thread_setup: called once in each worker thread when it starts (the app limits the threads' own tensor work
             to one core while the batching scheduler runs the model elsewhere: :mod:`decodelab.threads`).
+        tasks: returns the batching scheduler whose tasks the workers are (:meth:`Scheduler.spawn
+            <decodelab.scheduler.Scheduler.spawn>`), or ``None``: pool threads. Asked for each request.
 
     Counters (read-only, for health checks and tests): ``running`` (slots taken), ``admitted`` (running + waiting),
     ``completed``, ``rejected`` (queue full), ``timed_out``, ``cancelled``.
     """
 
     def __init__(self, max_concurrent: int = 1, max_queue: int = 64, timeout_s: float = 300.0,
-                 thread_setup: Callable[[], None] | None = None) -> None:
+                 thread_setup: Callable[[], None] | None = None, tasks: Callable[[], Any] | None = None) -> None:
         self.max_concurrent = max_concurrent
         self.thread_setup = thread_setup
+        self.tasks = tasks
         self.max_queue = max_queue
         self.timeout_s = timeout_s
         self._pool: ThreadPoolExecutor | None = None
@@ -124,15 +131,22 @@ class Runner:
 
         fut.add_done_callback(done)
 
-    def _submit(self, fn: Callable[[], Any]):
-        """Submit ``fn`` to a worker thread, run in a copy of the caller's context variables (so the scheduler sees
-        the request's :data:`~decodelab.scheduler.PASS_OWNER`). Raises ``RuntimeError`` when shut down."""
+    def _scheduler(self):
+        """The scheduler whose tasks the workers are now, or ``None`` (pool threads)."""
+        return self.tasks() if self.tasks is not None else None
+
+    def _submit(self, fn: Callable[[], Any], scheduler=None):
+        """Submit ``fn`` to a worker (a task of ``scheduler``, else a pool thread), run in a copy of the caller's
+        context variables (so the scheduler sees the request's :data:`~decodelab.scheduler.PASS_OWNER`). Raises
+        ``RuntimeError`` when shut down."""
+        if scheduler is not None:
+            return scheduler.spawn(fn)
         return self._executor().submit(contextvars.copy_context().run, fn)
 
-    def _submit_or_release(self, fn: Callable[[], Any]):
-        """Submit ``fn`` to the worker; if the executor is shut down, give the slot back and raise a 503."""
+    def _submit_or_release(self, fn: Callable[[], Any], scheduler=None):
+        """Submit ``fn`` to the worker; if it is shut down, give the slot back and raise a 503."""
         try:
-            return self._submit(fn)
+            return self._submit(fn, scheduler)
         except RuntimeError:
             self._release()
             raise QueueFullError("server is shutting down") from None
@@ -152,7 +166,7 @@ class Runner:
         deadline = loop.time() + self.timeout_s
         self._admit()
         await self._acquire(deadline)
-        fut = self._submit_or_release(functools.partial(fn, *args, **kwargs))
+        fut = self._submit_or_release(functools.partial(fn, *args, **kwargs), self._scheduler())
         self._release_when_done(fut)
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), max(deadline - loop.time(), 0.0))
@@ -180,7 +194,7 @@ class Runner:
         self._admit()
         await self._acquire(deadline)
         stop = threading.Event()
-        fut = self._submit_or_release(functools.partial(_drain, make_gen, stop))
+        fut = self._submit_or_release(functools.partial(_drain, make_gen, stop), self._scheduler())
         self._release_when_done(fut)
         work = asyncio.ensure_future(asyncio.shield(asyncio.wrap_future(fut)))
         watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
@@ -204,7 +218,7 @@ class Runner:
                 watcher.cancel()
             if not work.done():
                 work.cancel()
-                work.add_done_callback(_swallow)
+            work.add_done_callback(_swallow)  # a result nobody awaits (e.g. cancelled while the worker failed)
 
     async def stream(self, make_iter: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
         """Yield the items of the blocking iterator ``make_iter()``, pulled in one worker thread up to
@@ -230,11 +244,12 @@ class Runner:
         self._admit()
         await self._acquire(deadline)
         items: asyncio.Queue = asyncio.Queue()
-        room = threading.Semaphore(STREAM_AHEAD)  # items the worker may pull before the consumer takes them
+        scheduler = self._scheduler()
+        room = _Room(STREAM_AHEAD, scheduler)  # items the worker may pull before the consumer takes them
         stop = threading.Event()
         if self._mail is None or self._mail.loop is not loop:
             self._mail = _LoopMail(loop)
-        fut = self._submit_or_release(functools.partial(_pump, make_iter, self._mail, items, room, stop))
+        fut = self._submit_or_release(functools.partial(_pump, make_iter, self._mail, items, room, stop), scheduler)
         self._release_when_done(fut)
         try:
             while True:
@@ -244,7 +259,7 @@ class Runner:
                 except TimeoutError:
                     self.timed_out += 1
                     raise RequestTimeoutError(self._timeout_message("generating")) from None
-                room.release()
+                room.give()
                 if kind is _END:
                     return
                 if kind is _FAILED:
@@ -255,7 +270,7 @@ class Runner:
             raise
         finally:
             stop.set()
-            room.release()  # wakes a worker waiting for room, which then stops
+            room.give()  # wakes a worker waiting for room, which then stops
 
     def _executor(self) -> ThreadPoolExecutor:
         """The worker threads (created on first use, and again after :meth:`shutdown` if the app restarts)."""
@@ -325,8 +340,52 @@ class _LoopMail:
             queue.put_nowait(entry)
 
 
+class _Room:
+    """How many more items a stream's worker may pull before its consumer takes them: a semaphore whose wait, in a
+    scheduler task, pauses the task (:meth:`Scheduler.pause <decodelab.scheduler.Scheduler.pause>`) instead of
+    blocking the model's thread.
+
+    Args:
+        ahead: items allowed at first.
+        scheduler: the scheduler whose task the worker may be, or ``None``.
+    """
+
+    def __init__(self, ahead: int, scheduler=None) -> None:
+        self._cond = threading.Condition()
+        self._free = ahead
+        self._scheduler = scheduler
+        self._task = None  # the task paused for room
+
+    def take(self) -> None:
+        """Worker: wait until there is room and take one place. Raises ``RuntimeError`` when the scheduler closed
+        while its task waited."""
+        task = self._scheduler.current_task() if self._scheduler is not None else None
+        if task is None:
+            with self._cond:
+                while self._free <= 0:
+                    self._cond.wait()
+                self._free -= 1
+            return
+        while True:
+            with self._cond:
+                if self._free > 0:
+                    self._free -= 1
+                    return
+                self._task = task
+            self._scheduler.pause()
+
+    def give(self) -> None:
+        """Consumer: one more place (an item taken, or the consumer stopped). Thread-safe; raises nothing."""
+        with self._cond:
+            self._free += 1
+            task, self._task = self._task, None
+            self._cond.notify()
+        if task is not None:
+            self._scheduler.wake_task(task)
+
+
 def _pump(make_iter: Callable[[], Iterator[Any]], mail: _LoopMail, items: asyncio.Queue,
-          room: threading.Semaphore, stop: threading.Event) -> None:
+          room: _Room, stop: threading.Event) -> None:
     """:meth:`Runner.stream`'s worker: pull the items of ``make_iter()`` into ``items`` (``(_ITEM, item)``, then
     ``(_END, None)`` or ``(_FAILED, exception)``), each after taking ``room``; stop when ``stop`` is set; close the
     iterator here, in the thread that ran it."""
@@ -338,7 +397,7 @@ def _pump(make_iter: Callable[[], Iterator[Any]], mail: _LoopMail, items: asynci
     try:
         it = iter(make_iter())
         while True:
-            room.acquire()
+            room.take()
             if stop.is_set():
                 return
             try:

@@ -1,0 +1,203 @@
+"""Requests as tasks of the batching scheduler (``Scheduler.spawn``): greenlets in the scheduler's own thread.
+
+A task runs until it calls the engine, hands the thread back, and is resumed with the answer; tasks that ask for a
+step together share it (no gather wait: the loop knows they all asked). A task can pause until another thread wakes
+it (a stream's consumer that has not taken its items yet); closing the scheduler fails a paused task instead of
+leaving it hanging; a task cancelled before it starts never runs; a task runs with its own context variables, grad
+mode on, inference mode off and one OpenMP thread, and the loop gets its own settings back for the model. The
+server's stream backpressure (``_Room``) pauses a task instead of blocking the model's thread.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+
+import pytest
+import torch
+
+from decodelab.scheduler import Scheduler
+from decodelab.server.runner import _Room
+
+
+class RecordingEngine:
+    """A fake engine: each row's logits are its token plus the step number; records the thread and OpenMP count."""
+
+    def __init__(self) -> None:
+        self.threads: set[str] = set()
+        self.omp: set[int] = set()
+        self.inference: set[bool] = set()
+        self.calls = 0
+
+    def step_many(self, states, tokens):
+        self.calls += 1
+        self.threads.add(threading.current_thread().name)
+        self.omp.add(torch.get_num_threads())
+        self.inference.add(torch.is_inference_mode_enabled())
+        return [t.float().unsqueeze(1) + self.calls for t in tokens]
+
+
+def test_spawned_tasks_run_in_the_loop_thread_and_share_steps():
+    engine = RecordingEngine()
+    scheduler = Scheduler(engine, max_batch_size=8, gather_s=30.0)  # a gather wait would make this test hang
+    seen_threads: set[str] = set()
+
+    def request(token: int) -> list[float]:
+        state = object()
+        seen_threads.add(threading.current_thread().name)
+        assert scheduler.current_task() is not None and not scheduler.owns_current_thread()
+        out = [scheduler.step(state, torch.tensor([token]))[0, 0].item() for _ in range(5)]
+        scheduler.release(state)
+        return out
+
+    futures = [scheduler.spawn(lambda t=t: request(t)) for t in range(4)]
+    results = [f.result(timeout=30) for f in futures]
+    scheduler.close()
+    assert seen_threads == engine.threads == {"decodelab-scheduler"}
+    assert scheduler.steps == 5 and scheduler.max_rows == 4  # every step carried all four tasks
+    assert results == [[t + step for step in range(1, 6)] for t in range(4)]
+    assert scheduler.current_task() is None  # outside a task
+
+
+def test_a_task_runs_with_its_own_settings_and_the_loop_gets_its_own_back():
+    engine = RecordingEngine()
+    scheduler = Scheduler(engine, max_batch_size=4, gather_s=0.01)
+    who = contextvars.ContextVar("who", default="nobody")
+    who.set("caller")  # copied into the task when spawned
+    torch_threads = torch.get_num_threads()
+
+    def request():
+        state = object()
+        inside = (who.get(), torch.get_num_threads(), torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        scheduler.step(state, torch.tensor([1]))
+        after = (who.get(), torch.get_num_threads(), torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        who.set("task")  # the task's own copy
+        scheduler.release(state)
+        return inside, after
+
+    inside, after = scheduler.spawn(request).result(timeout=30)
+    scheduler.close()
+    expected_threads = 1 if torch_threads > 1 else torch_threads
+    assert inside == after == ("caller", expected_threads, True, False)
+    assert who.get() == "caller"
+    assert engine.inference == {True} and engine.omp == {torch.get_num_threads()}
+
+
+def test_a_task_exception_reaches_its_future_and_the_others_go_on():
+    scheduler = Scheduler(RecordingEngine(), max_batch_size=4, gather_s=0.01)
+
+    def bad():
+        scheduler.step(object(), torch.tensor([1]))
+        raise ValueError("the request's own error")
+
+    def good():
+        state = object()
+        out = [scheduler.step(state, torch.tensor([2]))[0, 0].item() for _ in range(3)]
+        scheduler.release(state)
+        return len(out)
+
+    failing, fine = scheduler.spawn(bad), scheduler.spawn(good)
+    with pytest.raises(ValueError, match="the request's own error"):
+        failing.result(timeout=30)
+    assert fine.result(timeout=30) == 3
+    scheduler.close()
+
+
+def test_pause_waits_for_wake_task_and_an_early_wake_is_kept():
+    scheduler = Scheduler(RecordingEngine(), max_batch_size=4, gather_s=0.01)
+    log: list[str] = []
+    paused = threading.Event()
+    holder: dict = {}
+
+    def sleeper():
+        holder["task"] = scheduler.current_task()
+        log.append("pause")
+        paused.set()
+        scheduler.pause()
+        log.append("woken")
+        scheduler.wake_task(scheduler.current_task())  # woken before its next pause: that one returns at once
+        scheduler.pause()
+        log.append("done")
+        return "ok"
+
+    def stepper():
+        state = object()
+        for _ in range(4):
+            scheduler.step(state, torch.tensor([1]))
+        scheduler.release(state)
+        log.append("stepper done")
+
+    fut = scheduler.spawn(sleeper)
+    assert paused.wait(30)
+    scheduler.spawn(stepper).result(timeout=30)  # runs while the sleeper is paused
+    assert log == ["pause", "stepper done"]
+    scheduler.wake_task(holder["task"])
+    assert fut.result(timeout=30) == "ok"
+    assert log == ["pause", "stepper done", "woken", "done"]
+    with pytest.raises(RuntimeError, match="own tasks"):
+        scheduler.pause()  # not a task
+    scheduler.close()
+
+
+def test_closing_fails_a_paused_task_and_refuses_new_ones():
+    scheduler = Scheduler(RecordingEngine(), max_batch_size=4, gather_s=0.01)
+    paused = threading.Event()
+
+    def waits_forever():
+        paused.set()
+        scheduler.pause()
+
+    fut = scheduler.spawn(waits_forever)
+    assert paused.wait(30)
+    scheduler.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        fut.result(timeout=30)
+    with pytest.raises(RuntimeError, match="closed"):
+        scheduler.spawn(lambda: None)
+
+
+def test_a_task_cancelled_before_it_starts_never_runs():
+    scheduler = Scheduler(RecordingEngine(), max_batch_size=4, gather_s=0.01, thread=False)  # loop not running yet
+    ran: list[int] = []
+    cancelled = scheduler.spawn(lambda: ran.append(1))
+    kept = scheduler.spawn(lambda: ran.append(2) or "kept")
+    assert cancelled.cancel()
+    scheduler.run(until=kept.done)
+    assert ran == [2] and kept.result() == "kept" and cancelled.cancelled()
+    scheduler.close()
+    scheduler.run()
+
+
+def test_a_stream_task_waiting_for_its_consumer_pauses_without_holding_the_model():
+    """``_Room`` (the server's stream backpressure): a task with no room left pauses, the other tasks keep stepping,
+    and the consumer's ``give`` resumes it."""
+    scheduler = Scheduler(RecordingEngine(), max_batch_size=4, gather_s=0.01)
+    room = _Room(1, scheduler)
+    pulled: list[int] = []
+
+    def producer():
+        for i in range(3):
+            room.take()
+            pulled.append(i)
+        return "produced"
+
+    def other():
+        state = object()
+        for _ in range(6):
+            scheduler.step(state, torch.tensor([3]))
+        scheduler.release(state)
+        return "stepped"
+
+    produced = scheduler.spawn(producer)
+    assert scheduler.spawn(other).result(timeout=30) == "stepped"  # not held by the paused producer
+    assert pulled == [0] and not produced.done()
+    room.give()
+    room.give()
+    assert produced.result(timeout=30) == "produced"
+    assert pulled == [0, 1, 2]
+    scheduler.close()
+    # without a scheduler, _Room is a plain semaphore for a worker thread
+    plain = _Room(1)
+    plain.take()
+    threading.Timer(0.05, plain.give).start()
+    plain.take()
