@@ -108,14 +108,16 @@ async def run_clients(url: str, clients: int, per_client: int, tokens: int) -> d
 def scheduler_delta(before: dict | None, after: dict | None) -> dict:
     """What the batching scheduler did between two ``/health`` readings (``{}`` without batching): decode
     ``steps``, ``mean_rows`` per step, ``ms_per_step``, seconds in steps (``step_s``), in prefills (``pass_s``) and
-    waiting for decoding requests to ask for their next step (``wait_s``; 0 where the server does not report it)."""
+    waiting for decoding requests to ask for their next step (``wait_s``) and running the requests' own work in the
+    model's thread (``task_s``); 0 where the server does not report them."""
     if not before or not after:
         return {}
     steps = after["steps"] - before["steps"]
     step_s = after["step_s"] - before["step_s"]
     return {"steps": steps, "mean_rows": (after["rows_stepped"] - before["rows_stepped"]) / max(steps, 1),
             "ms_per_step": 1000 * step_s / max(steps, 1), "step_s": step_s,
-            "pass_s": after["pass_s"] - before["pass_s"], "wait_s": after.get("wait_s", 0) - before.get("wait_s", 0)}
+            "pass_s": after["pass_s"] - before["pass_s"], "wait_s": after.get("wait_s", 0) - before.get("wait_s", 0),
+            "task_s": after.get("task_s", 0) - before.get("task_s", 0)}
 
 
 def run_clients_sync(url: str, clients: int, per_client: int, tokens: int) -> dict:
@@ -316,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                 if c:
                     print(f"         batched scheduler: {c['steps']} steps, {c['mean_rows']:.1f} rows each, "
                           f"{c['ms_per_step']:.1f} ms per step, {c['step_s']:.1f} s in steps, {c['pass_s']:.1f} s in "
-                          f"prefills, {c['wait_s']:.1f} s waiting for requests")
+                          f"prefills, {c['wait_s']:.1f} s waiting for requests, {c['task_s']:.1f} s in their own work")
         print(f"batching counters: {batched.health()['batching']}")
     if args.hf:
         for n in counts:

@@ -55,6 +55,7 @@ def test_spawned_tasks_run_in_the_loop_thread_and_share_steps():
     scheduler.close()
     assert seen_threads == engine.threads == {"decodelab-scheduler"}
     assert scheduler.steps == 5 and scheduler.max_rows == 4  # every step carried all four tasks
+    assert scheduler.tasks == 4 and scheduler.task_s > 0 and scheduler.wait_s == 0  # nobody to wait for
     assert results == [[t + step for step in range(1, 6)] for t in range(4)]
     assert scheduler.current_task() is None  # outside a task
 

@@ -308,7 +308,8 @@ class LM:
         ``kwargs`` (any :meth:`generate` keyword: each request keeps its own strategy, seed, stop strings, trace).
         At most ``max_batch_size`` rows share a decode step. Each result equals ``generate`` of that request alone
         (bit for bit on the default exact float32 engine; see :mod:`decodelab.scheduler`). The model runs in the
-        calling thread (the requests' search loops in worker threads), unless batching is already on.
+        calling thread (the requests' search loops as the scheduler's tasks in that same thread:
+        :meth:`decodelab.scheduler.Scheduler.spawn`), unless batching is already on.
 
         Raises:
             ConfigError, InputError: a bad request, before anything runs; the message starts with ``requests[i]``.

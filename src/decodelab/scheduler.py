@@ -134,7 +134,8 @@ class Scheduler:
     ``passes_started``: begun), ``slices`` (pieces of cut passes run), ``steps_within_passes`` (decode steps run while a
     cut pass was under way: the streams it did not hold up), ``step_s`` and ``pass_s`` (seconds spent in decode steps
     and in passes: ``step_s / steps`` is the mean step time), ``wait_s`` (seconds the loop waited for requests to ask
-    while some were decoding: the model idle during their own search steps).
+    while some were decoding: the model idle during their own search steps), ``tasks`` (requests started as tasks:
+    :meth:`spawn`) and ``task_s`` (seconds the loop's thread ran them: their own search steps, the model idle).
 
     Raises:
         ConfigError: ``max_batch_size`` < 1 or ``gather_s`` < 0.
@@ -435,6 +436,7 @@ class Scheduler:
             if self._closed:
                 task.future.set_exception(RuntimeError("the batching scheduler is closed"))
                 return
+            self.tasks += 1
             task.glet = _TaskGreenlet(functools.partial(self._task_main, task), greenlet.getcurrent(), self, task)
             task.glet.gr_context = task.context
         started = time.monotonic()
