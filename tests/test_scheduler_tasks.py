@@ -202,3 +202,40 @@ def test_a_stream_task_waiting_for_its_consumer_pauses_without_holding_the_model
     plain.take()
     threading.Timer(0.05, plain.give).start()
     plain.take()
+
+
+def test_deferred_callbacks_run_once_after_the_ready_tasks_and_before_the_next_step():
+    """``defer`` (how the server wakes its event loop once per step for all streams): the same callable deferred by
+    four tasks runs once, after all four have run, before the step they asked for; outside a task it runs at once."""
+
+    class LoggingEngine(RecordingEngine):
+        def step_many(self, states, tokens):
+            log.append("step")
+            return super().step_many(states, tokens)
+
+    log: list[str] = []
+    scheduler = Scheduler(LoggingEngine(), max_batch_size=4, gather_s=30.0, thread=False)
+
+    def flush() -> None:
+        log.append("flush")
+
+    def bad() -> None:
+        raise ValueError("a deferred callback's own bug")
+
+    def request(name: str) -> None:
+        state = object()
+        for _ in range(2):
+            log.append(name)
+            scheduler.defer(flush)
+            scheduler.defer(bad)  # logged and dropped: the loop goes on
+            scheduler.step(state, torch.tensor([1]))
+        scheduler.release(state)
+
+    futures = [scheduler.spawn(lambda n=n: request(n)) for n in "abcd"]
+    scheduler.run(until=lambda: all(f.done() for f in futures))
+    assert [f.result() for f in futures] == [None] * 4
+    assert log == ["a", "b", "c", "d", "flush", "step"] * 2
+    scheduler.defer(lambda: log.append("now"))  # not in a task
+    assert log[-1] == "now"
+    scheduler.close()
+    scheduler.run()

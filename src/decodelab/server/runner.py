@@ -317,14 +317,22 @@ class _LoopMail:
         self._pending: list[tuple[asyncio.Queue, Any]] = []
         self._scheduled = False  # a _deliver call is on its way to the loop
 
-    def put(self, queue: asyncio.Queue, entry: Any) -> None:
-        """Deliver ``entry`` to ``queue`` in the loop's thread (soon). Raises nothing: once the loop is closed
-        (server shutdown) nobody reads, and the entry is dropped."""
+    def put(self, queue: asyncio.Queue, entry: Any, scheduler=None) -> None:
+        """Deliver ``entry`` to ``queue`` in the loop's thread (soon). From a task of the batching ``scheduler``, the
+        loop is woken once the tasks of this round have all put theirs (:meth:`Scheduler.defer
+        <decodelab.scheduler.Scheduler.defer>`): one wake-up per decode step for all streams. Raises nothing: once
+        the loop is closed (server shutdown) nobody reads, and the entry is dropped."""
         with self._lock:
             self._pending.append((queue, entry))
             if self._scheduled:
                 return
             self._scheduled = True
+        if scheduler is not None:
+            scheduler.defer(self._wake)
+        else:
+            self._wake()
+
+    def _wake(self) -> None:
         try:
             self.loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:  # loop closed at shutdown
@@ -355,6 +363,11 @@ class _Room:
         self._free = ahead
         self._scheduler = scheduler
         self._task = None  # the task paused for room
+
+    @property
+    def scheduler(self):
+        """The scheduler given, or ``None``."""
+        return self._scheduler
 
     def take(self) -> None:
         """Worker: wait until there is room and take one place. Raises ``RuntimeError`` when the scheduler closed
@@ -391,7 +404,7 @@ def _pump(make_iter: Callable[[], Iterator[Any]], mail: _LoopMail, items: asynci
     iterator here, in the thread that ran it."""
 
     def put(kind, value) -> None:
-        mail.put(items, (kind, value))
+        mail.put(items, (kind, value), room.scheduler)
 
     it = None
     try:
