@@ -426,8 +426,12 @@ class Scheduler:
         return None if op is None else op.future.result()
 
     def _make_ready(self, task: Task, _future: Future | None = None) -> None:
+        """``task``'s op is settled: resume it. Ops are settled in the loop's thread, which runs the ready tasks after
+        each op; settled anywhere else, the loop is woken."""
         with self._cond:
             self._resumable.append(task)
+            if threading.current_thread() is not self._thread:
+                self._cond.notify_all()
 
     def _run_tasks(self) -> None:
         """Resume the ready tasks and start the new ones, each until it parks again or ends, then run what they
