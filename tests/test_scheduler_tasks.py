@@ -239,3 +239,38 @@ def test_deferred_callbacks_run_once_after_the_ready_tasks_and_before_the_next_s
     assert log[-1] == "now"
     scheduler.close()
     scheduler.run()
+
+
+def test_a_suspended_task_s_single_threaded_block_does_not_leak_into_its_thread():
+    """``single_threaded`` / ``model_threads`` keep their state per context, not per thread: a task suspended inside
+    ``single_threaded`` shares its thread with whatever runs next there (a ``generate_iter`` consumer scoring between
+    two results). With a per-thread stack, the consumer's model call saw the task's block and left the thread at 1
+    OpenMP thread for good (found by the full suite: a sweep, then tests/test_threads.py)."""
+    from decodelab.threads import model_threads, single_threaded
+
+    scheduler = Scheduler(RecordingEngine(), max_batch_size=4, gather_s=0.01, thread=False)
+    before = torch.get_num_threads()
+
+    def request():
+        state = object()
+        with single_threaded():
+            for _ in range(2):
+                scheduler.step(state, torch.tensor([1]))
+        scheduler.release(state)
+        return "done"
+
+    fut = scheduler.spawn(request)
+    scheduler.run(until=lambda: scheduler.steps >= 1)  # the task is suspended inside single_threaded
+    assert not fut.done()
+    with model_threads():  # not inside a single_threaded block of this context: a no-op
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
+    with single_threaded():
+        with model_threads():
+            assert torch.get_num_threads() == before
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    scheduler.run(until=fut.done)
+    assert fut.result() == "done" and torch.get_num_threads() == before
+    scheduler.close()
+    scheduler.run()

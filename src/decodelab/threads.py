@@ -25,6 +25,7 @@ per-thread limit through that runtime's ``omp_set_num_threads`` if one is loaded
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import ctypes.util
 import functools
@@ -51,7 +52,13 @@ def _openmp():
     return None
 
 
-_local = threading.local()  # per thread: initialised (bool); stack: the thread counts single_threaded() replaced
+_local = threading.local()  # per thread: initialised (bool)
+_REPLACED: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar("decodelab_replaced_thread_counts",
+                                                                          default=())
+"""The thread counts the enclosing :func:`single_threaded` blocks replaced, innermost last. A context variable, not a
+thread-local: the batching scheduler's tasks (greenlets, :meth:`decodelab.scheduler.Scheduler.spawn`) share their
+thread, and each has its own context; with a per-thread list, the blocks of a suspended task were seen by whatever ran
+next in the thread (a ``generate_iter`` consumer's model call then left the thread at 1 thread)."""
 
 
 def _runtime():
@@ -101,13 +108,12 @@ def single_threaded() -> Iterator[None]:
         yield
         return
     previous = lib.omp_get_max_threads()
-    stack = _local.__dict__.setdefault("stack", [])
-    stack.append(previous)
+    token = _REPLACED.set(_REPLACED.get() + (previous,))
     lib.omp_set_num_threads(1)
     try:
         yield
     finally:
-        stack.pop()
+        _REPLACED.reset(token)
         lib.omp_set_num_threads(previous)
 
 
@@ -115,13 +121,14 @@ def single_threaded() -> Iterator[None]:
 def model_threads() -> Iterator[None]:
     """Inside :func:`single_threaded`: run the block (a model call) with the thread count it replaced; elsewhere a
     no-op. Raises nothing."""
-    stack = getattr(_local, "stack", None)
+    replaced = _REPLACED.get()
     lib = _openmp()
-    if not stack or lib is None:
+    if not replaced or lib is None:
         yield
         return
-    lib.omp_set_num_threads(stack[-1])
+    current = lib.omp_get_max_threads()
+    lib.omp_set_num_threads(replaced[-1])
     try:
         yield
     finally:
-        lib.omp_set_num_threads(1)
+        lib.omp_set_num_threads(current)
