@@ -84,7 +84,6 @@ class Task:
     context: contextvars.Context
     future: Future = field(default_factory=Future)
     glet: Any = None  # its greenlet, once started
-    paused: bool = False  # in Scheduler.pause, waiting for wake_task
     wake_pending: bool = False  # wake_task came before pause
     failure: BaseException | None = None  # raised in the task when it resumes from pause (the scheduler closed)
 
@@ -234,7 +233,6 @@ class Scheduler:
             if task.wake_pending:
                 task.wake_pending = False
                 return
-            task.paused = True
             self._paused.add(task)
         self._park(None)
         if task.failure is not None:
@@ -244,8 +242,7 @@ class Scheduler:
     def wake_task(self, task: Task) -> None:
         """Resume ``task`` from :meth:`pause` (or let its next pause return at once). Thread-safe."""
         with self._cond:
-            if task.paused:
-                task.paused = False
+            if task in self._paused:
                 self._paused.discard(task)
                 self._resumable.append(task)
                 self._cond.notify_all()
@@ -385,7 +382,7 @@ class Scheduler:
                         if not self._paused:
                             return
                         for task in self._paused:  # waiting for a wake that will not come: end them
-                            task.paused, task.failure = False, RuntimeError("the batching scheduler is closed")
+                            task.failure = RuntimeError("the batching scheduler is closed")
                             self._resumable.append(task)
                         self._paused.clear()
                         continue

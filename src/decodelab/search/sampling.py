@@ -61,8 +61,8 @@ def host_scores(scores: torch.Tensor) -> np.ndarray:
     The per-token arithmetic of :func:`token_search` runs on it: a request's step is a few vocabulary-wide
     reductions, and NumPy's are SIMD-vectorised with little overhead per call, where each single-threaded PyTorch op
     costs tens of microseconds (measured on an AMD EPYC with AVX-512, one 49,152-token row: ``argmax`` 4.9 us
-    against 59.5 us for ``torch.argmax``). With continuous batching every request's step runs
-    in the scheduler's thread (a task), one after another while the model waits, so this is time the batch's decode step waits too.
+    against 59.5 us for ``torch.argmax``). With continuous batching every request's step runs in the scheduler's
+    thread (a task), one after another while the model waits, so this is time the batch's decode step waits too.
     """
     if scores.dtype == torch.float32 and scores.device.type == "cpu" and not scores.requires_grad:
         return scores.numpy()

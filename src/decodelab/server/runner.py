@@ -361,18 +361,13 @@ class _Room:
     def __init__(self, ahead: int, scheduler=None) -> None:
         self._cond = threading.Condition()
         self._free = ahead
-        self._scheduler = scheduler
+        self.scheduler = scheduler
         self._task = None  # the task paused for room
-
-    @property
-    def scheduler(self):
-        """The scheduler given, or ``None``."""
-        return self._scheduler
 
     def take(self) -> None:
         """Worker: wait until there is room and take one place. Raises ``RuntimeError`` when the scheduler closed
         while its task waited."""
-        task = self._scheduler.current_task() if self._scheduler is not None else None
+        task = self.scheduler.current_task() if self.scheduler is not None else None
         if task is None:
             with self._cond:
                 while self._free <= 0:
@@ -385,7 +380,7 @@ class _Room:
                     self._free -= 1
                     return
                 self._task = task
-            self._scheduler.pause()
+            self.scheduler.pause()
 
     def give(self) -> None:
         """Consumer: one more place (an item taken, or the consumer stopped). Thread-safe; raises nothing."""
@@ -394,7 +389,7 @@ class _Room:
             task, self._task = self._task, None
             self._cond.notify()
         if task is not None:
-            self._scheduler.wake_task(task)
+            self.scheduler.wake_task(task)
 
 
 def _pump(make_iter: Callable[[], Iterator[Any]], mail: _LoopMail, items: asyncio.Queue,
