@@ -17,10 +17,13 @@ the same process (aggregate tokens/s only: it has no streaming clients).
 ``cmake -B build -DGGML_NATIVE=ON && cmake --build build --target llama-server llama-quantize``; never in CI) with
 one parallel slot per client (``-np N``, continuous batching on) and 2 threads, on the same weights: the embedded
 GGUF requantized to ``--llama-type`` (default F32, decodelab's precision) with ``llama-quantize`` from the same
-build. Same clients, prompts and streamed workload.
+build; one server per client count, warmed up like decodelab's, run in the same rounds as the two decodelab
+servers (each of the three first in turn), so all see the same machine load. Same clients, prompts and streamed
+workload (llama.cpp's ``ignore_eos`` and ``temperature: 0``).
 
 ``differing`` counts the answers that are not the same request's answer from the serial server (kernel paths that
-are not batch-invariant, e.g. ``--kernels fast``, can resolve near-ties differently).
+are not batch-invariant, e.g. ``--kernels fast``, can resolve near-ties differently; for llama.cpp: another
+implementation's float32 greedy answers against decodelab's).
 
 The CPU model is printed and stored with the results in ``bench/results/load-<stamp>.json``.
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import pathlib
@@ -223,29 +227,41 @@ def llama_gguf(server_bin: str, ftype: str, workdir: pathlib.Path) -> pathlib.Pa
     return dst
 
 
-def run_llama_server(server_bin: str, gguf: pathlib.Path, clients: int, per_client: int, tokens: int) -> dict:
-    """llama.cpp's server with ``clients`` parallel slots (each 1024 positions), 2 threads, on loopback; the
-    same streamed workload as :func:`run_clients`."""
-    port = _free_port()
-    cmd = [server_bin, "-m", str(gguf), "-np", str(clients), "-c", str(1024 * clients), "-t", "2", "-tb", "2",
-           "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
+class LlamaServerProcess:
+    """llama.cpp's server with ``clients`` parallel slots (``-np``, each 1024 positions, continuous batching on), 2
+    threads, on loopback: the same streamed workload as the decodelab servers, in the same rounds. Context manager;
+    ``url``, ``peak_rss_mb`` and ``health()`` (no scheduler counters: ``{}``) like :class:`ServeProcess`."""
+
+    def __init__(self, server_bin: str, gguf: pathlib.Path, clients: int) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [server_bin, "-m", str(gguf), "-np", str(clients), "-c", str(1024 * clients), "-t", "2",
+                    "-tb", "2", "--host", "127.0.0.1", "--port", str(self.port), "--no-webui"]
+
+    def __enter__(self) -> "LlamaServerProcess":
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(600):
             try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
             except httpx.HTTPError:
                 pass
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {proc.returncode}: {' '.join(cmd)}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode}: {' '.join(self.cmd)}")
             time.sleep(0.1)
-        asyncio.run(run_clients(url, 1, 1, 4))  # warm-up
-        return asyncio.run(run_clients(url, clients, per_client, tokens))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        raise RuntimeError("llama-server did not answer /health within 60 s")
+
+    peak_rss_mb = ServeProcess.peak_rss_mb
+
+    def health(self) -> dict:
+        return {"batching": None}
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,39 +302,51 @@ def main(argv: list[str] | None = None) -> int:
         batched_srv = ServeProcess(args.model, args.kernels, args.max_batch_size)
         serial_srv = ServeProcess(args.model, args.kernels, 1)
     rows = []
-    with batched_srv as batched, serial_srv as serial:
+    with contextlib.ExitStack() as stack:
+        batched, serial = stack.enter_context(batched_srv), stack.enter_context(serial_srv)
+        gguf = None
+        if args.llama_server:
+            server_bin = shutil.which(args.llama_server) or args.llama_server
+            gguf = llama_gguf(server_bin, args.llama_type, pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory())))
         # warm-up both with the largest client count: a fresh server's first steps of a new size pay for oneDNN's
         # kernels for that row count and first-touch page faults (cache slots, activations); a class's server is warm
         run_clients_sync(batched.url, max(counts), 1, 8)
         run_clients_sync(serial.url, max(counts), 1, 2)
         for n in counts:
-            for r in range(args.rounds):
-                order = [("batched", batched), ("serial", serial)]
-                if r % 2:
-                    order.reverse()
-                got, counters = {}, {}
-                for name, srv in order:
-                    before = srv.health()["batching"]
-                    got[name] = run_clients_sync(srv.url, n, args.requests, args.tokens)
-                    counters[name] = scheduler_delta(before, srv.health()["batching"])
-                same = got["batched"]["texts"] == got["serial"]["texts"]
-                differing = sum(a != b for a, b in zip(got["batched"]["texts"], got["serial"]["texts"]))
-                for name, srv in (("batched", batched), ("serial", serial)):
-                    res = {k: v for k, v in got[name].items() if k != "texts"}
-                    res.update(server=name, round=r, same_as_alone=same, differing=differing,
-                               peak_rss_mb=srv.peak_rss_mb, in_process=bool(args.in_process), **counters[name])
-                    rows.append(res)
-                    print(f"{name:8s} clients={n:3d} {res['tokens_per_s']:7.1f} tok/s  ttft p50 "
-                          f"{res['ttft_ms_p50']:7.0f} p95 {res['ttft_ms_p95']:7.0f} ms  itl p50 "
-                          f"{res['itl_ms_p50']:6.0f} p95 {res['itl_ms_p95']:6.0f} ms  rss {res['peak_rss_mb']:.0f} MB"
-                          f"  same_as_alone={same} differing={differing}/{len(got[name]['texts'])}")
-                ratio = got["batched"]["tokens_per_s"] / got["serial"]["tokens_per_s"]
-                print(f"         clients={n:3d} batched / serial: {ratio:.2f}x")
-                c = counters["batched"]
-                if c:
-                    print(f"         batched scheduler: {c['steps']} steps, {c['mean_rows']:.1f} rows each, "
-                          f"{c['ms_per_step']:.1f} ms per step, {c['step_s']:.1f} s in steps, {c['pass_s']:.1f} s in "
-                          f"prefills, {c['wait_s']:.1f} s waiting for requests, {c['task_s']:.1f} s in their own work")
+            servers = [("batched", batched), ("serial", serial)]
+            with contextlib.ExitStack() as per_count:
+                if gguf is not None:  # one llama.cpp server per client count (its slots), warmed up like ours
+                    llama = per_count.enter_context(LlamaServerProcess(server_bin, gguf, n))
+                    run_clients_sync(llama.url, n, 1, 8)
+                    servers.append((f"llama.cpp {args.llama_type}", llama))
+                for r in range(args.rounds):
+                    order = servers[r % len(servers):] + servers[: r % len(servers)]  # each server first in turn
+                    got, counters = {}, {}
+                    for name, srv in order:
+                        before = srv.health()["batching"]
+                        got[name] = run_clients_sync(srv.url, n, args.requests, args.tokens)
+                        counters[name] = scheduler_delta(before, srv.health()["batching"])
+                    for name, srv in servers:
+                        same = got[name]["texts"] == got["serial"]["texts"]
+                        differing = sum(a != b for a, b in zip(got[name]["texts"], got["serial"]["texts"]))
+                        res = {k: v for k, v in got[name].items() if k != "texts"}
+                        res.update(server=name, round=r, same_as_alone=same, differing=differing,
+                                   peak_rss_mb=srv.peak_rss_mb, in_process=bool(args.in_process), **counters[name])
+                        rows.append(res)
+                        print(f"{name:10s} clients={n:3d} {res['tokens_per_s']:7.1f} tok/s  ttft p50 "
+                              f"{res['ttft_ms_p50']:7.0f} p95 {res['ttft_ms_p95']:7.0f} ms  itl p50 "
+                              f"{res['itl_ms_p50']:6.0f} p95 {res['itl_ms_p95']:6.0f} ms  rss {res['peak_rss_mb']:.0f} MB"
+                              f"  same_as_serial={same} differing={differing}/{len(got[name]['texts'])}")
+                    for name, _ in servers:
+                        if name != "batched":
+                            ratio = got["batched"]["tokens_per_s"] / got[name]["tokens_per_s"]
+                            print(f"           clients={n:3d} batched / {name}: {ratio:.2f}x")
+                    c = counters["batched"]
+                    if c:
+                        print(f"           batched scheduler: {c['steps']} steps, {c['mean_rows']:.1f} rows each, "
+                              f"{c['ms_per_step']:.1f} ms per step, {c['step_s']:.1f} s in steps, {c['pass_s']:.1f} s "
+                              f"in prefills, {c['wait_s']:.1f} s waiting for requests, {c['task_s']:.1f} s in their "
+                              f"own work")
         print(f"batching counters: {batched.health()['batching']}")
     if args.hf:
         for n in counts:
@@ -330,18 +358,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(res)
             print(f"transformers generate_batch n={n}: {res.get('tokens_per_s', float('nan')):.1f} tok/s "
                   f"{res.get('error', '')}")
-    if args.llama_server:
-        server_bin = shutil.which(args.llama_server) or args.llama_server
-        with tempfile.TemporaryDirectory() as tmp:
-            gguf = llama_gguf(server_bin, args.llama_type, pathlib.Path(tmp))
-            for n in counts:
-                res = run_llama_server(server_bin, gguf, n, args.requests, args.tokens)
-                res.pop("texts")
-                res.update(server=f"llama.cpp server {args.llama_type} -np {n}")
-                rows.append(res)
-                print(f"llama.cpp {args.llama_type} clients={n:3d} {res['tokens_per_s']:7.1f} tok/s  ttft p50 "
-                      f"{res['ttft_ms_p50']:7.0f} p95 {res['ttft_ms_p95']:7.0f} ms  itl p50 {res['itl_ms_p50']:6.0f} "
-                      f"p95 {res['itl_ms_p95']:6.0f} ms")
     out = write_results("load", {"cpu": cpu, "args": vars(args), "rows": rows})
     print(f"results: {out}")
     return 0

@@ -181,6 +181,19 @@ def test_the_model_is_only_called_from_the_scheduler_thread(tiny_qwen2):
     assert threads == {"decodelab-scheduler"}
 
 
+@pytest.mark.timeout(180)  # before the fix this hung: the model's thread waited for its own tasks
+def test_generate_many_from_inside_a_scheduler_task_pauses_the_task_instead_of_blocking_the_loop(tiny_llama):
+    lm = make_lm(tiny_llama)
+    reqs = [{"prompt": p, "max_new_tokens": 5} for p in ("It was", "The capital", "Once upon")]
+    alone = [lm.generate(r["prompt"], max_new_tokens=5).sequences[0].ids for r in reqs]
+    with lm.batching(4) as scheduler:
+        # a request's own code (a task in the model's thread) that fans out: waiting on the results in the thread
+        # would stop the loop that makes them
+        inner = scheduler.spawn(lambda: [g.sequences[0].ids for g in lm.generate_many(reqs, max_batch_size=2)])
+        assert inner.result(timeout=60) == alone
+        assert scheduler.tasks == 4  # the caller and its three requests, all tasks of the one scheduler
+
+
 def test_a_bad_request_is_refused_before_anything_runs(tiny_llama):
     lm = make_lm(tiny_llama)
     with pytest.raises(ConfigError, match=r"^requests\[1\]: .*top_p"):

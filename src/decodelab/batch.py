@@ -83,6 +83,10 @@ def generate_iter(lm: "LM", requests, *, max_batch_size: int = DEFAULT_MAX_BATCH
                   **common: Any) -> Iterator[tuple[int, "Generation"]]:
     """Run ``requests`` with continuous batching; yield ``(index, Generation)`` as each finishes (finishing order).
 
+    From a thread while batching is on (``lm.batching()``, the server), the requests join the running scheduler and
+    the caller waits; from inside one of its tasks (:meth:`~decodelab.scheduler.Scheduler.spawn`) the calling task
+    pauses meanwhile, so the model's thread goes on.
+
     Raises:
         ConfigError, InputError: a bad request, at once, before anything runs (the message starts with
         ``requests[i]``). An error inside a generation is raised when its result is reached.
@@ -90,6 +94,9 @@ def generate_iter(lm: "LM", requests, *, max_batch_size: int = DEFAULT_MAX_BATCH
     runs = _prepare(lm, requests, common)
     own = lm.engine.scheduler is None  # this call starts batching: the calling thread runs the scheduler's loop
     with batching(lm, max_batch_size, thread=not own) as scheduler:
+        # called from one of the scheduler's own tasks (a request's code, in the model's thread): blocking on the
+        # results would stop the very loop that makes them, so the caller's task pauses until one is in
+        caller = None if own else scheduler.current_task()
         waiting = collections.deque(enumerate(runs))
         finished: queue.SimpleQueue[tuple[int, Future]] = queue.SimpleQueue()
         lock = threading.Lock()
@@ -106,6 +113,8 @@ def generate_iter(lm: "LM", requests, *, max_batch_size: int = DEFAULT_MAX_BATCH
             finished.put((i, fut))
             start_next()
             scheduler.wake()
+            if caller is not None:
+                scheduler.wake_task(caller)
 
         try:
             for _ in range(min(max_batch_size, len(runs))):
@@ -113,6 +122,8 @@ def generate_iter(lm: "LM", requests, *, max_batch_size: int = DEFAULT_MAX_BATCH
             for _ in range(len(runs)):
                 if own:  # the model runs here until some request has finished
                     scheduler.run(until=lambda: not finished.empty())
+                while caller is not None and finished.empty():
+                    scheduler.pause()
                 i, fut = finished.get()
                 yield i, fut.result()
         finally:
