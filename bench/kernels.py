@@ -16,13 +16,11 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
 def _variants(layers: int):
-    from decodelab.fastpath import kernel_choice
     from decodelab.fastpath.decoder import can_pack
     from decodelab.fastpath.projections import Dense, MeasuredDense, PackedDense
     from decodelab.quantize import Int4Linear, Int8Linear

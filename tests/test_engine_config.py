@@ -17,7 +17,7 @@ from decodelab.models import LoadedModel
 from decodelab.processors import Context
 from decodelab.search import beam_search, token_search
 from decodelab.search.common import PromptBatch, SearchRequest, drain
-from decodelab.stopping import (EosCriterion, MaxLengthCriterion, StopStringCriterion, StoppingCriteria, StopStrings,
+from decodelab.stopping import (EosCriterion, MaxLengthCriterion, StopStringCriterion, StopStrings,
                                 stopping_criteria)
 
 

@@ -196,7 +196,7 @@ def test_first_load_downloads_with_progress_on_the_cli(qwen_first_load, tiny_qwe
     assert f"downloading {QWEN} from {server.url}: 6 files, {hub.human_size(size)}" in tty
     assert f"downloaded {QWEN}: 6 files, {hub.human_size(size)} in {snapshot}" in tty
     assert "Fetching 6 files" in tty and "6/6" in tty  # huggingface_hub's bars: files ...
-    assert f"Download complete: " in tty and f"| {size / 1e6:.1f}MB / {size / 1e6:.1f}MB" in tty  # ... and bytes
+    assert "Download complete: " in tty and f"| {size / 1e6:.1f}MB / {size / 1e6:.1f}MB" in tty  # ... and bytes
     assert sorted(p.name for p in snapshot.iterdir()) == files  # no README, LICENSE or anything else
     got = sorted(path.rsplit("/", 1)[1] for method, path, _ in server.requests if method == "GET"
                  and "/resolve/" in path)
