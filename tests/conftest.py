@@ -13,12 +13,31 @@ session-scoped: treat them as read-only.
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import tempfile
+import threading
 import time
 
 import pytest
+
+# CPython 3.11 keeps the AST builder's recursion counter per interpreter, not per thread (python/cpython#106905 and
+# the reports under it): two threads building an AST at once make one of them fail with "SystemError: AST constructor
+# recursion depth mismatch". pytest parses every module it rewrites (the tests and the whole distributions of its
+# plugins: schemathesis, hypothesis, anyio, ...) with ``ast.parse`` on first import, and with a fresh virtual
+# environment those imports also happen lazily while a test's server threads run (a fresh clone's `make test` failed
+# the three schemathesis tests this way once). One lock around ``ast.parse`` for the session serialises them.
+_AST_LOCK = threading.RLock()
+_ast_parse = ast.parse
+
+
+def _parse_one_at_a_time(*args, **kwargs):
+    with _AST_LOCK:
+        return _ast_parse(*args, **kwargs)
+
+
+ast.parse = _parse_one_at_a_time
 
 _ENV: dict[str, str | None] = {}
 _SESSION_CACHE: str | None = None

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
+import schemathesis.specs.openapi.schemas  # noqa: F401  (imported lazily by from_asgi: here, at collection,
+# before any test's server threads run; see the ast.parse lock in conftest.py)
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import (
