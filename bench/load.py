@@ -131,7 +131,10 @@ def run_clients_sync(url: str, clients: int, per_client: int, tokens: int) -> di
 
 class ServeProcess:
     """``decodelab serve`` in a process of its own on a free loopback port, as a class would run it (its model in the
-    main thread: :mod:`decodelab.threads`). Context manager; ``url`` and ``peak_rss_mb`` (VmHWM) while it runs."""
+    main thread: :mod:`decodelab.threads`). Context manager; ``url`` and ``peak_rss_mb`` (VmHWM) while it runs. Its
+    stderr goes to a temporary file (a pipe nobody reads would stall a server that logs), quoted when it fails."""
+
+    name = "decodelab serve"
 
     def __init__(self, model: str | None, kernels: str, max_batch_size: int) -> None:
         self.port = _free_port()
@@ -142,7 +145,8 @@ class ServeProcess:
             self.cmd += ["--model", model]
 
     def __enter__(self) -> "ServeProcess":
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         for _ in range(1200):
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
@@ -150,9 +154,11 @@ class ServeProcess:
             except httpx.HTTPError:
                 pass
             if self.proc.poll() is not None:
-                raise RuntimeError(f"decodelab serve exited with {self.proc.returncode}: {self.proc.stderr.read()}")
+                self.log.seek(0)
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log.read()[-2000:]}")
             time.sleep(0.1)
-        raise RuntimeError("decodelab serve did not answer /health within 120 s")
+        self.__exit__()
+        raise RuntimeError(f"{self.name} did not answer /health within 120 s")
 
     @property
     def peak_rss_mb(self) -> float:
@@ -170,6 +176,7 @@ class ServeProcess:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        self.log.close()
 
 
 class InProcessServer:
@@ -227,10 +234,12 @@ def llama_gguf(server_bin: str, ftype: str, workdir: pathlib.Path) -> pathlib.Pa
     return dst
 
 
-class LlamaServerProcess:
+class LlamaServerProcess(ServeProcess):
     """llama.cpp's server with ``clients`` parallel slots (``-np``, each 1024 positions, continuous batching on), 2
-    threads, on loopback: the same streamed workload as the decodelab servers, in the same rounds. Context manager;
-    ``url``, ``peak_rss_mb`` and ``health()`` (no scheduler counters: ``{}``) like :class:`ServeProcess`."""
+    threads, on loopback: the same streamed workload as the decodelab servers, in the same rounds. Started, watched
+    and stopped as :class:`ServeProcess`; ``health()`` has no scheduler counters (``{"batching": None}``)."""
+
+    name = "llama-server"
 
     def __init__(self, server_bin: str, gguf: pathlib.Path, clients: int) -> None:
         self.port = _free_port()
@@ -238,30 +247,8 @@ class LlamaServerProcess:
         self.cmd = [server_bin, "-m", str(gguf), "-np", str(clients), "-c", str(1024 * clients), "-t", "2",
                     "-tb", "2", "--host", "127.0.0.1", "--port", str(self.port), "--no-webui"]
 
-    def __enter__(self) -> "LlamaServerProcess":
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(600):
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}: {' '.join(self.cmd)}")
-            time.sleep(0.1)
-        raise RuntimeError("llama-server did not answer /health within 60 s")
-
-    peak_rss_mb = ServeProcess.peak_rss_mb
-
     def health(self) -> dict:
         return {"batching": None}
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,6 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: invalid --clients={args.clients!r}: expected comma-separated integers", file=sys.stderr)
         return 2
+    server_bin = None
+    if args.llama_server:  # checked before anything starts: a bad path is a one-line error, not a traceback later
+        server_bin = shutil.which(args.llama_server) or args.llama_server
+        if not (os.access(server_bin, os.X_OK) and os.access(pathlib.Path(server_bin).with_name("llama-quantize"),
+                                                              os.X_OK)):
+            print(f"error: invalid --llama-server={args.llama_server!r}: expected the llama-server executable of a "
+                  "llama.cpp build, with llama-quantize beside it", file=sys.stderr)
+            return 2
     from decodelab import models
 
     loaded = models.load_model(args.model)
@@ -303,11 +298,16 @@ def main(argv: list[str] | None = None) -> int:
         serial_srv = ServeProcess(args.model, args.kernels, 1)
     rows = []
     with contextlib.ExitStack() as stack:
-        batched, serial = stack.enter_context(batched_srv), stack.enter_context(serial_srv)
         gguf = None
-        if args.llama_server:
-            server_bin = shutil.which(args.llama_server) or args.llama_server
-            gguf = llama_gguf(server_bin, args.llama_type, pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory())))
+        if server_bin is not None:
+            workdir = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            try:
+                gguf = llama_gguf(server_bin, args.llama_type, workdir)
+            except subprocess.CalledProcessError:
+                print(f"error: invalid --llama-type={args.llama_type!r}: llama-quantize could not write that type "
+                      "(e.g. F32, BF16, Q8_0)", file=sys.stderr)
+                return 2
+        batched, serial = stack.enter_context(batched_srv), stack.enter_context(serial_srv)
         # warm-up both with the largest client count: a fresh server's first steps of a new size pay for oneDNN's
         # kernels for that row count and first-touch page faults (cache slots, activations); a class's server is warm
         run_clients_sync(batched.url, max(counts), 1, 8)
@@ -333,9 +333,10 @@ def main(argv: list[str] | None = None) -> int:
                         res.update(server=name, round=r, same_as_alone=same, differing=differing,
                                    peak_rss_mb=srv.peak_rss_mb, in_process=bool(args.in_process), **counters[name])
                         rows.append(res)
-                        print(f"{name:10s} clients={n:3d} {res['tokens_per_s']:7.1f} tok/s  ttft p50 "
+                        print(f"{name:13s} clients={n:3d} {res['tokens_per_s']:7.1f} tok/s  ttft p50 "
                               f"{res['ttft_ms_p50']:7.0f} p95 {res['ttft_ms_p95']:7.0f} ms  itl p50 "
-                              f"{res['itl_ms_p50']:6.0f} p95 {res['itl_ms_p95']:6.0f} ms  rss {res['peak_rss_mb']:.0f} MB"
+                              f"{res['itl_ms_p50']:6.0f} p95 {res['itl_ms_p95']:6.0f} ms  "
+                              f"rss {res['peak_rss_mb']:.0f} MB"
                               f"  same_as_serial={same} differing={differing}/{len(got[name]['texts'])}")
                     for name, _ in servers:
                         if name != "batched":

@@ -25,9 +25,10 @@ import pytest
 # CPython 3.11 keeps the AST builder's recursion counter per interpreter, not per thread (python/cpython#106905 and
 # the reports under it): two threads building an AST at once make one of them fail with "SystemError: AST constructor
 # recursion depth mismatch". pytest parses every module it rewrites (the tests and the whole distributions of its
-# plugins: schemathesis, hypothesis, anyio, ...) with ``ast.parse`` on first import, and with a fresh virtual
-# environment those imports also happen lazily while a test's server threads run (a fresh clone's `make test` failed
-# the three schemathesis tests this way once). One lock around ``ast.parse`` for the session serialises them.
+# plugins: schemathesis, hypothesis, anyio, ...) with ``ast.parse`` when it is imported, on every run where no rewritten
+# bytecode is kept (PYTHONDONTWRITEBYTECODE, a fresh clone), and such imports also happen lazily while a test's server
+# threads run (a fresh clone's `make test` failed the three schemathesis tests this way once). One lock around
+# ``ast.parse`` for the session serialises them.
 _AST_LOCK = threading.RLock()
 _ast_parse = ast.parse
 
