@@ -111,7 +111,8 @@ async def run_clients(url: str, clients: int, per_client: int, tokens: int) -> d
 
 def scheduler_delta(before: dict | None, after: dict | None) -> dict:
     """What the batching scheduler did between two ``/health`` readings (``{}`` without batching): decode
-    ``steps``, ``mean_rows`` per step, ``ms_per_step``, seconds in steps (``step_s``), in prefills (``pass_s``) and
+    ``steps``, ``mean_rows`` per step, ``ms_per_step``, seconds in steps (``step_s``), in prefills (``pass_s``), prompts
+    prefilled in a joined pass (``joined``: with a decode step or with other prompts) and
     waiting for decoding requests to ask for their next step (``wait_s``) and running the requests' own work in the
     model's thread (``task_s``); 0 where the server does not report them."""
     if not before or not after:
@@ -121,7 +122,8 @@ def scheduler_delta(before: dict | None, after: dict | None) -> dict:
     return {"steps": steps, "mean_rows": (after["rows_stepped"] - before["rows_stepped"]) / max(steps, 1),
             "ms_per_step": 1000 * step_s / max(steps, 1), "step_s": step_s,
             "pass_s": after["pass_s"] - before["pass_s"], "wait_s": after.get("wait_s", 0) - before.get("wait_s", 0),
-            "task_s": after.get("task_s", 0) - before.get("task_s", 0)}
+            "task_s": after.get("task_s", 0) - before.get("task_s", 0),
+            "joined": after.get("joined", 0) - before.get("joined", 0)}
 
 
 def run_clients_sync(url: str, clients: int, per_client: int, tokens: int) -> dict:
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                     if c:
                         print(f"           batched scheduler: {c['steps']} steps, {c['mean_rows']:.1f} rows each, "
                               f"{c['ms_per_step']:.1f} ms per step, {c['step_s']:.1f} s in steps, {c['pass_s']:.1f} s "
-                              f"in prefills, {c['wait_s']:.1f} s waiting for requests, {c['task_s']:.1f} s in their "
+                              f"in prefills ({c['joined']} prompts joined), {c['wait_s']:.1f} s waiting for requests, {c['task_s']:.1f} s in their "
                               f"own work")
         print(f"batching counters: {batched.health()['batching']}")
     if args.hf:

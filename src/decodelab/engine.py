@@ -58,6 +58,20 @@ class DecodeState:
     padded: bool = True
 
 
+@dataclass
+class JoiningPrompt:
+    """A one-row prompt about to join a decode step (:meth:`Engine.step_and_prefill`).
+
+    Attributes:
+        ids: (1, T) int64 token ids on the model's device; positions: (1, T) int64, ``0 .. T-1`` (no padding);
+        cache: its empty, started fast-path cache (a pool slot where one was free).
+    """
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    cache: StaticKVCache
+
+
 def _model_placement(model) -> dict[str, str]:
     """``device`` and ``dtype`` of ``model``'s first parameter, as :class:`EngineConfig` keywords (a dtype
     EngineConfig does not know, e.g. float64, is left out)."""
@@ -222,12 +236,15 @@ class Engine:
         ``max_new_tokens`` sizes the fast path's preallocated cache (T + max_new_tokens positions); without it the
         cache starts at T + 64 positions and grows by doubling. With batching on, the prefill runs in the
         scheduler thread between decode steps, a few layers at a time when other requests are decoding
-        (:meth:`_prefill_slices`), with exactly the numbers of the request alone.
+        (:meth:`_prefill_slices`), with exactly the numbers of the request alone; off the exact path a short
+        one-row prompt may instead join a decode step (:meth:`joining_prompt`, :meth:`step_and_prefill`).
         """
         scheduler = self._routed()
         if scheduler is not None:
             return scheduler.run_pass(lambda: self._prefill_slices(input_ids, attention_mask, max_new_tokens),
-                                      sliced=True)
+                                      sliced=True,
+                                      join=lambda: self.joining_prompt(input_ids, attention_mask, max_new_tokens),
+                                      join_tokens=int(input_ids.shape[-1]))
         with model_threads():
             return drain(self._prefill_slices(input_ids, attention_mask, max_new_tokens))
 
@@ -244,11 +261,7 @@ class Engine:
                 out = self._forward(ids, mask if padded else None, positions, None, keep=1, first=True)
                 logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
                 return logits, DecodeState(out.cache, mask, positions[:, -1:], padded)
-            extra = DEFAULT_HEADROOM if max_new_tokens is None else max(int(max_new_tokens), 1)
-            capacity = ids.shape[1] + extra
-            if self.compiled is not None:
-                capacity = self.compiled.capacity_for(capacity)
-            cache = self._pooled_cache(ids.shape[0], capacity) or self.fast.new_cache(ids.shape[0], capacity)
+            cache = self._cache_for(ids, max_new_tokens)
             cache.start(mask)
         slices = self.fast.forward_slices([(ids, positions, cache)])
         while True:
@@ -261,6 +274,55 @@ class Engine:
             yield
         # a fresh tensor: converted, not copied
         return logits.float().contiguous(), DecodeState(cache, None, positions[:, -1:])
+
+    def _cache_for(self, ids: torch.Tensor, max_new_tokens: int | None) -> StaticKVCache:
+        """A fast-path cache for the (B, T) prompt ``ids`` with room for ``max_new_tokens`` (else
+        :data:`DEFAULT_HEADROOM`) more positions: a slot of the pool where batching allows (:meth:`_pooled_cache`),
+        else its own (capacity rounded to a compiled bucket with ``compile``)."""
+        extra = DEFAULT_HEADROOM if max_new_tokens is None else max(int(max_new_tokens), 1)
+        capacity = ids.shape[1] + extra
+        if self.compiled is not None:
+            capacity = self.compiled.capacity_for(capacity)
+        return self._pooled_cache(ids.shape[0], capacity) or self.fast.new_cache(ids.shape[0], capacity)
+
+    def joining_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       max_new_tokens: int | None = None) -> JoiningPrompt | None:
+        """A prompt ready to join a decode step (:meth:`step_and_prefill`) instead of a prefill of its own, or
+        ``None`` where that does not apply: the plain path, ``compile``, the exact float32 path (its products must
+        see each request's rows alone), several rows, or left padding. Takes the prompt's cache (a pool slot where
+        one is free). Called in the scheduler thread when it is about to run a step."""
+        if self.fast is None or self.compiled is not None or self.fast.rows_exact or input_ids.shape[0] != 1:
+            return None
+        if not bool(attention_mask.all()):
+            return None
+        with torch.inference_mode():
+            ids = input_ids.to(self.device)
+            cache = self._cache_for(ids, max_new_tokens)
+            cache.start(torch.ones_like(ids))
+            positions = torch.arange(ids.shape[1], device=self.device)[None]
+        return JoiningPrompt(ids, positions, cache)
+
+    @torch.inference_mode()
+    def step_and_prefill(self, states: list[DecodeState], tokens: list[torch.Tensor],
+                         prompts: list[JoiningPrompt]) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor,
+                                                                                             DecodeState]]]:
+        """:meth:`step_many` and the prefills of ``prompts`` (from :meth:`joining_prompt`) in one forward pass
+        (:meth:`decodelab.fastpath.FastDecoder.forward_mixed`): every product reads the weights once for the step's
+        rows and the prompts' tokens. Returns (each state's (B_i, V) float32 logits, each prompt's ``(logits (1, V)
+        float32, state)`` as :meth:`prefill` returns them). ``states`` may be empty.
+
+        The numbers differ from a separate step and prefill at float rounding (~1e-6 relative), as every batched
+        product off the exact path does (README, "Continuous batching")."""
+        items = []
+        for state, tok in zip(states, tokens):
+            state.positions = state.positions + 1
+            state.cache.append_mask()
+            items.append((tok.to(self.device)[:, None], state.positions, state.cache))
+        step_logits, prompt_logits = self.fast.forward_mixed(items, [(p.ids, p.positions, p.cache)
+                                                                     for p in prompts])
+        return ([logits.float().contiguous() for logits in step_logits],
+                [(logits.float().contiguous(), DecodeState(p.cache, None, p.positions[:, -1:]))
+                 for p, logits in zip(prompts, prompt_logits)])
 
     def _pooled_cache(self, batch: int, capacity: int) -> StaticKVCache | None:
         """While batching, off the exact float32 path, uncompiled: a one-row request's cache in a slot of the

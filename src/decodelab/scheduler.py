@@ -29,7 +29,8 @@ What it does:
    prefills and other whole-sequence passes before the next step, so running streams' inter-token latency at most
    roughly doubles while prompts join, whatever their number and length; except that when more prompts wait than
    :data:`WAITING_SERVED_RATIO` times the requests decoding (a burst), they are all prefilled first, so that they
-   join the batch together rather than one per step. A fast-path prefill is cut between decoder
+   join the batch together rather than one per step. Off the exact path, short prompts (:data:`JOIN_TOKENS`) join
+   the next decode step instead: one forward pass for the step's rows and the prompts' tokens. A fast-path prefill is cut between decoder
    layers, not between tokens (:meth:`Engine._prefill_slices`): each layer sees the whole prompt at once, exactly as
    alone, so the answer is unchanged (cutting the prompt into token chunks would change the sums, so the answer would no
    longer equal the request alone), and a long prompt holds the streams for one layer's share at a time, never for the
@@ -69,6 +70,16 @@ new requests joins the running batch at once instead of one per step. Measured o
 clients sending together, ``kernels="fast"``: 87 steps of 11.6 rows and 111 of 18.2 rows for 64 tokens before, 65 of
 15.5 and 66 of 30.5 with every prefill first; throughput against one request at a time 3.28x -> 4.01x (16) and
 4.53x -> 5.25x (32)."""
+JOIN_TOKENS = 128
+"""Off the exact path, waiting prompts of at most this many tokens in all join the next decode step: one forward pass
+runs the step's rows and the prompts' tokens through every product together (:meth:`Engine.step_and_prefill
+<decodelab.engine.Engine.step_and_prefill>`), so the weights are read once for both, instead of the prefills running
+between steps. Longer prompts (and those beyond the budget) are prefilled between steps as before. 0 turns joining
+off. Measured on an AMD EPYC (AVX2, 2 threads, SmolLM2-135M float32, ``kernels="fast"``): see BENCHMARKS.md."""
+BURST_JOIN_TOKENS = 512
+"""While a burst of prompts is prefilled before the next step (:data:`WAITING_SERVED_RATIO`), or no request is
+decoding, waiting prompts of at most this many tokens in all run as one forward pass (no stream waits on it, so it is
+not cut between layers): the products multiply all their tokens at once. 0 turns it off."""
 # Who a pass is for (the server sets the client: its API key's place or its address). Waiting passes are served
 # round-robin between owners, oldest first within one owner, so one client's burst of prompts cannot queue ahead of
 # another client's prompt; with no owner set (the Python API), passes run in arrival order.
@@ -103,6 +114,8 @@ class _PassOp:
     owner: str | None = None
     future: Future = field(default_factory=Future)
     slices: Any = None  # the running generator of a sliced pass
+    join: Callable[[], Any] | None = None  # a prefill that may join a decode step: makes its engine.JoiningPrompt
+    join_tokens: int = 0  # ... of this many tokens
 
 
 @dataclass
@@ -131,7 +144,7 @@ class Scheduler:
 
     Counters (read-only): ``steps`` (decode steps run), ``rows_stepped`` (rows fed in them; ``rows_stepped / steps`` is
     the mean batch), ``max_rows`` (largest step), ``passes`` (prefills and other whole passes finished;
-    ``passes_started``: begun), ``slices`` (pieces of cut passes run), ``steps_within_passes`` (decode steps run while a
+    ``passes_started``: begun), ``joined`` (prefills that joined a decode step, counted in ``passes`` too), ``slices`` (pieces of cut passes run), ``steps_within_passes`` (decode steps run while a
     cut pass was under way: the streams it did not hold up), ``step_s`` and ``pass_s`` (seconds spent in decode steps
     and in passes: ``step_s / steps`` is the mean step time), ``wait_s`` (seconds the loop waited for requests to ask
     while some were decoding: the model idle during their own search steps), ``tasks`` (requests started as tasks:
@@ -169,7 +182,7 @@ class Scheduler:
         self._paused: set[Task] = set()  # in pause(), waiting for wake_task
         self._deferred: list[Callable[[], None]] = []  # defer(): to run once the ready tasks have run (loop thread)
         self.steps = self.rows_stepped = self.max_rows = self.passes = self.slices = self.steps_within_passes = 0
-        self.passes_started = 0
+        self.passes_started = self.joined = 0
         self.tasks = 0
         self.step_s = self.pass_s = self.wait_s = self.task_s = 0.0
         self._thread: threading.Thread | None = None  # the thread running the loop
@@ -261,11 +274,15 @@ class Scheduler:
         elif fn not in self._deferred:  # only the loop's thread touches the list
             self._deferred.append(fn)
 
-    def run_pass(self, fn: Callable[[], Any], sliced: bool = False) -> Any:
+    def run_pass(self, fn: Callable[[], Any], sliced: bool = False, join: Callable[[], Any] | None = None,
+                 join_tokens: int = 0) -> Any:
         """Run ``fn()`` (a prefill or a full forward pass) in the scheduler thread between decode steps; block
         until it is done and return its result (or raise its exception). ``sliced``: ``fn()`` returns a generator
-        whose ``yield`` statements are the points where decode steps may run, and whose return value is the result."""
-        op = _PassOp(fn, sliced, PASS_OWNER.get())
+        whose ``yield`` statements are the points where decode steps may run, and whose return value is the result.
+        ``join``: the pass is a prefill of ``join_tokens`` tokens that may instead join a decode step
+        (:data:`JOIN_TOKENS`): ``join()`` returns its :class:`~decodelab.engine.JoiningPrompt`, or ``None`` when it
+        cannot join (the pass then runs as ``fn``)."""
+        op = _PassOp(fn, sliced, PASS_OWNER.get(), join=join, join_tokens=join_tokens)
         with self._cond:
             self._check_open()
             self._passes.append(op)
@@ -389,7 +406,7 @@ class Scheduler:
                     steps: list[_StepOp] = []
                     if self._steps and (self._closed or self._ready()):
                         steps = self._take_steps()
-                    elif not self._passes and self._current is None:
+                    elif not self._runnable() and self._current is None:  # nothing, or prompts waiting to join
                         self._wait(max(self._due_at() - time.monotonic(), 1e-4))
                         continue
                 deadline = None  # no step ran: passes run until a step is due
@@ -497,14 +514,26 @@ class Scheduler:
         """Advance the passes (the one under way, then queued ones) until ``deadline`` (monotonic seconds), or,
         without one, until a decode step is due; stops only at the cuts of a sliced pass. ``drain``: instead, until
         the :attr:`passes` counter reaches it (:data:`WAITING_SERVED_RATIO`)."""
+        self._run_tasks()  # the requests the last step answered ask for their next one: a prompt may join it
         while True:
             op = self._current
             if op is None:
                 with self._cond:
-                    if not self._passes:
+                    if not self._runnable(drain):
                         return
-                    op = self._current = self._next_pass()
-            self._advance(op)
+                    burst = bool(drain) or not self._active
+                # a burst, or nobody decoding: no stream waits, so the prompts run together in one pass, uncut
+                joins = self._take_joins(BURST_JOIN_TOKENS) if burst and BURST_JOIN_TOKENS else []
+                if joins:
+                    self._run_joined([], joins)
+                else:
+                    with self._cond:
+                        runnable = self._runnable(drain)
+                        if not runnable:
+                            return
+                        op = self._current = self._next_pass(runnable)
+            if op is not None:
+                self._advance(op)
             self._run_tasks()  # the pass's task (and any other ready one) goes on to its next model call
             if drain:
                 if self.passes >= drain:
@@ -517,10 +546,22 @@ class Scheduler:
                     if self._steps and (self._closed or self._ready()):
                         return
 
-    def _next_pass(self) -> _PassOp:
-        """Take the waiting pass whose owner was served longest ago (never served first), oldest of that owner's
-        (caller holds the lock; the queue is not empty)."""
-        op = min(self._passes, key=lambda p: self._served.get(p.owner, -1))  # min keeps the first of equals
+    def _joins_next_step(self, op: _PassOp) -> bool:
+        """Whether ``op`` is a prompt that can join a decode step (:data:`JOIN_TOKENS`)."""
+        return op.join is not None and 0 < op.join_tokens <= JOIN_TOKENS
+
+    def _runnable(self, drain: int = 0) -> list[_PassOp]:
+        """The waiting passes that may start now (lock held): all of them, except that while a decode step is
+        gathering (and no burst is being drained) the prompts that can join it wait for it (:data:`JOIN_TOKENS`)
+        instead of running between steps."""
+        if drain or not self._steps or not JOIN_TOKENS:
+            return list(self._passes)
+        return [p for p in self._passes if not self._joins_next_step(p)]
+
+    def _next_pass(self, candidates: list[_PassOp]) -> _PassOp:
+        """Take the pass among ``candidates`` (waiting ones) whose owner was served longest ago (never served
+        first), oldest of that owner's (caller holds the lock; ``candidates`` is not empty)."""
+        op = min(candidates, key=lambda p: self._served.get(p.owner, -1))  # min keeps the first of equals
         self._passes.remove(op)
         self.passes_started += 1
         self._served[op.owner] = self.passes_started
@@ -546,12 +587,61 @@ class Scheduler:
         self._current = None
         self.passes += 1
 
+    def _take_joins(self, budget: int) -> list[tuple[_PassOp, Any]]:
+        """Waiting prefills of at most ``budget`` tokens in all that join one forward pass (:data:`JOIN_TOKENS`),
+        in the order :meth:`_next_pass` would start them, each with its :class:`~decodelab.engine.JoiningPrompt`.
+        A prefill whose ``join()`` says no stays a pass of its own; one whose ``join()`` fails gets the error."""
+        joins: list[tuple[_PassOp, Any]] = []
+        while True:
+            with self._cond:
+                fits = [p for p in self._passes if p.join is not None and p.join_tokens <= budget]
+                if not fits:
+                    return joins
+                op = min(fits, key=lambda p: self._served.get(p.owner, -1))
+                self._passes.remove(op)
+            join, op.join = op.join, None
+            try:
+                prompt = join()
+            except BaseException as exc:  # e.g. no memory for its cache: its request's error, not the step's
+                self.passes_started += 1
+                self.passes += 1
+                op.future.set_exception(exc)
+                continue
+            if prompt is None:  # cannot join: back to the front of the queue as a pass of its own
+                with self._cond:
+                    self._passes.appendleft(op)
+                continue
+            self.passes_started += 1
+            self._served[op.owner] = self.passes_started
+            budget -= op.join_tokens
+            joins.append((op, prompt))
+
     def _run_steps(self, steps: list[_StepOp]) -> None:
+        """One decode step for ``steps``, with the waiting short prompts joined to it (:data:`JOIN_TOKENS`)."""
+        self._run_joined(steps, self._take_joins(JOIN_TOKENS) if JOIN_TOKENS else [])
+
+    def _run_joined(self, steps: list[_StepOp], joins: list[tuple[_PassOp, Any]]) -> None:
+        """One forward pass for the decode ``steps`` (may be empty when ``joins`` is not) and the prefills of
+        ``joins``; settles every future."""
         try:
-            logits = self.engine.step_many([op.state for op in steps], [op.tokens for op in steps])
-        except BaseException as exc:  # an engine failure reaches every request of the step, never this thread
+            if joins:
+                logits, prefilled = self.engine.step_and_prefill([op.state for op in steps],
+                                                                 [op.tokens for op in steps],
+                                                                 [prompt for _, prompt in joins])
+            else:
+                logits, prefilled = self.engine.step_many([op.state for op in steps], [op.tokens for op in steps]), []
+        except BaseException as exc:  # an engine failure reaches every request of the pass, never this thread
             for op in steps:
                 op.future.set_exception(exc)
+            for op, _ in joins:
+                self.passes += 1
+                op.future.set_exception(exc)
+            return
+        self.joined += len(joins)
+        for (op, _), result in zip(joins, prefilled):
+            self.passes += 1
+            op.future.set_result(result)
+        if not steps:
             return
         rows = sum(op.rows for op in steps)
         self.steps += 1

@@ -42,7 +42,7 @@ from torch import nn
 from . import kernel_choice
 from .cache import StaticKVCache
 from .projections import Dense, MeasuredDense, PackedDense, _buffer
-from .rows import RowPlan, Segment, attention_mask, sliding_window_mask
+from .rows import MixedPlan, RowPlan, Segment, attention_mask, sliding_window_mask
 from .slots import SLOT_POSITIONS, SlotPool
 from .support import SUPPORTED_TYPES, unsupported_reason
 from .weights import stack_weights
@@ -429,6 +429,21 @@ class FastDecoder(nn.Module):
         """
         if len(items) > 1 and any(ids.shape[1] != 1 for ids, _, _ in items):
             raise ValueError("fast path: only decode steps (one token per row) can be batched")
+        plan, order, ids, positions = self._row_plan(items)
+        logits = yield from self.run(ids, positions, plan, keep_all)
+        plan.finish()
+        out = [None] * len(items)
+        for i, seg in zip(order, plan.segments):
+            out[i] = logits if len(items) == 1 else logits[seg.lo : seg.hi]
+        return out
+
+    def _row_plan(self, items: list[tuple[torch.Tensor, torch.Tensor, StaticKVCache]]):
+        """The :class:`RowPlan` of a pass over ``items`` (see :meth:`forward_slices`), the items' order in it, and
+        their (R, T) ids and positions in that order.
+
+        Raises:
+            ValueError: T > 1 on a non-empty cache.
+        """
         exact_rows = self.rows_exact
         # one-row requests first, so that they form one block for the grouped products (rows.RowPlan); before them,
         # off the exact path, the requests in slots of one pool, by slot (their attention runs in one call)
@@ -464,12 +479,50 @@ class FastDecoder(nn.Module):
         plan = RowPlan(segments, not self.fused and self._halves_for(b * t if len(items) == 1 else 1),
                        grouped=exact_rows, exact_shapes=self._exact_shapes, attention=self._attention,
                        pooled=pooled)
-        logits = yield from self.run(ids, positions, plan, keep_all)
+        return plan, order, ids, positions
+
+    def forward_mixed(self, steps: list[tuple[torch.Tensor, torch.Tensor, StaticKVCache]],
+                      prompts: list[tuple[torch.Tensor, torch.Tensor, StaticKVCache]]
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A decode step and whole prompts in one forward pass (:class:`~decodelab.fastpath.rows.MixedPlan`): every
+        projection multiplies the step's rows and the prompts' tokens in one call.
+
+        Args:
+            steps: decode items as in :meth:`forward_many` (``(ids (B_s, 1), positions (B_s, 1), cache)``, each
+                cache after ``append_mask()``); may be empty.
+            prompts: ``(ids (1, T), positions (1, T), cache)`` per prompt, one unpadded row each, its cache empty
+                and started (``cache.start(mask)``); at least one.
+
+        Returns:
+            (the steps' (B_s, V) logits in ``steps`` order, each prompt's (1, V) last-position logits), in the
+            model's dtype. Not on the exact float32 path (:attr:`rows_exact`): there a product's result for a row
+            must not depend on the other rows, and these products see the prompts' tokens.
+
+        Raises:
+            ValueError: on the exact path, no prompt, a prompt of several rows or on a non-empty cache, or a step
+                of more than one token.
+        """
+        if self.rows_exact:
+            raise ValueError("fast path: prompts join decode steps only off the exact path")
+        if not prompts or any(ids.shape[0] != 1 or cache.length for ids, _, cache in prompts):
+            raise ValueError("fast path: a joining prompt is one row on an empty cache")
+        if any(ids.shape[1] != 1 for ids, _, _ in steps):
+            raise ValueError("fast path: only decode steps (one token per row) can be batched")
+        decode, order, ids, positions = self._row_plan(steps) if steps else (None, [], None, None)
+        plans = [self._row_plan([item])[0] for item in prompts]
+        plan = MixedPlan(decode, plans)
+        seq_ids = [p[0] for p in prompts]
+        seq_pos = [p[1] for p in prompts]
+        if decode is not None:
+            seq_ids.insert(0, ids.reshape(1, -1))
+            seq_pos.insert(0, positions.reshape(1, -1))
+        logits = drain(self.run(torch.cat(seq_ids, dim=1), torch.cat(seq_pos, dim=1), plan))
         plan.finish()
-        out = [None] * len(items)
-        for i, seg in zip(order, segments):
-            out[i] = logits if len(items) == 1 else logits[seg.lo : seg.hi]
-        return out
+        out: list[torch.Tensor | None] = [None] * len(steps)
+        for i, seg in zip(order, decode.segments if decode is not None else []):
+            out[i] = logits[seg.lo : seg.hi]
+        r = plan.rows
+        return out, [logits[r + j : r + j + 1] for j in range(len(prompts))]
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         """A product's input: cast to the weights' dtype where activations are float32 (``act32``)."""
@@ -482,9 +535,10 @@ class FastDecoder(nn.Module):
         """The decoder over the rows of ``plan``: embedding, every layer, final norm, output layer. A generator:
         yields the layer index after each layer and returns the logits ((R, V), or (R, T, V) with ``keep_all``).
 
-        ``ids`` / ``positions`` (R, T) int64; ``plan`` gives ``linear(proj, x)`` (which kernel computes which rows)
-        and ``attend(i, q, k, v) -> (R, T, H * D)`` (layer ``i``'s cache write and attention). The eager engine
-        passes a :class:`~decodelab.fastpath.rows.RowPlan`; the compiled step a
+        ``ids`` / ``positions`` (R, T) int64; ``plan`` gives ``linear(proj, x)`` (which kernel computes which rows),
+        ``attend(i, q, k, v) -> (R, T, H * D)`` (layer ``i``'s cache write and attention) and ``last(h)`` (the rows
+        the output layer multiplies). The eager engine passes a :class:`~decodelab.fastpath.rows.RowPlan` (or a
+        :class:`~decodelab.fastpath.rows.MixedPlan`: a decode step and whole prompts in one pass); the compiled step a
         :class:`~decodelab.fastpath.static.StaticRows` and exports this very code.
         """
         b, t = ids.shape
@@ -505,7 +559,7 @@ class FastDecoder(nn.Module):
         h = self._mm(self.rms_norm(h, self.norm, self.norm_eps))
         if keep_all:
             return self._softcap(self.lm_head(h))
-        last = h[:, -1:, :]
+        last = plan.last(h)
         return self._softcap(plan.linear(self.lm_head, last.contiguous() if self.head_folds else last)[:, -1])
 
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:

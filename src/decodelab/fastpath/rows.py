@@ -259,7 +259,74 @@ class RowPlan:
                              self.pool_mask, 1)
         return out if hi - lo == p else out.index_select(0, self.slot_index - lo)
 
+    @staticmethod
+    def last(h: torch.Tensor) -> torch.Tensor:
+        """The rows the output layer multiplies: each row's last position, h (R, T, hidden) -> (R, 1, hidden)."""
+        return h[:, -1:, :]
+
     def finish(self) -> None:
         """After the pass: every segment's cache now holds ``total`` positions."""
         for seg in self.segments:
             seg.cache.length = seg.total
+
+
+class MixedPlan:
+    """One forward pass that runs a decode step and whole prompts together (off the exact path only): the
+    continuous-batching scheduler lets a waiting prompt *join* a decode step instead of running its prefill
+    between two steps (what vLLM's chunked prefill and Sarathi-Serve call piggybacking, here with whole prompts).
+
+    The pass's tokens are laid out as one sequence of N = R + sum(T_j) tokens, (1, N, hidden): first the R decode
+    rows of ``decode`` (a :class:`RowPlan` over one-token segments, in its row order), then each prompt's T_j
+    tokens. Every projection multiplies all N tokens in one call (the weights are read once for the step and the
+    prompts), the element-wise operations run per token as always, and attention is split: the decode rows attend
+    through ``decode`` (pooled slots, per-request caches) exactly as in a decode step, each prompt causally over its
+    own tokens with its own empty cache, exactly as its prefill alone. Only the products see the prompts' tokens
+    beside the decode rows: their results differ from a separate step and prefill at the level of float rounding
+    (~1e-6 relative), as any batched product off the exact path does.
+
+    Args:
+        decode: the decode step's row plan (R rows), or ``None`` (only prompts).
+        prompts: one single-row, single-segment :class:`RowPlan` per prompt (its empty cache, T_j tokens).
+    """
+
+    def __init__(self, decode: RowPlan | None, prompts: list[RowPlan]) -> None:
+        self.decode = decode
+        self.prompts = prompts
+        self.rows = decode.segments[-1].hi if decode is not None else 0
+        bounds, lo = [], self.rows
+        for plan in prompts:
+            seg = plan.segments[0]
+            bounds.append((lo, lo + seg.total))
+            lo += seg.total
+        self.bounds = bounds
+        device = prompts[0].segments[0].cache.pad.device if prompts else decode.segments[0].cache.pad.device
+        self.head_rows = torch.tensor(list(range(self.rows)) + [hi - 1 for _, hi in bounds], device=device)
+
+    @staticmethod
+    def linear(proj, x: torch.Tensor) -> torch.Tensor:
+        """``proj(x)``, all tokens in one call: (1, N, K) -> (1, N, out) (or the output layer's (R + J, 1, K))."""
+        return proj(x)
+
+    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None = None) -> torch.Tensor:
+        """q (1, H, N, D), k / v (1, H_kv, N, D) -> (1, N, H * D): the decode rows through ``decode.attend`` as
+        (R, H, 1, D) rows, each prompt through its own plan's ``attend`` (its cache write and causal SDPA call)."""
+        outs = []
+        r = self.rows
+        if r:
+            def rows(t: torch.Tensor) -> torch.Tensor:  # (1, H, R, D) tokens -> (R, H, 1, D) rows
+                return t[0, :, :r].transpose(0, 1).unsqueeze(2)
+
+            outs.append(self.decode.attend(i, rows(q), rows(k), rows(v), window).reshape(1, r, -1))
+        for plan, (lo, hi) in zip(self.prompts, self.bounds):
+            outs.append(plan.attend(i, q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], window))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def last(self, h: torch.Tensor) -> torch.Tensor:
+        """The decode rows and each prompt's last token: h (1, N, hidden) -> (R + J, 1, hidden)."""
+        return h[0].index_select(0, self.head_rows).unsqueeze(1)
+
+    def finish(self) -> None:
+        """After the pass: the decode caches advanced by one position, each prompt's cache holds its T_j."""
+        for plan in ([self.decode] if self.decode is not None else []) + self.prompts:
+            plan.finish()

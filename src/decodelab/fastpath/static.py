@@ -47,6 +47,11 @@ class StaticRows:
         """``proj(x)``: (B, 1, in) -> (B, 1, out)."""
         return proj(x)
 
+    @staticmethod
+    def last(h: torch.Tensor) -> torch.Tensor:
+        """The rows the output layer multiplies: h (B, 1, hidden) as it is."""
+        return h[:, -1:, :]
+
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                window: int | None = None) -> torch.Tensor:
         """q (B, H, 1, D), k / v (B, H_kv, 1, D) -> (B, 1, H * D), writing k / v into layer ``i``'s buffers.

@@ -115,13 +115,14 @@ def create_app(lm, settings: Settings | None = None) -> FastAPI:
         """``{"status": "ok", "model", "running", "queued", "completed", "rejected", "timed_out", "cancelled",
         "rate_limited", "unauthorized", "auth", "batching"}``; ``rate_limited``: 429s sent by the per-client limit;
         ``unauthorized``: 401s; ``auth``: whether API keys are required; ``batching`` (``null`` when off):
-        ``max_batch_size``, decode ``steps`` run, ``rows_stepped``, ``max_rows`` of one step, ``step_s`` / ``pass_s`` /
+        ``max_batch_size``, decode ``steps`` run, ``rows_stepped``, ``max_rows`` of one step, ``joined`` (prompts
+        prefilled together with a decode step or with other prompts in one pass), ``step_s`` / ``pass_s`` /
         ``wait_s`` / ``task_s`` (seconds in decode steps / in prefills and other passes / waiting for decoding requests
         to ask / running the requests' own work, their search steps, in the model's thread)."""
         scheduler = lm.engine.scheduler
         batching = None if scheduler is None else {
             "max_batch_size": scheduler.max_batch_size, "steps": scheduler.steps,
-            "rows_stepped": scheduler.rows_stepped, "max_rows": scheduler.max_rows,
+            "rows_stepped": scheduler.rows_stepped, "max_rows": scheduler.max_rows, "joined": scheduler.joined,
             "step_s": round(scheduler.step_s, 3), "pass_s": round(scheduler.pass_s, 3),
             "wait_s": round(scheduler.wait_s, 3), "task_s": round(scheduler.task_s, 3)}
         return {
