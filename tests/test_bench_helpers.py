@@ -76,10 +76,10 @@ def test_load_bench_reads_what_the_scheduler_did_between_two_health_readings():
     import load
 
     before = {"steps": 10, "rows_stepped": 40, "step_s": 1.0, "pass_s": 0.5, "max_rows": 8, "wait_s": 0.25,
-              "task_s": 0.5}
+              "task_s": 0.5, "joined": 3}
     after = {"steps": 30, "rows_stepped": 280, "step_s": 3.0, "pass_s": 0.75, "max_rows": 16, "wait_s": 1.0,
-             "task_s": 2.0}
+             "task_s": 2.0, "joined": 10}
     delta = load.scheduler_delta(before, after)
     assert delta == {"steps": 20, "mean_rows": 12.0, "ms_per_step": 100.0, "step_s": 2.0, "pass_s": 0.25,
-                     "wait_s": 0.75, "task_s": 1.5}
+                     "wait_s": 0.75, "task_s": 1.5, "joined": 7}
     assert load.scheduler_delta(None, None) == {}
