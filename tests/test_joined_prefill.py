@@ -79,6 +79,36 @@ def test_a_joined_pass_gives_the_logits_of_a_separate_step_and_prefill(fixture, 
         engine.stop_batching()
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "phi3"])
+def test_a_joined_pass_keeps_sliding_windows(arch):
+    """Sliding-window layers (Gemma 3's soft-capped S,S,F pattern, Phi-3's stacked projections with a window on every
+    layer), prompts and caches longer than the window of 4: a joined pass still gives each row and prompt the logits
+    of a separate step and prefill."""
+    from test_fastpath_windows import tiny_gemma3, tiny_windowed
+
+    model = tiny_gemma3() if arch == "gemma3" else tiny_windowed("phi3")
+    engine = Engine(model, kernels="fast")
+    gen = torch.Generator().manual_seed(2)
+    running = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (9, 3, 12)]
+    joining = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (7, 2)]
+    engine.start_batching(8, thread=False)
+    try:
+        states = [_prefill(engine, [p]) for p in running]
+        tokens = [torch.tensor([11]), torch.tensor([12]), torch.tensor([13])]
+        for _ in range(3):  # past the window
+            engine.step_many(states, tokens)
+        separate = engine.step_many([_copy(s) for s in states], tokens)
+        alone = [engine.prefill(torch.tensor([p]), torch.ones((1, len(p)), dtype=torch.long), 12)[0] for p in joining]
+        prompts = [engine.joining_prompt(torch.tensor([p]), torch.ones((1, len(p)), dtype=torch.long), 12)
+                   for p in joining]
+        joined, prefilled = engine.step_and_prefill(states, tokens, prompts)
+        pairs = list(zip(separate, joined)) + [(a, b[0]) for a, b in zip(alone, prefilled)]
+        assert max(float((a - b).abs().max()) for a, b in pairs) < 1e-4
+        assert all(torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in pairs)
+    finally:
+        engine.stop_batching()
+
+
 def test_the_exact_engine_never_joins(tiny_llama):
     engine = Engine(tiny_llama.model)
     ids = torch.tensor([tiny_llama.tokenizer("Hello there").input_ids])
@@ -156,3 +186,77 @@ def test_a_burst_of_prompts_runs_as_one_pass_and_answers_as_alone(embedded, monk
     assert calls[0] == (0, len(requests))  # all five prompts in one pass, before any decode step
     for a, b in zip(alone, together):
         assert [s.ids for s in a.sequences] == [s.ids for s in b.sequences]
+
+
+@pytest.mark.slow
+def test_a_fast_kernels_server_joins_staggered_prompts_and_answers_as_alone(embedded, monkeypatch):
+    """A ``kernels="fast"`` server (batching on by default) under 8 clients whose requests arrive staggered, so that
+    prompts arrive while others decode: greedy and seeded completions, streams, ``n=2``, beam search (3 rows: its
+    prompt does not join) and an invalid body. Every text equals the same request alone, none is a 5xx, and
+    ``/health`` counts joined prompts."""
+    import asyncio
+    import random
+
+    import httpx
+
+    from decodelab.server import Settings, create_app
+    from decodelab.server.background import BackgroundServer
+
+    lm = decodelab.LM(embedded.model, embedded.tokenizer, embedded.name, engine=Engine(embedded.model,
+                                                                                      kernels="fast"))
+    calls = []
+    real = lm.engine.step_and_prefill
+    monkeypatch.setattr(lm.engine, "step_and_prefill",
+                        lambda states, tokens, joining: calls.append((len(states), len(joining)))
+                        or real(states, tokens, joining))
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "Water boils at", "def add(a, b):"]
+    bodies = []
+    for i, p in enumerate(prompts):
+        bodies.append({"prompt": p, "max_tokens": 12, "temperature": 0})
+        bodies.append({"prompt": p, "max_tokens": 10, "temperature": 0.8, "seed": i, "n": 2})
+        bodies.append({"prompt": p, "max_tokens": 10, "temperature": 0, "stream": True})
+        bodies.append({"prompt": p, "max_tokens": 6, "temperature": 0, "num_beams": 3})
+    bodies.append({"prompt": "x", "max_tokens": 4, "temperature": -1})
+
+    async def call(client: httpx.AsyncClient, body: dict):
+        if body.get("stream"):
+            text = ""
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    return r.status_code
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        import json
+
+                        text += json.loads(line[6:])["choices"][0]["text"]
+            return text
+        r = await client.post("/v1/completions", json=body)
+        if r.status_code != 200:
+            return r.status_code
+        return [c["text"] for c in r.json()["choices"]]
+
+    with BackgroundServer(create_app(lm, Settings(max_tokens=16, max_queue=64))) as srv:
+        async def main():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=300) as client:
+                alone = [await call(client, b) for b in bodies]
+                calls.clear()  # alone, each prompt had a pass of its own
+                rng = random.Random(0)
+                order = [rng.randrange(len(bodies)) for _ in range(48)]
+                queue = list(enumerate(order))
+                got: dict[int, object] = {}
+
+                async def worker(k: int):
+                    await asyncio.sleep(0.15 * k)  # staggered: later prompts arrive while earlier ones decode
+                    while queue:
+                        slot, which = queue.pop()
+                        got[slot] = await call(client, bodies[which])
+
+                await asyncio.gather(*(worker(k) for k in range(8)))
+                return alone, order, got
+
+        alone, order, got = asyncio.run(main())
+        health = httpx.get(srv.url + "/health", timeout=30).json()
+    assert alone[-1] == 400 and all(isinstance(a, (list, str)) for a in alone[:-1])
+    assert [got[s] for s in range(len(order))] == [alone[w] for w in order]
+    assert health["batching"]["joined"] >= 1 and health["batching"]["max_rows"] > 1
+    assert any(rows and joining for rows, joining in calls)  # prompts prefilled inside decode steps

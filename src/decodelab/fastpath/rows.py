@@ -27,7 +27,8 @@ it fails, the one-row segments are multiplied one call per row (still exact, slo
 
 Other kernel modes (``kernels="fast"``, bfloat16 packed weights, int8 / int4) multiply all rows in one call:
 faster, but a row's logits then depend on its batch neighbours at the ~1e-6 level (see README, "Continuous
-batching").
+batching"). There, whole prompts may also join a decode step (:class:`MixedPlan`): their tokens go through the same
+product calls as the step's rows, and each prompt attends causally over its own cache as in its prefill alone.
 """
 
 from __future__ import annotations
