@@ -192,7 +192,7 @@ def test_a_burst_of_prompts_runs_as_one_pass_and_answers_as_alone(embedded, monk
 def test_a_fast_kernels_server_joins_staggered_prompts_and_answers_as_alone(embedded, monkeypatch):
     """A ``kernels="fast"`` server (batching on by default) under 8 clients whose requests arrive staggered, so that
     prompts arrive while others decode: greedy and seeded completions, streams, ``n=2``, beam search (3 rows: its
-    prompt does not join) and an invalid body. Every text equals the same request alone, none is a 5xx, and
+    prompt does not join), streams whose client leaves after the first chunk and an invalid body. Every text equals the same request alone, none is a 5xx, and
     ``/health`` counts joined prompts."""
     import asyncio
     import random
@@ -216,9 +216,17 @@ def test_a_fast_kernels_server_joins_staggered_prompts_and_answers_as_alone(embe
         bodies.append({"prompt": p, "max_tokens": 10, "temperature": 0.8, "seed": i, "n": 2})
         bodies.append({"prompt": p, "max_tokens": 10, "temperature": 0, "stream": True})
         bodies.append({"prompt": p, "max_tokens": 6, "temperature": 0, "num_beams": 3})
+        bodies.append({"prompt": p, "max_tokens": 16, "temperature": 0, "leave": True})
     bodies.append({"prompt": "x", "max_tokens": 4, "temperature": -1})
 
     async def call(client: httpx.AsyncClient, body: dict):
+        if body.get("leave"):  # a streaming client that goes away after its first chunk
+            sent = {k: v for k, v in body.items() if k != "leave"} | {"stream": True}
+            async with client.stream("POST", "/v1/completions", json=sent) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        return "left"
+            return r.status_code
         if body.get("stream"):
             text = ""
             async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -255,8 +263,13 @@ def test_a_fast_kernels_server_joins_staggered_prompts_and_answers_as_alone(embe
                 return alone, order, got
 
         alone, order, got = asyncio.run(main())
-        health = httpx.get(srv.url + "/health", timeout=30).json()
+        for _ in range(100):  # a request whose client left ends at its next token
+            health = httpx.get(srv.url + "/health", timeout=30).json()
+            if health["running"] == 0:
+                break
+            threading.Event().wait(0.1)
     assert alone[-1] == 400 and all(isinstance(a, (list, str)) for a in alone[:-1])
     assert [got[s] for s in range(len(order))] == [alone[w] for w in order]
     assert health["batching"]["joined"] >= 1 and health["batching"]["max_rows"] > 1
+    assert health["running"] == 0 and health["queued"] == 0  # the clients that left freed their requests
     assert any(rows and joining for rows, joining in calls)  # prompts prefilled inside decode steps
