@@ -138,13 +138,15 @@ class ServeProcess:
 
     name = "decodelab serve"
 
-    def __init__(self, model: str | None, kernels: str, max_batch_size: int) -> None:
+    def __init__(self, model: str | None, kernels: str, max_batch_size: int, compile: bool = False) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "decodelab", "serve", "--port", str(self.port), "--kernels", kernels,
                     "--max-batch-size", str(max_batch_size), "--max-tokens", "4096", "--max-queue", "256"]
         if model:
             self.cmd += ["--model", model]
+        if compile:
+            self.cmd += ["--compile"]
 
     def __enter__(self) -> "ServeProcess":
         self.log = tempfile.TemporaryFile(mode="w+")
@@ -261,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--kernels", default="exact")
+    ap.add_argument("--compile", action="store_true",
+                    help="both decodelab servers with --compile (the warm-up compiles the one-request step once)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--hf", action="store_true", help="add transformers' generate_batch")
     ap.add_argument("--llama-server", default=None, metavar="BIN", help="add llama.cpp's server (path to llama-server)")
@@ -286,18 +290,18 @@ def main(argv: list[str] | None = None) -> int:
     loaded = models.load_model(args.model)
     cpu = cpu_model()
     print(f"CPU: {cpu}; torch threads {__import__('torch').get_num_threads()}; model {loaded.name}; "
-          f"kernels {args.kernels}; {args.tokens} new tokens per request")
+          f"kernels {args.kernels}{' compiled' if args.compile else ''}; {args.tokens} new tokens per request")
 
     def lm_for() -> decodelab.LM:
         lm = decodelab.LM(loaded.model, loaded.tokenizer, loaded.name)
-        lm.engine = Engine(loaded.model, kernels=args.kernels)
+        lm.engine = Engine(loaded.model, kernels=args.kernels, compile=args.compile)
         return lm
 
     if args.in_process:
         batched_srv, serial_srv = InProcessServer(lm_for(), args.max_batch_size), InProcessServer(lm_for(), 1)
     else:
-        batched_srv = ServeProcess(args.model, args.kernels, args.max_batch_size)
-        serial_srv = ServeProcess(args.model, args.kernels, 1)
+        batched_srv = ServeProcess(args.model, args.kernels, args.max_batch_size, args.compile)
+        serial_srv = ServeProcess(args.model, args.kernels, 1, args.compile)
     rows = []
     with contextlib.ExitStack() as stack:
         gguf = None

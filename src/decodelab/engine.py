@@ -288,10 +288,10 @@ class Engine:
     def joining_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        max_new_tokens: int | None = None) -> JoiningPrompt | None:
         """A prompt ready to join a decode step (:meth:`step_and_prefill`) instead of a prefill of its own, or
-        ``None`` where that does not apply: the plain path, ``compile``, the exact float32 path (its products must
-        see each request's rows alone), several rows, or left padding. Takes the prompt's cache (a pool slot where
+        ``None`` where that does not apply: the plain path, the exact float32 path (its products must see each
+        request's rows alone), several rows, or left padding. Takes the prompt's cache (a pool slot where
         one is free). Called in the scheduler thread when it is about to run a step."""
-        if self.fast is None or self.compiled is not None or self.fast.rows_exact or input_ids.shape[0] != 1:
+        if self.fast is None or self.fast.rows_exact or input_ids.shape[0] != 1:
             return None
         if not bool(attention_mask.all()):
             return None
@@ -351,15 +351,17 @@ class Engine:
         """One decode step for several requests: ``tokens[i]`` (B_i,) ids fed to ``states[i]`` -> a (B_i, V)
         float32 logits tensor each, equal to what :meth:`step` returns for that request alone.
 
-        On the fast path (uncompiled) this is one forward pass over all rows
-        (:meth:`decodelab.fastpath.FastDecoder.forward_many`); on the exact float32 engine each request's logits are
-        bit for bit its logits alone (:mod:`decodelab.fastpath.rows`). On the plain path, the requests whose
-        ``DynamicCache`` can be merged run as one left-padded batch (:func:`decodelab.padded_batch.merged_step`:
-        logits within float rounding of alone, not bit for bit); the others, and the compiled step, run one after
-        another (same numbers as alone, no batching gain).
+        On the fast path this is one forward pass over all rows (:meth:`decodelab.fastpath.FastDecoder.forward_many`);
+        on the exact float32 engine each request's logits are bit for bit its logits alone
+        (:mod:`decodelab.fastpath.rows`). With ``compile``, a lone request's step runs compiled and a step of several
+        requests runs as that one eager pass (a compiled graph has one request's fixed shape: R requests one after
+        another would cost R compiled steps), so their logits are within float rounding of the compiled ones alone.
+        On the plain path, the requests whose ``DynamicCache`` can be merged run as one left-padded batch
+        (:func:`decodelab.padded_batch.merged_step`: logits within float rounding of alone, not bit for bit); the
+        others run one after another (same numbers as alone, no batching gain).
         """
-        if len(states) == 1 or self.compiled is not None:
-            return [self._step(s, t) for s, t in zip(states, tokens)]
+        if len(states) == 1:
+            return [self._step(states[0], tokens[0])]
         if self.fast is None:
             from .padded_batch import merged_step, mergeable
 
