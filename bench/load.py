@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                     if c:
                         print(f"           batched scheduler: {c['steps']} steps, {c['mean_rows']:.1f} rows each, "
                               f"{c['ms_per_step']:.1f} ms per step, {c['step_s']:.1f} s in steps, {c['pass_s']:.1f} s "
-                              f"in prefills ({c['joined']} prompts joined), {c['wait_s']:.1f} s waiting for requests, {c['task_s']:.1f} s in their "
+                              f"in prefills ({c['joined']} prompts joined), {c['wait_s']:.1f} s waiting for requests, "
+                              f"{c['task_s']:.1f} s in their "
                               f"own work")
         print(f"batching counters: {batched.health()['batching']}")
     if args.hf:

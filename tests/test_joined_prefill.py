@@ -192,8 +192,9 @@ def test_a_burst_of_prompts_runs_as_one_pass_and_answers_as_alone(embedded, monk
 def test_a_fast_kernels_server_joins_staggered_prompts_and_answers_as_alone(embedded, monkeypatch):
     """A ``kernels="fast"`` server (batching on by default) under 8 clients whose requests arrive staggered, so that
     prompts arrive while others decode: greedy and seeded completions, streams, ``n=2``, beam search (3 rows: its
-    prompt does not join), streams whose client leaves after the first chunk and an invalid body. Every text equals the same request alone, none is a 5xx, and
-    ``/health`` counts joined prompts."""
+    prompt does not join), streams whose client leaves after the first chunk and an invalid body. Every text equals
+    the same request alone, none is a 5xx, prompts were prefilled inside decode steps, and the requests of the
+    clients that left end."""
     import asyncio
     import random
 

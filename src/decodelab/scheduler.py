@@ -30,7 +30,8 @@ What it does:
    roughly doubles while prompts join, whatever their number and length; except that when more prompts wait than
    :data:`WAITING_SERVED_RATIO` times the requests decoding (a burst), they are all prefilled first, so that they
    join the batch together rather than one per step. Off the exact path, short prompts (:data:`JOIN_TOKENS`) join
-   the next decode step instead: one forward pass for the step's rows and the prompts' tokens. A fast-path prefill is cut between decoder
+   the next decode step instead: one forward pass for the step's rows and the prompts' tokens; a burst's prompts run
+   together (:data:`BURST_JOIN_TOKENS`). A fast-path prefill is cut between decoder
    layers, not between tokens (:meth:`Engine._prefill_slices`): each layer sees the whole prompt at once, exactly as
    alone, so the answer is unchanged (cutting the prompt into token chunks would change the sums, so the answer would no
    longer equal the request alone), and a long prompt holds the streams for one layer's share at a time, never for the
@@ -144,7 +145,8 @@ class Scheduler:
 
     Counters (read-only): ``steps`` (decode steps run), ``rows_stepped`` (rows fed in them; ``rows_stepped / steps`` is
     the mean batch), ``max_rows`` (largest step), ``passes`` (prefills and other whole passes finished;
-    ``passes_started``: begun), ``joined`` (prefills that joined a decode step, counted in ``passes`` too), ``slices`` (pieces of cut passes run), ``steps_within_passes`` (decode steps run while a
+    ``passes_started``: begun), ``joined`` (prefills run in a joined pass, with a decode step or with other prompts:
+    counted in ``passes`` too), ``slices`` (pieces of cut passes run), ``steps_within_passes`` (decode steps run while a
     cut pass was under way: the streams it did not hold up), ``step_s`` and ``pass_s`` (seconds spent in decode steps
     and in passes: ``step_s / steps`` is the mean step time), ``wait_s`` (seconds the loop waited for requests to ask
     while some were decoding: the model idle during their own search steps), ``tasks`` (requests started as tasks:
