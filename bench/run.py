@@ -8,7 +8,7 @@ Cases (default all): ``greedy`` (128 new tokens), ``beam`` (5 beams, 64 tokens),
 tokens, seeded), ``latency`` (time to first token: ``max_new_tokens=1`` on the short prompt; prefill tokens/s on
 a 512-token prompt), ``dtypes`` (greedy 128 in bfloat16, and weight-only int8 / int4 with float32 and bfloat16
 activations, each with its quality figure: top-1 agreement with float32 and perplexity on bench/quality_text.txt).
-``kernels``: the matrix-vector kernels alone on a decode step's worth of weights (bench/kernels.py).
+``kernels``: the matrix-vector kernels alone on a decode step's worth of weights (bench/matvec_kernels.py).
 Float32 cases run once per ``--kernels`` value (default ``exact,fast``: bit-exact products, and the products measured
 fastest on this CPU, see decodelab.fastpath.kernel_choice; the choice of each is printed with the CPU model). ``--compile`` adds the Inductor-compiled decode step (see decodelab.compile_cache).
 
@@ -284,10 +284,11 @@ def main(argv=None) -> int:
         report["quality_text_tokens"] = len(ids)
         report["cases"].extend(run_dtypes(lm, args.model, args.runs, gemv, ids, probe))
     if "kernels" in cases:
-        import kernels
+        import matvec_kernels  # not "kernels": that is the name of Hugging Face's kernels package, which transformers
+        # imports (bench/ on sys.path would shadow it)
 
         print("  kernels ...", flush=True)
-        report["kernels"] = kernels.run(rounds=args.runs)
+        report["kernels"] = matvec_kernels.run(rounds=args.runs)
     if args.compile:
         report["compiled"] = run_compile(lm, args.model, args.runs, probe)
     report["load_end"] = loadavg()

@@ -5,7 +5,7 @@ Streams a set of random matrices shaped like SmolLM2-135M's decoder (30 layers o
 by them, interleaving the variants round by round so that all see the same machine load. Reports milliseconds per
 "step" (one pass over all matrices, batch 1) and the tokens/s that would allow if nothing else cost time.
 
-Run alone: ``python bench/kernels.py [--threads 2] [--rounds 5]``; ``bench/run.py`` includes it (case ``kernels``).
+Run alone: ``python bench/matvec_kernels.py [--threads 2] [--rounds 5]``; ``bench/run.py`` includes it (case ``kernels``).
 """
 
 from __future__ import annotations
