@@ -119,11 +119,12 @@ def test_the_exact_engine_never_joins(tiny_llama):
         engine.fast.forward_mixed([], [(ids, torch.arange(ids.shape[1])[None], cache)])
 
 
-def test_left_padded_or_multi_row_prompts_do_not_join(tiny_llama):
+def test_left_padded_multi_row_or_empty_prompts_do_not_join(tiny_llama):
     engine = Engine(tiny_llama.model, kernels="fast")
     batch = PromptBatch.from_lists([[5, 6, 7], [8]], 0)
     assert engine.joining_prompt(batch.ids, batch.mask, 4) is None  # two rows
     assert engine.joining_prompt(batch.ids[1:], batch.mask[1:], 4) is None  # left padding
+    assert engine.joining_prompt(batch.ids[:1, :0], batch.mask[:1, :0], 4) is None  # no token
     assert engine.joining_prompt(batch.ids[:1], batch.mask[:1], 4) is not None
 
 

@@ -25,10 +25,12 @@ from decodelab.server.background import BackgroundServer
 # The "leave" clients break out of the openai SDK's stream after one chunk: the SDK's and httpx's async generators
 # under it stay suspended (closing the stream closes the response, not them), and when the cyclic garbage collector
 # happens to finalise them in another thread (the server's model thread, in this process) Python reports "async
-# generator already executing" for these client-side objects. Not the server's: filtered by their class names only.
+# generator already executing" for these client-side objects (also httpx's ``Response.aiter_raw`` under them). Not
+# the server's: filtered by their names only.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900),
               pytest.mark.filterwarnings(
-                  r"ignore:Exception ignored in. <async_generator object (AsyncResponseStream|BoundAsyncStream)\.__aiter__"
+                  r"ignore:Exception ignored in. <async_generator object "
+                  r"(AsyncResponseStream\.__aiter__|BoundAsyncStream\.__aiter__|Response\.aiter_raw)"
                   ":pytest.PytestUnraisableExceptionWarning")]
 
 CLIENTS = 32

@@ -289,9 +289,9 @@ class Engine:
                        max_new_tokens: int | None = None) -> JoiningPrompt | None:
         """A prompt ready to join a decode step (:meth:`step_and_prefill`) instead of a prefill of its own, or
         ``None`` where that does not apply: the plain path, the exact float32 path (its products must see each
-        request's rows alone), several rows, or left padding. Takes the prompt's cache (a pool slot where
+        request's rows alone), several rows, no token, or left padding. Takes the prompt's cache (a pool slot where
         one is free). Called in the scheduler thread when it is about to run a step."""
-        if self.fast is None or self.fast.rows_exact or input_ids.shape[0] != 1:
+        if self.fast is None or self.fast.rows_exact or input_ids.shape[0] != 1 or input_ids.shape[-1] == 0:
             return None
         if not bool(attention_mask.all()):
             return None
