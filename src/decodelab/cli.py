@@ -49,7 +49,9 @@ QuantizeHead = Annotated[bool, typer.Option("--quantize-lm-head", help="With --q
                                             "layer to int8 (fewer bytes per token, small quality cost).")]
 Kernels = Annotated[Optional[str], typer.Option("--kernels", help="exact (default: float32 logits bit-for-bit "
                                                 "transformers') or fast (weight-first matrix products: faster on "
-                                                "CPU, equal to ~1e-6, may differ from transformers at near-ties).")]
+                                                "CPU, logits equal to ~1e-6 relative, log-probabilities to "
+                                                "~1e-5; batched answers may differ from alone, and from "
+                                                "transformers, at near-ties).")]
 
 
 def _fail(message: str) -> "typer.Exit":

@@ -44,7 +44,8 @@ class EngineConfig:
             and torch dtypes accepted). Given as ``None``: ``"bfloat16"`` with ``quantize`` (PyTorch's int8/int4 CPU
             kernels are many times slower with float32 activations), else ``"float32"``.
         kernels: ``"exact"`` (float32 logits bit-for-bit transformers') or ``"fast"`` (fused projections and the
-            kernel measured fastest per product; logits equal to ~1e-6 relative). ``None``: ``"exact"``.
+            kernel measured fastest per product; logits equal to ~1e-6 relative, log-probabilities to ~1e-5
+            absolute, alone or batched). ``None``: ``"exact"``.
         quantize: ``None``, ``"int8"`` or ``"int4"``: weight-only quantization of the decoder's linear layers
             (CPU only). ``"none"`` / ``"off"`` / ``""`` mean ``None``.
         quantize_lm_head: with ``quantize``, also the output layer (int8 per row).

@@ -196,7 +196,11 @@ class Runner:
         stop = threading.Event()
         fut = self._submit_or_release(functools.partial(_drain, make_gen, stop), self._scheduler())
         self._release_when_done(fut)
-        work = asyncio.ensure_future(asyncio.shield(asyncio.wrap_future(fut)))
+        result = asyncio.wrap_future(fut)
+        # read its outcome whatever happens: once ``work`` (the shield) is cancelled (client gone, timeout), the
+        # shield no longer looks at it, and a CancelledGeneration it ends with would be logged as "never retrieved"
+        result.add_done_callback(_swallow)
+        work = asyncio.ensure_future(asyncio.shield(result))
         watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         try:
             waiting = {work} | ({watcher} if watcher else set())
