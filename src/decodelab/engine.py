@@ -241,10 +241,11 @@ class Engine:
         """
         scheduler = self._routed()
         if scheduler is not None:
+            join = None  # only a prompt that can join is offered (the exact engine's prefills keep their order)
+            if self._can_join(input_ids, attention_mask):
+                join = lambda: self.joining_prompt(input_ids, attention_mask, max_new_tokens)  # noqa: E731
             return scheduler.run_pass(lambda: self._prefill_slices(input_ids, attention_mask, max_new_tokens),
-                                      sliced=True,
-                                      join=lambda: self.joining_prompt(input_ids, attention_mask, max_new_tokens),
-                                      join_tokens=int(input_ids.shape[-1]))
+                                      sliced=True, join=join, join_tokens=int(input_ids.shape[-1]))
         with model_threads():
             return drain(self._prefill_slices(input_ids, attention_mask, max_new_tokens))
 
@@ -291,9 +292,7 @@ class Engine:
         ``None`` where that does not apply: the plain path, the exact float32 path (its products must see each
         request's rows alone), several rows, no token, or left padding. Takes the prompt's cache (a pool slot where
         one is free). Called in the scheduler thread when it is about to run a step."""
-        if self.fast is None or self.fast.rows_exact or input_ids.shape[0] != 1 or input_ids.shape[-1] == 0:
-            return None
-        if not bool(attention_mask.all()):
+        if not self._can_join(input_ids, attention_mask):
             return None
         with torch.inference_mode():
             ids = input_ids.to(self.device)
@@ -301,6 +300,21 @@ class Engine:
             cache.start(torch.ones_like(ids))
             positions = torch.arange(ids.shape[1], device=self.device)[None]
         return JoiningPrompt(ids, positions, cache)
+
+    def _can_join(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+        """Whether this (B, T) prompt may join a decode step (see :meth:`joining_prompt`)."""
+        return (self.fast is not None and not self.fast.rows_exact and input_ids.shape[0] == 1
+                and input_ids.shape[-1] > 0 and bool(attention_mask.all()))
+
+    def _step_items(self, states: list[DecodeState], tokens: list[torch.Tensor]) -> list[tuple]:
+        """Advance each fast-path state by one position and return its ``(ids (B_i, 1), positions, cache)`` item
+        for :meth:`decodelab.fastpath.FastDecoder.forward_many` / ``forward_mixed``."""
+        items = []
+        for state, tok in zip(states, tokens):
+            state.positions = state.positions + 1
+            state.cache.append_mask()
+            items.append((tok.to(self.device)[:, None], state.positions, state.cache))
+        return items
 
     @torch.inference_mode()
     def step_and_prefill(self, states: list[DecodeState], tokens: list[torch.Tensor],
@@ -313,13 +327,8 @@ class Engine:
 
         The numbers differ from a separate step and prefill at float rounding (~1e-6 relative), as every batched
         product off the exact path does (README, "Continuous batching")."""
-        items = []
-        for state, tok in zip(states, tokens):
-            state.positions = state.positions + 1
-            state.cache.append_mask()
-            items.append((tok.to(self.device)[:, None], state.positions, state.cache))
-        step_logits, prompt_logits = self.fast.forward_mixed(items, [(p.ids, p.positions, p.cache)
-                                                                     for p in prompts])
+        step_logits, prompt_logits = self.fast.forward_mixed(self._step_items(states, tokens),
+                                                             [(p.ids, p.positions, p.cache) for p in prompts])
         return ([logits.float().contiguous() for logits in step_logits],
                 [(logits.float().contiguous(), DecodeState(p.cache, None, p.positions[:, -1:]))
                  for p, logits in zip(prompts, prompt_logits)])
@@ -377,12 +386,7 @@ class Engine:
                 if i not in merge:
                     out[i] = self._step(s, t)
             return out
-        items = []
-        for state, tok in zip(states, tokens):
-            state.positions = state.positions + 1
-            state.cache.append_mask()
-            items.append((tok.to(self.device)[:, None], state.positions, state.cache))
-        return [logits.float().contiguous() for logits in self.fast.forward_many(items)]
+        return [logits.float().contiguous() for logits in self.fast.forward_many(self._step_items(states, tokens))]
 
     @torch.inference_mode()
     def _step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:

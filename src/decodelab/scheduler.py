@@ -565,12 +565,16 @@ class Scheduler:
         first), oldest of that owner's (caller holds the lock; ``candidates`` is not empty)."""
         op = min(candidates, key=lambda p: self._served.get(p.owner, -1))  # min keeps the first of equals
         self._passes.remove(op)
+        self._mark_started(op)
+        return op
+
+    def _mark_started(self, op: _PassOp) -> None:
+        """Count ``op`` as started and its owner as served now (caller holds the lock)."""
         self.passes_started += 1
         self._served[op.owner] = self.passes_started
         if len(self._served) > 4 * self.max_batch_size:  # forget owners long gone
             waiting = {p.owner for p in self._passes}
             self._served = {o: n for o, n in self._served.items() if o in waiting or o == op.owner}
-        return op
 
     def _advance(self, op: _PassOp) -> None:
         """Run ``op`` to its next cut (a sliced pass) or to its end; settle its future when it ends."""
@@ -600,21 +604,22 @@ class Scheduler:
                 if not fits:
                     return joins
                 op = min(fits, key=lambda p: self._served.get(p.owner, -1))
-                self._passes.remove(op)
+                place = self._passes.index(op)
+                del self._passes[place]
             join, op.join = op.join, None
             try:
                 prompt = join()
             except BaseException as exc:  # e.g. no memory for its cache: its request's error, not the step's
-                self.passes_started += 1
+                prompt = exc
+            with self._cond:
+                if prompt is None:  # cannot join after all: back in its place, a pass of its own
+                    self._passes.insert(place, op)
+                    continue
+                self._mark_started(op)
+            if isinstance(prompt, BaseException):
                 self.passes += 1
-                op.future.set_exception(exc)
+                op.future.set_exception(prompt)
                 continue
-            if prompt is None:  # cannot join: back to the front of the queue as a pass of its own
-                with self._cond:
-                    self._passes.appendleft(op)
-                continue
-            self.passes_started += 1
-            self._served[op.owner] = self.passes_started
             budget -= op.join_tokens
             joins.append((op, prompt))
 

@@ -287,7 +287,8 @@ class MixedPlan:
 
     Args:
         decode: the decode step's row plan (R rows), or ``None`` (only prompts).
-        prompts: one single-row, single-segment :class:`RowPlan` per prompt (its empty cache, T_j tokens).
+        prompts: one single-row, single-segment :class:`RowPlan` per prompt (its empty cache, T_j tokens); at
+            least one.
     """
 
     def __init__(self, decode: RowPlan | None, prompts: list[RowPlan]) -> None:
@@ -300,8 +301,8 @@ class MixedPlan:
             bounds.append((lo, lo + seg.total))
             lo += seg.total
         self.bounds = bounds
-        device = prompts[0].segments[0].cache.pad.device if prompts else decode.segments[0].cache.pad.device
-        self.head_rows = torch.tensor(list(range(self.rows)) + [hi - 1 for _, hi in bounds], device=device)
+        self.head_rows = torch.tensor(list(range(self.rows)) + [hi - 1 for _, hi in bounds],
+                                      device=prompts[0].segments[0].cache.pad.device)
 
     @staticmethod
     def linear(proj, x: torch.Tensor) -> torch.Tensor:
