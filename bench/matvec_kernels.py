@@ -36,6 +36,7 @@ def _variants(layers: int):
     class Halves:
         def __init__(self, weight):
             self.dense = Dense(weight)
+            self.weight = weight
 
         def __call__(self, x):
             return half_linear(self.dense, x.reshape(1, 1, -1))
@@ -86,6 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from decodelab.fastpath.kernel_choice import cpu_model
+
+    print(f"CPU: {cpu_model()}; torch threads {args.threads}; torch {torch.__version__}")
     for row in run(args.rounds):
         print(f"{row['kernel']:30s} {row['ms_median']:8.1f} ms (min {row['ms_min']:.1f})  "
               f"<= {row['tok_s_bound']:.1f} tok/s")

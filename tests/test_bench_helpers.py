@@ -83,3 +83,15 @@ def test_load_bench_reads_what_the_scheduler_did_between_two_health_readings():
     assert delta == {"steps": 20, "mean_rows": 12.0, "ms_per_step": 100.0, "step_s": 2.0, "pass_s": 0.25,
                      "wait_s": 0.75, "task_s": 1.5, "joined": 7}
     assert load.scheduler_delta(None, None) == {}
+
+
+def test_matvec_kernel_bench_runs_every_variant():
+    """``bench/matvec_kernels.py`` (``bench/run.py``'s ``kernels`` case) runs each of its variants over one layer's
+    matrices and the output layer: every variant reports a time (its ``bmm halves`` variant once had no ``weight``
+    and failed before timing anything)."""
+    from matvec_kernels import run
+
+    rows = run(rounds=1, layers=1)
+    names = [r["kernel"] for r in rows]
+    assert "float32 bmm halves" in names and "float32 onednn (fast candidate)" in names and len(names) == 12
+    assert all(r["ms_median"] > 0 and r["ms_min"] <= r["ms_median"] for r in rows)
