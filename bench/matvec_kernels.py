@@ -86,6 +86,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
+    if args.threads < 1 or args.rounds < 1:
+        print("error: --threads and --rounds must be >= 1", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     from decodelab.fastpath.kernel_choice import cpu_model
 

@@ -72,6 +72,14 @@ def test_request_cpu_bench_rejects_bad_arguments_with_exit_2(capsys):
     assert exit_info.value.code == 2
 
 
+def test_matvec_kernel_bench_rejects_bad_arguments_with_exit_2(capsys):
+    import matvec_kernels
+
+    assert matvec_kernels.main(["--threads", "0"]) == 2
+    assert matvec_kernels.main(["--rounds", "0"]) == 2
+    assert "error: --threads and --rounds must be >= 1" in capsys.readouterr().err
+
+
 def test_load_bench_reads_what_the_scheduler_did_between_two_health_readings():
     import load
 
