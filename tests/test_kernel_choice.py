@@ -174,3 +174,22 @@ def test_multi_row_products_return_row_major_results(name):
     y = kernel_choice.product(name, x, weight, bias, packed)
     assert y.shape == (3, 48) and y.is_contiguous()
     torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_a_choice_naming_an_unknown_product_is_measured_again(own_cache, monkeypatch):
+    """A choice file entry naming a product this code does not have (another version's, an experiment's) is not
+    trusted: that shape is measured again and the file rewritten; well-formed entries are kept."""
+    model = build("llama")
+    FastDecoder(model, kernels="fast")
+    path = kernel_choice.choice_path(torch.float32, "fast")
+    data = json.loads(path.read_text())
+    stale = sorted(data["shapes"])[0]
+    data["shapes"][stale]["choice"]["16"] = "no_such_product"
+    path.write_text(json.dumps(data))
+    calls = []
+    real = kernel_choice.measure
+    monkeypatch.setattr(kernel_choice, "measure", lambda *a, **k: calls.append(a[0][0][0].shape) or real(*a, **k))
+    dec = FastDecoder(model, kernels="fast")
+    assert len(calls) == 1 and kernel_choice.shape_key(torch.empty(calls[0]), False) == stale  # llama: no biases
+    assert dec.kernel_table[stale]["choice"]["16"] in kernel_choice.FAST_PRODUCTS
+    assert json.loads(path.read_text())["shapes"][stale]["choice"]["16"] in kernel_choice.FAST_PRODUCTS

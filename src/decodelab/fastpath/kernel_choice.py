@@ -26,6 +26,9 @@ Products (:data:`PRODUCTS`; ``x`` has M rows of K, the weight is (N, K)):
 * ``onednn``: oneDNN's GEMM on a copy of the weight prepacked once (``torch.ops.mkldnn._reorder_linear_weight`` /
   ``_linear_pointwise``, as Inductor's freezing pass uses); doubles the weight memory where chosen; rounding may
   differ.
+* ``panels``: decodelab's own register-blocked GEMM on a copy of the weight packed once in panels of 16 output
+  columns (:mod:`decodelab.fastpath.panels`, compiled on this machine; offered only where it could be built and N is
+  a multiple of 16); doubles the weight memory where chosen; rounding may differ.
 
 ``kernels="exact"`` chooses between ``linear`` and ``halves`` for one row (more rows: ``linear``, as transformers);
 ``kernels="fast"`` among all of them for every bucket. Since ``linear`` is always a candidate, the fast mode's
@@ -46,13 +49,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import panels
+
 BUCKETS = (1, 2, 3, 4, 8, 16)
 """Row counts measured; a product of M rows uses the choice of the smallest bucket >= M (the last one beyond)."""
 
 EXACT_PRODUCTS = ("linear", "halves")
 """Products whose results are bit for bit ``F.linear``'s (the candidates of ``kernels="exact"``)."""
 
-FAST_PRODUCTS = ("linear", "halves", "weight_halves", "weight_first", "onednn")
+FAST_PRODUCTS = ("linear", "halves", "weight_halves", "weight_first", "onednn", "panels")
 """The candidates of ``kernels="fast"``."""
 
 ROUNDS = 3
@@ -110,11 +115,14 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
 
 def applies(name: str, rows: int, weight: torch.Tensor) -> bool:
     """Whether product ``name`` can multiply ``rows`` rows by ``weight`` (N, K): the ``halves`` products need one
-    row, an even N and a contiguous weight; ``onednn`` a dtype oneDNN packs on this device."""
+    row, an even N and a contiguous weight; ``onednn`` a dtype oneDNN packs on this device; ``panels`` a float32 CPU
+    weight of N a multiple of 16 on a machine where :func:`decodelab.fastpath.panels.library` could be built."""
     if name in ("halves", "weight_halves"):
         return rows == 1 and weight.shape[0] % 2 == 0 and weight.is_contiguous()
     if name == "onednn":
         return can_prepack(weight.dtype, weight.device)
+    if name == "panels":
+        return panels.available(weight)
     return name in PRODUCTS
 
 
@@ -145,15 +153,22 @@ def _onednn(x, weight, bias, packed):
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def _panels(x, weight, bias, packed):
+    return panels.product(x, packed, bias)
+
+
 PRODUCTS: dict[str, Callable] = {"linear": _linear, "halves": _halves, "weight_halves": _weight_halves,
-                                 "weight_first": _weight_first, "onednn": _onednn}
+                                 "weight_first": _weight_first, "onednn": _onednn, "panels": _panels}
 """name -> ``f(x (M, K), weight (N, K), bias (N,) or None, packed or None) -> (M, N)``."""
+
+PACKERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"onednn": prepack, "panels": panels.pack}
+"""Products that multiply by a copy of the weight made once: name -> ``f(weight (N, K)) -> packed copy``."""
 
 
 def product(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             packed: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` by product ``name`` (see the module docstring): x (..., K) -> (..., N).
-    ``packed``: :func:`prepack` of the weight, needed by ``onednn``."""
+    ``packed``: the weight's :data:`PACKERS` copy for ``name`` (``onednn``, ``panels``), else ``None``."""
     lead = x.shape[:-1]
     y = PRODUCTS[name](x.reshape(-1, x.shape[-1]), weight, bias, packed)
     return y.reshape(*lead, y.shape[-1])
@@ -169,9 +184,10 @@ def choice_path(dtype: torch.dtype, mode: str) -> pathlib.Path:
     return cache_dir() / "kernels" / f"{digest}.json"
 
 
-PRODUCTS_VERSION = 2
-"""Bumped when a product's code changes what it costs (2: ``weight_first`` returns row-major results), so that
-choices measured with the earlier code are measured again."""
+PRODUCTS_VERSION = 4
+"""Bumped when a product's code changes what it costs or a candidate is added (2: ``weight_first`` returns row-major
+results; 4: ``panels``), so that choices measured with the earlier code are measured again. (A choice naming a
+product this code does not have is measured again too: :func:`choices`.)"""
 
 
 def machine_key(dtype: torch.dtype) -> dict:
@@ -211,23 +227,24 @@ def measure(weights: list[tuple[torch.Tensor, torch.Tensor | None]], candidates=
     """
     first = weights[0][0]
     gen = torch.Generator(device="cpu").manual_seed(0)
-    packs = [prepack(w) for w, _ in weights] if "onednn" in candidates and applies("onednn", 1, first) else None
-    items = [(w, b, packs[i] if packs else None) for i, (w, b) in enumerate(weights)]
+    packs = {n: [PACKERS[n](w) for w, _ in weights] for n in candidates if n in PACKERS and applies(n, 1, first)}
+    items = {n: [(w, b, packs[n][i] if n in packs else None) for i, (w, b) in enumerate(weights)]
+             for n in candidates}
     out: dict = {"choice": {}, "exact": {}, "ms": {}}
     with torch.inference_mode():
         for rows in buckets:
             x = torch.randn((rows, first.shape[1]), generator=gen).to(first.dtype).to(first.device)
-            names = [n for n in candidates if applies(n, rows, first) and (n != "onednn" or packs)]
+            names = [n for n in candidates if applies(n, rows, first) and (n not in PACKERS or n in packs)]
             exact_ok = {"linear"}
             if "halves" in names:
-                w, b, _ = items[0]
+                w, b, _ = items["halves"][0]
                 if torch.equal(_halves(x, w, b, None), F.linear(x, w, b)):
                     exact_ok.add("halves")
             best = {n: float("inf") for n in names}
             timed = list(names)
             for r in range(ROUNDS + 1):
                 for n in timed:
-                    t = _time_pass(PRODUCTS[n], items, x)
+                    t = _time_pass(PRODUCTS[n], items[n], x)
                     if r:
                         best[n] = min(best[n], t)
                 if r:
@@ -266,6 +283,15 @@ def save(path: pathlib.Path, data: dict) -> None:
         raise
 
 
+def _usable(entry, candidates, buckets) -> bool:
+    """Whether a choice file's entry for one shape names one of ``candidates`` for every bucket (a file written by
+    other code, e.g. an experiment's extra product, is measured again rather than trusted)."""
+    if not isinstance(entry, dict):
+        return False
+    picked = [entry.get(part, {}).get(str(b)) for part in ("choice", "exact") for b in buckets]
+    return all(name in candidates for name in picked)
+
+
 def choices(groups: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]], mode: str = "fast", *,
             progress: Callable[[str], None] | None = None) -> dict[str, dict]:
     """The measured choice for every weight shape in ``groups`` (``shape_key`` -> that shape's weights) in
@@ -282,7 +308,7 @@ def choices(groups: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]], m
     path = choice_path(dtype, mode)
     candidates, buckets = MODES[mode]
     data = load(path)
-    missing = [k for k in groups if k not in data["shapes"]]
+    missing = [k for k in groups if not _usable(data["shapes"].get(k), candidates, buckets)]
     if missing:
         total = sum(w.numel() * w.element_size() for k in missing for w, _ in groups[k])
         if total > (64 << 20):  # worth a note: tiny test models measure in milliseconds
@@ -291,7 +317,7 @@ def choices(groups: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]], m
                  f"once per machine, kept in {path}")
         data = load(path)  # another process may have measured meanwhile
         for k in missing:
-            if k not in data["shapes"]:
+            if not _usable(data["shapes"].get(k), candidates, buckets):
                 data["shapes"][k] = measure(groups[k], candidates, buckets)
         data["machine"] = {**machine_key(dtype), "mode": mode}
         try:

@@ -68,12 +68,13 @@ class PackedDense(Dense):
 class MeasuredDense(Dense):
     """``kernels="fast"``: ``y = x @ weight.T + bias`` with the product measured fastest on this machine for the
     weight's shape and the call's row count (:mod:`decodelab.fastpath.kernel_choice`: ``F.linear``, two
-    half-matrix ``bmm``\\ s, weight-first ``mm`` / ``bmm``, or oneDNN's GEMM on a prepacked copy, kept only where
-    chosen). Except for ``linear`` / ``halves``, each output is the same dot product summed in another order:
-    results differ from ``F.linear``'s in the last bits (~1e-6 relative), so greedy / beam outputs equal
-    ``model.generate``'s except where two candidates tie to within rounding. (..., in) -> (..., out).
-    Traced, the row count is static, so the chosen product is what is traced (``onednn`` as ``F.linear``, which
-    Inductor's freezing turns into the same prepacked GEMM).
+    half-matrix ``bmm``\\ s, weight-first ``mm`` / ``bmm``, oneDNN's GEMM on a prepacked copy, or decodelab's own
+    GEMM on a panel copy (:mod:`decodelab.fastpath.panels`); packed copies are kept only where chosen). Except for
+    ``linear`` / ``halves``, each output is the same dot product summed in another order: results differ from
+    ``F.linear``'s in the last bits (~1e-6 relative), so greedy / beam outputs equal ``model.generate``'s except
+    where two candidates tie to within rounding. (..., in) -> (..., out).
+    Traced, the row count is static, so the chosen product is what is traced (``onednn`` and ``panels`` as
+    ``F.linear``, which Inductor's freezing turns into a prepacked GEMM).
 
     Args:
         weight, bias: the (N, K) weight and (N,) bias or ``None``.
@@ -82,8 +83,13 @@ class MeasuredDense(Dense):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, choice: dict[str, str]) -> None:
         super().__init__(weight, bias)
-        self.choice = {int(b): name for b, name in choice.items()}
-        self.packed = kernel_choice.prepack(weight) if "onednn" in self.choice.values() else None
+        # a packed product this weight cannot have here (e.g. ``panels`` for N not a multiple of 16 in a table
+        # given by hand, or where its library cannot be built) falls back to F.linear
+        self.choice = {int(b): name if name not in kernel_choice.PACKERS or kernel_choice.applies(name, 2, weight)
+                       else "linear" for b, name in choice.items()}
+        # the packed copies of the chosen products that need one (plain attributes, not buffers)
+        self.packs = {name: kernel_choice.PACKERS[name](weight) for name in sorted(set(self.choice.values()))
+                      if name in kernel_choice.PACKERS}
 
     def name_for(self, rows: int) -> str:
         """The product used for ``rows`` rows."""
@@ -91,9 +97,9 @@ class MeasuredDense(Dense):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.name_for(x.numel() // x.shape[-1])
-        if name == "onednn" and torch.compiler.is_compiling():
+        if name in kernel_choice.PACKERS and torch.compiler.is_compiling():
             name = "linear"
-        return kernel_choice.product(name, x, self.weight, self.bias, self.packed)
+        return kernel_choice.product(name, x, self.weight, self.bias, self.packs.get(name))
 
 
 def half_linear(dense: nn.Module, x: torch.Tensor) -> torch.Tensor:
