@@ -191,10 +191,12 @@ product this code does not have is measured again too: :func:`choices`.)"""
 
 
 def machine_key(dtype: torch.dtype) -> dict:
-    """What a measured choice is valid for: CPU model, torch version, ATen's CPU capability, dtype, threads, and
-    :data:`PRODUCTS_VERSION`."""
+    """What a measured choice is valid for: CPU model, torch version, ATen's CPU capability, dtype, threads,
+    :data:`PRODUCTS_VERSION` and the ``panels`` kernel's source (:func:`decodelab.fastpath.panels.source_digest`:
+    an edited kernel is measured again)."""
     return {"cpu": cpu_model(), "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(),
-            "dtype": str(dtype), "threads": torch.get_num_threads(), "products": PRODUCTS_VERSION}
+            "dtype": str(dtype), "threads": torch.get_num_threads(), "products": PRODUCTS_VERSION,
+            "panels": panels.source_digest()}
 
 
 def shape_key(weight: torch.Tensor, has_bias: bool) -> str:

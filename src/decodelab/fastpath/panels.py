@@ -39,6 +39,12 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120
 
 
+@functools.cache
+def source_digest() -> str:
+    """The first 16 hex digits of the SHA-256 of :data:`SOURCE` (part of the kernel choice file's key)."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+
+
 def _openmp_path() -> pathlib.Path | None:
     """PyTorch's own GNU OpenMP runtime (``torch/lib/libgomp*.so*``), the one the kernel must share: a second
     runtime would start a second thread team on the same cores."""
