@@ -19,7 +19,8 @@ one parallel slot per client (``-np N``, continuous batching on) and 2 threads, 
 GGUF requantized to ``--llama-type`` (default F32, decodelab's precision) with ``llama-quantize`` from the same
 build; one server per client count, warmed up like decodelab's, run in the same rounds as the two decodelab
 servers (each of the three first in turn), so all see the same machine load. Same clients, prompts and streamed
-workload (llama.cpp's ``ignore_eos`` and ``temperature: 0``).
+workload (llama.cpp's ``ignore_eos`` and ``temperature: 0``), with llama.cpp's prompt cache off
+(``cache_prompt: false``): like decodelab, it prefills every request.
 
 ``differing`` counts the answers that are not the same request's answer from the serial server (kernel paths that
 are not batch-invariant, e.g. ``--kernels fast``, can resolve near-ties differently; for llama.cpp: another
@@ -66,9 +67,11 @@ def prompts(n: int) -> list[str]:
     return [" ".join([BASE[i % len(BASE)]] * (1 << (i % 4))) for i in range(n)]
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, prompt: str, tokens: int) -> dict:
-    """One streamed greedy completion; arrival times of its chunks."""
-    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+async def stream_one(client: httpx.AsyncClient, url: str, prompt: str, tokens: int,
+                     extra: dict | None = None) -> dict:
+    """One streamed greedy completion (``extra``: more body fields, for one server); arrival times of its chunks."""
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+            **(extra or {})}
     start = time.perf_counter()
     times, text = [], ""
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -84,15 +87,16 @@ async def stream_one(client: httpx.AsyncClient, url: str, prompt: str, tokens: i
     return {"times": times, "text": text, "elapsed": time.perf_counter() - start}
 
 
-async def run_clients(url: str, clients: int, per_client: int, tokens: int) -> dict:
-    """``clients`` concurrent clients, each streaming ``per_client`` requests one after another."""
+async def run_clients(url: str, clients: int, per_client: int, tokens: int, extra: dict | None = None) -> dict:
+    """``clients`` concurrent clients, each streaming ``per_client`` requests one after another (``extra``: more
+    body fields for every request)."""
     work = prompts(clients * per_client)
     results: dict[int, dict] = {}
     async with httpx.AsyncClient(timeout=3600) as client:
         async def client_loop(c: int) -> None:
             for j in range(per_client):
                 i = c * per_client + j
-                results[i] = await stream_one(client, url, work[i], tokens)
+                results[i] = await stream_one(client, url, work[i], tokens, extra)
 
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(c) for c in range(clients)))
@@ -126,9 +130,9 @@ def scheduler_delta(before: dict | None, after: dict | None) -> dict:
             "joined": after.get("joined", 0) - before.get("joined", 0)}
 
 
-def run_clients_sync(url: str, clients: int, per_client: int, tokens: int) -> dict:
+def run_clients_sync(url: str, clients: int, per_client: int, tokens: int, extra: dict | None = None) -> dict:
     """:func:`run_clients` to completion (the entry point of the client process)."""
-    return asyncio.run(run_clients(url, clients, per_client, tokens))
+    return asyncio.run(run_clients(url, clients, per_client, tokens, extra))
 
 
 class ServeProcess:
@@ -137,6 +141,7 @@ class ServeProcess:
     stderr goes to a temporary file (a pipe nobody reads would stall a server that logs), quoted when it fails."""
 
     name = "decodelab serve"
+    body_extra: dict = {}  # fields every request to this server carries beyond the common workload
 
     def __init__(self, model: str | None, kernels: str, max_batch_size: int, compile: bool = False) -> None:
         self.port = _free_port()
@@ -244,6 +249,11 @@ class LlamaServerProcess(ServeProcess):
     and stopped as :class:`ServeProcess`; ``health()`` has no scheduler counters (``{"batching": None}``)."""
 
     name = "llama-server"
+    # llama.cpp keeps each slot's last prompt and reuses its KV for a request sharing a prefix (cache_prompt, on by
+    # default): the warm-up and earlier rounds send the same prompts, so its prefills were skipped. decodelab
+    # prefills every request, so llama.cpp is asked to as well (BENCHMARKS.md figures before the ninth session had
+    # the reuse).
+    body_extra = {"cache_prompt": False}
 
     def __init__(self, server_bin: str, gguf: pathlib.Path, clients: int) -> None:
         self.port = _free_port()
@@ -323,14 +333,14 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.ExitStack() as per_count:
                 if gguf is not None:  # one llama.cpp server per client count (its slots), warmed up like ours
                     llama = per_count.enter_context(LlamaServerProcess(server_bin, gguf, n))
-                    run_clients_sync(llama.url, n, 1, 8)
+                    run_clients_sync(llama.url, n, 1, 8, llama.body_extra)
                     servers.append((f"llama.cpp {args.llama_type}", llama))
                 for r in range(args.rounds):
                     order = servers[r % len(servers):] + servers[: r % len(servers)]  # each server first in turn
                     got, counters = {}, {}
                     for name, srv in order:
                         before = srv.health()["batching"]
-                        got[name] = run_clients_sync(srv.url, n, args.requests, args.tokens)
+                        got[name] = run_clients_sync(srv.url, n, args.requests, args.tokens, srv.body_extra)
                         counters[name] = scheduler_delta(before, srv.health()["batching"])
                     for name, srv in servers:
                         same = got[name]["texts"] == got["serial"]["texts"]
