@@ -13,7 +13,7 @@ import torch
 
 import decodelab
 from decodelab.engine import DecodeState, Engine
-from decodelab.fastpath import StaticKVCache, panels, unsupported_reason
+from decodelab.fastpath import StaticKVCache, native, unsupported_reason
 from tiny_models import run_steps
 
 
@@ -248,7 +248,7 @@ def test_every_measured_product_matches_f_linear(rows, bias):
         if name in kernel_choice.EXACT_PRODUCTS:
             assert torch.equal(out, ref), name
         tried.append(name)
-    built = ["panels"] if panels.library() is not None else []  # tests/test_panels.py checks it builds on CI
+    built = ["panels"] if native.library() is not None else []  # tests/test_panels.py checks it builds on CI
     assert tried == (["linear", "halves", "weight_halves", "weight_first", "onednn", *built] if rows == 1
                      else ["linear", "weight_first", "onednn", *built])
 

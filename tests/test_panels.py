@@ -1,4 +1,4 @@
-"""decodelab's own GEMM (decodelab.fastpath.panels): built on this machine, close to F.linear for every tile and
+"""decodelab's own GEMM (decodelab.fastpath.panels, built by decodelab.fastpath.native): built on this machine, close to F.linear for every tile and
 block remainder, a row's result bit for bit the same alone and among other rows, offered to the measured choice only
 where it can be built, and a failed build is no error and leaves no file behind."""
 
@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from test_fast_kernels_edge import build
 from test_kernel_choice import last_logits, model_logits, table_for
 
-from decodelab.fastpath import kernel_choice, panels
+from decodelab.fastpath import kernel_choice, native, panels
 from decodelab.fastpath.decoder import FastDecoder
 
-needs_panels = pytest.mark.skipif(panels.library() is None, reason="no C compiler / AVX2 here")
+needs_panels = pytest.mark.skipif(native.library() is None, reason="no C compiler / AVX2 here")
 
 
 def test_the_kernel_builds_on_a_machine_like_ci():
@@ -23,7 +23,7 @@ def test_the_kernel_builds_on_a_machine_like_ci():
 
     if platform.machine() == "x86_64" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") \
             and shutil.which("cc"):
-        assert panels.library() is not None
+        assert native.library() is not None
 
 
 @needs_panels
@@ -69,17 +69,17 @@ def test_weights_that_do_not_fit_are_refused():
 
 @pytest.fixture()
 def fresh_library():
-    """:func:`panels.library` forgotten before and after the test (its result is cached per process)."""
-    panels.library.cache_clear()
+    """:func:`native.library` forgotten before and after the test (its result is cached per process)."""
+    native.library.cache_clear()
     yield
-    panels.library.cache_clear()
+    native.library.cache_clear()
 
 
 def test_no_compiler_means_no_candidate(fresh_library, monkeypatch, tmp_path):
     """Without a C compiler the product is simply not offered: the measured choice still works, without it."""
     monkeypatch.setenv("DECODELAB_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(panels, "_compiler", lambda: None)
-    assert panels.library() is None
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    assert native.library() is None
     weight = torch.randn(64, 32)
     assert not kernel_choice.applies("panels", 16, weight)
     entry = kernel_choice.measure([(weight, None)], kernel_choice.FAST_PRODUCTS, (1, 16))
@@ -89,8 +89,8 @@ def test_no_compiler_means_no_candidate(fresh_library, monkeypatch, tmp_path):
 def test_a_failed_build_is_no_error_and_leaves_nothing(fresh_library, monkeypatch, tmp_path):
     """A compiler that fails (here: a flag it does not know) gives ``None`` and no library or temporary file."""
     monkeypatch.setenv("DECODELAB_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(panels, "FLAGS", (*panels.FLAGS, "-fno-such-flag-decodelab"))
-    assert panels.library() is None
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-fno-such-flag-decodelab"))
+    assert native.library() is None
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 

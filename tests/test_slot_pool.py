@@ -19,7 +19,7 @@ import torch
 
 import decodelab
 from decodelab.engine import DecodeState, Engine
-from decodelab.fastpath import StaticKVCache
+from decodelab.fastpath import StaticKVCache, native
 from decodelab.fastpath.rows import RowPlan
 from decodelab.fastpath.slots import ZERO_BLOCK, SlotPool
 
@@ -119,7 +119,10 @@ def test_pooled_steps_give_the_logits_of_caches_of_their_own(fixture, request, m
             engine.stop_batching()
 
     own, pooled = run(False), run(True)
-    assert pooled_calls and max(pooled_calls) == 5 and min(pooled_calls) == 3
+    # with decodelab's slot attention kernel built here, a request stepped alone in its slot (and the one-token
+    # prompt "Hi"'s prefill) attends through it too: 1 pooled row; with SDPA, pooling starts at 2 rows
+    lone = 1 if native.library() is not None else 3
+    assert pooled_calls and max(pooled_calls) == 5 and min(pooled_calls) == lone
     worst = max(float((a - b).abs().max()) for x, y in zip(own, pooled) for a, b in zip(x, y))
     assert worst < 1e-4
     assert all(torch.equal(a.argmax(-1), b.argmax(-1)) for x, y in zip(own, pooled) for a, b in zip(x, y))

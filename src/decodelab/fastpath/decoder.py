@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernel_choice
+from . import kernel_choice, slot_attention
 from .cache import StaticKVCache
 from .projections import Dense, MeasuredDense, PackedDense, _buffer
 from .rows import MixedPlan, RowPlan, Segment, attention_mask, sliding_window_mask
@@ -445,19 +445,21 @@ class FastDecoder(nn.Module):
             ValueError: T > 1 on a non-empty cache.
         """
         exact_rows = self.rows_exact
+        # decodelab's slot attention kernel, where built: then a request alone in its slot attends through it too
+        native = not exact_rows and slot_attention.usable(self.act_dtype, self.device, self.head_dim, self.groups)
         # one-row requests first, so that they form one block for the grouped products (rows.RowPlan); before them,
-        # off the exact path, the requests in slots of one pool, by slot (their attention runs in one call)
+        # off the exact path, the one-token requests in slots of one pool, by slot (their attention runs in one call)
         pool = None
-        if len(items) > 1 and not exact_rows:
+        if (len(items) > 1 or native) and not exact_rows:
             pool = next((c.pool for _, _, c in items if c.pool is not None), None)
 
         def place(i: int) -> tuple[int, int]:
             ids, _, cache = items[i]
             if ids.shape[0] != 1:
                 return 2, 0
-            return (0, cache.slot) if pool is not None and cache.pool is pool else (1, 0)
+            return (0, cache.slot) if pool is not None and cache.pool is pool and ids.shape[1] == 1 else (1, 0)
 
-        places = [place(i) for i in range(len(items))] if len(items) > 1 else [(1, 0)]
+        places = [place(i) for i in range(len(items))] if len(items) > 1 or native else [(1, 0)]
         order = sorted(range(len(items)), key=places.__getitem__)
         pooled = sum(1 for p in places if p[0] == 0)
         segments, lo = [], 0
@@ -478,7 +480,7 @@ class FastDecoder(nn.Module):
         b, t = ids.shape
         plan = RowPlan(segments, not self.fused and self._halves_for(b * t if len(items) == 1 else 1),
                        grouped=exact_rows, exact_shapes=self._exact_shapes, attention=self._attention,
-                       pooled=pooled)
+                       pooled=pooled, slot_scale=float(self.scaling) if native else None)
         return plan, order, ids, positions
 
     def forward_mixed(self, steps: list[tuple[torch.Tensor, torch.Tensor, StaticKVCache]],

@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import panels
+from . import native, panels
 
 BUCKETS = (1, 2, 3, 4, 8, 16)
 """Row counts measured; a product of M rows uses the choice of the smallest bucket >= M (the last one beyond)."""
@@ -116,7 +116,7 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
 def applies(name: str, rows: int, weight: torch.Tensor) -> bool:
     """Whether product ``name`` can multiply ``rows`` rows by ``weight`` (N, K): the ``halves`` products need one
     row, an even N and a contiguous weight; ``onednn`` a dtype oneDNN packs on this device; ``panels`` a float32 CPU
-    weight of N a multiple of 16 on a machine where :func:`decodelab.fastpath.panels.library` could be built."""
+    weight of N a multiple of 16 on a machine where :func:`decodelab.fastpath.native.library` could be built."""
     if name in ("halves", "weight_halves"):
         return rows == 1 and weight.shape[0] % 2 == 0 and weight.is_contiguous()
     if name == "onednn":
@@ -192,11 +192,11 @@ product this code does not have is measured again too: :func:`choices`.)"""
 
 def machine_key(dtype: torch.dtype) -> dict:
     """What a measured choice is valid for: CPU model, torch version, ATen's CPU capability, dtype, threads,
-    :data:`PRODUCTS_VERSION` and the ``panels`` kernel's source (:func:`decodelab.fastpath.panels.source_digest`:
+    :data:`PRODUCTS_VERSION` and the C kernels' sources (:func:`decodelab.fastpath.native.source_digest`:
     an edited kernel is measured again)."""
     return {"cpu": cpu_model(), "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(),
             "dtype": str(dtype), "threads": torch.get_num_threads(), "products": PRODUCTS_VERSION,
-            "panels": panels.source_digest()}
+            "native": native.source_digest()}
 
 
 def shape_key(weight: torch.Tensor, has_bias: bool) -> str:

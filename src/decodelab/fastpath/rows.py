@@ -8,7 +8,8 @@ kernel computes which rows:
 
 * attention runs per segment, on the segment's own cache with exactly the shapes, mask and SDPA call of the request
   alone (:meth:`FastDecoder._attention`), except off the exact path, where the one-row requests' caches are slots of
-  one :class:`~decodelab.fastpath.slots.SlotPool` and attend in one call (:meth:`RowPlan.attend`);
+  one :class:`~decodelab.fastpath.slots.SlotPool` and attend in one call (:meth:`RowPlan.attend`): decodelab's own
+  kernel where it is built (:mod:`decodelab.fastpath.slot_attention`, a request alone in its slot too), else SDPA;
 * element-wise and per-row operations (embedding, RMSNorm, rotary, SiLU, residual adds) are row-independent and run
   once over all rows;
 * a matrix product's result for a row depends on how many rows the BLAS call had (a one-row product is a
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import slot_attention
 from .cache import StaticKVCache
 from .projections import half_linear
 
@@ -163,15 +165,20 @@ class RowPlan:
         pooled: the number of leading one-row decode segments (>= 2, ordered by slot) whose caches are slots of one
             :class:`~decodelab.fastpath.slots.SlotPool`: their full-attention layers write and attend in one call
             over the pool's slots (:meth:`attend`); 0: every segment attends on its own (the exact float32 path).
+        slot_scale: with pooled segments, attend through decodelab's own kernel
+            (:func:`decodelab.fastpath.slot_attention.attend`, each row over its own positions, alone or not; then
+            even one pooled segment, a request alone, takes that path) with this ``q . k`` scale; ``None``: one SDPA
+            call over the slot range.
 
     This is the eager row plan of :meth:`decodelab.fastpath.decoder.FastDecoder.run` (``linear``, ``attend``);
     :meth:`finish` advances the caches after the pass.
     """
 
     def __init__(self, segments: list[Segment], halves: bool, grouped: bool, exact_shapes: dict,
-                 attention, pooled: int = 0) -> None:
+                 attention, pooled: int = 0, slot_scale: float | None = None) -> None:
         self.segments = segments
-        self.pooled = pooled if pooled >= 2 else 0
+        self.slot_scale = slot_scale
+        self.pooled = pooled if pooled >= (1 if slot_scale is not None else 2) else 0
         if self.pooled:
             pool_segments = segments[: self.pooled]
             self.pool = pool_segments[0].cache.pool
@@ -180,7 +187,9 @@ class RowPlan:
             device = pool_segments[0].cache.pad.device
             self.slot_index = torch.tensor(slots, device=device)
             self.write_at = torch.tensor([seg.past for seg in pool_segments], device=device)
+            self.lengths = torch.tensor([seg.total for seg in pool_segments], device=device)
             self.keys_upto = max(seg.total for seg in pool_segments)
+        if self.pooled and slot_scale is None:  # SDPA over the slot range reads every slot up to keys_upto
             self.pool.make_finite({seg.cache.slot: seg.past for seg in pool_segments}, self.keys_upto)
             # (S', 1, 1, L) over the slot range; holes (slots of requests not in this step) attend to their own
             # rows, which are dropped
@@ -247,12 +256,16 @@ class RowPlan:
         return outs[0] if single else torch.cat(outs)
 
     def _attend_pooled(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The pooled segments' cache writes (one indexed copy each for keys and values) and attention (one SDPA
-        call over the slot range, keys ``[0, keys_upto)`` under the pool's padding rows): (P, 1, H * D)."""
+        """The pooled segments' cache writes (one indexed copy each for keys and values) and attention (decodelab's
+        kernel, each row over its own positions, with ``slot_scale``; else one SDPA call over the slot range, keys
+        ``[0, keys_upto)`` under the pool's padding rows): (P, 1, H * D)."""
         p, lo, hi = self.pooled, self.slot_lo, self.slot_hi
         keys, values = self.pool.keys[i], self.pool.values[i]
         keys[self.slot_index, :, self.write_at] = k[:p, :, 0]
         values[self.slot_index, :, self.write_at] = v[:p, :, 0]
+        if self.slot_scale is not None:
+            return slot_attention.attend(q[:p], keys, values, self.pool.pad, self.slot_index, self.lengths,
+                                         self.slot_scale)
         sq = q[:p]
         if hi - lo != p:  # holes in the slot range: their rows get zeros and are dropped after
             sq = q.new_zeros((hi - lo, *q.shape[1:])).index_copy_(0, self.slot_index - lo, sq)

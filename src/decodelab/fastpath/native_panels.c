@@ -1,6 +1,6 @@
 /* decodelab's "panels" product: y = x @ W.T for a float32 weight W (N, K) stored once as panels of 16 output columns
  * (packed[p][k][j] = W[16 p + j][k]), x (M, K) and y (M, N) row-major. Built at run time with the machine's own
- * instruction set (-march=native) by decodelab/fastpath/panels.py, linked against PyTorch's OpenMP runtime.
+ * instruction set (-march=native) by decodelab/fastpath/native.py, linked against PyTorch's OpenMP runtime.
  *
  * The register-blocked micro-kernel is the one of GotoBLAS / BLIS (Goto & van de Geijn, "Anatomy of
  * High-Performance Matrix Multiplication", ACM TOMS 34(3), 2008): a tile of up to 6 rows x 16 columns held in 12
