@@ -77,7 +77,8 @@ def test_matvec_kernel_bench_rejects_bad_arguments_with_exit_2(capsys):
 
     assert matvec_kernels.main(["--threads", "0"]) == 2
     assert matvec_kernels.main(["--rounds", "0"]) == 2
-    assert "error: --threads and --rounds must be >= 1" in capsys.readouterr().err
+    assert matvec_kernels.main(["--rows", "0"]) == 2
+    assert capsys.readouterr().err.count("error: --threads, --rounds and --rows must be >= 1") == 3
 
 
 def test_load_bench_reads_what_the_scheduler_did_between_two_health_readings():
@@ -99,7 +100,30 @@ def test_matvec_kernel_bench_runs_every_variant():
     and failed before timing anything)."""
     from matvec_kernels import run
 
+    from decodelab.fastpath import native
+
+    built = native.library() is not None  # decodelab's own ``panels`` product is a candidate where it is built
     rows = run(rounds=1, layers=1)
     names = [r["kernel"] for r in rows]
-    assert "float32 bmm halves" in names and "float32 onednn (fast candidate)" in names and len(names) == 12
-    assert all(r["ms_median"] > 0 and r["ms_min"] <= r["ms_median"] for r in rows)
+    assert "float32 bmm halves" in names and "float32 onednn (fast candidate)" in names
+    assert ("float32 panels (fast candidate)" in names) == built and len(names) == 12 + built
+    assert all(r["ms_median"] > 0 and r["ms_min"] <= r["ms_median"] and r["rows"] == 1 for r in rows)
+
+
+def test_matvec_kernel_bench_with_several_rows_runs_the_products_that_take_them():
+    """``--rows 16``: only float32 ``F.linear`` and the fast candidates that multiply several rows (not the one-row
+    ``halves`` products, not the bfloat16 / quantized variants); GFLOP/s is 2 x rows x weights per pass over the
+    median time."""
+    from matvec_kernels import SHAPES, run
+
+    from decodelab.fastpath import native
+
+    rows = run(rounds=1, layers=1, rows=16)
+    expected = ["float32 F.linear", "float32 weight_first (fast candidate)", "float32 onednn (fast candidate)"]
+    if native.library() is not None:
+        expected.append("float32 panels (fast candidate)")
+    assert [r["kernel"] for r in rows] == expected
+    flop = 2 * 16 * (sum(n * k for n, k in SHAPES) + 49152 * 576)
+    for r in rows:
+        assert r["rows"] == 16 and r["gflop_s"] == pytest.approx(flop / (r["ms_median"] / 1000) / 1e9)
+        assert r["tok_s_bound"] == pytest.approx(16 / (r["ms_median"] / 1000))
