@@ -23,8 +23,8 @@ workload (llama.cpp's ``ignore_eos`` and ``temperature: 0``), with llama.cpp's p
 (``cache_prompt: false``): like decodelab, it prefills every request.
 
 ``differing`` counts the answers that are not the same request's answer from the serial server (kernel paths that
-are not batch-invariant, e.g. ``--kernels fast``, can resolve near-ties differently; for llama.cpp: another
-implementation's float32 greedy answers against decodelab's).
+are not batch-invariant, e.g. ``--kernels fast`` without ``--batch-invariant``, can resolve near-ties differently;
+for llama.cpp: another implementation's float32 greedy answers against decodelab's).
 
 The CPU model is printed and stored with the results in ``bench/results/load-<stamp>.json``.
 """
@@ -143,7 +143,8 @@ class ServeProcess:
     name = "decodelab serve"
     body_extra: dict = {}  # fields every request to this server carries beyond the common workload
 
-    def __init__(self, model: str | None, kernels: str, max_batch_size: int, compile: bool = False) -> None:
+    def __init__(self, model: str | None, kernels: str, max_batch_size: int, compile: bool = False,
+                 batch_invariant: bool = False) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "decodelab", "serve", "--port", str(self.port), "--kernels", kernels,
@@ -152,6 +153,8 @@ class ServeProcess:
             self.cmd += ["--model", model]
         if compile:
             self.cmd += ["--compile"]
+        if batch_invariant:
+            self.cmd += ["--batch-invariant"]
 
     def __enter__(self) -> "ServeProcess":
         self.log = tempfile.TemporaryFile(mode="w+")
@@ -275,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernels", default="exact")
     ap.add_argument("--compile", action="store_true",
                     help="both decodelab servers with --compile (the warm-up compiles the one-request step once)")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="both decodelab servers with --batch-invariant (with --kernels fast: the fast products "
+                         "made batch-invariant)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--hf", action="store_true", help="add transformers' generate_batch")
     ap.add_argument("--llama-server", default=None, metavar="BIN", help="add llama.cpp's server (path to llama-server)")
@@ -300,18 +306,20 @@ def main(argv: list[str] | None = None) -> int:
     loaded = models.load_model(args.model)
     cpu = cpu_model()
     print(f"CPU: {cpu}; torch threads {__import__('torch').get_num_threads()}; model {loaded.name}; "
-          f"kernels {args.kernels}{' compiled' if args.compile else ''}; {args.tokens} new tokens per request")
+          f"kernels {args.kernels}{' compiled' if args.compile else ''}"
+          f"{' batch-invariant' if args.batch_invariant else ''}; {args.tokens} new tokens per request")
 
     def lm_for() -> decodelab.LM:
         lm = decodelab.LM(loaded.model, loaded.tokenizer, loaded.name)
-        lm.engine = Engine(loaded.model, kernels=args.kernels, compile=args.compile)
+        lm.engine = Engine(loaded.model, kernels=args.kernels, compile=args.compile,
+                           batch_invariant=args.batch_invariant)
         return lm
 
     if args.in_process:
         batched_srv, serial_srv = InProcessServer(lm_for(), args.max_batch_size), InProcessServer(lm_for(), 1)
     else:
-        batched_srv = ServeProcess(args.model, args.kernels, args.max_batch_size, args.compile)
-        serial_srv = ServeProcess(args.model, args.kernels, 1, args.compile)
+        batched_srv = ServeProcess(args.model, args.kernels, args.max_batch_size, args.compile, args.batch_invariant)
+        serial_srv = ServeProcess(args.model, args.kernels, 1, args.compile, args.batch_invariant)
     rows = []
     with contextlib.ExitStack() as stack:
         gguf = None

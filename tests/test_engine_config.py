@@ -25,8 +25,8 @@ from decodelab.stopping import (EosCriterion, MaxLengthCriterion, StopStringCrit
 def test_defaults_are_resolved_and_normalised(monkeypatch):
     monkeypatch.delenv("DECODELAB_DEVICE", raising=False)
     assert EngineConfig.from_kwargs().to_dict() == {
-        "device": "cpu", "dtype": "float32", "kernels": "exact", "quantize": None, "quantize_lm_head": False,
-        "compile": False, "fast": None, "pack": None}
+        "device": "cpu", "dtype": "float32", "kernels": "exact", "batch_invariant": False, "quantize": None,
+        "quantize_lm_head": False, "compile": False, "fast": None, "pack": None}
     cfg = EngineConfig.from_kwargs(dtype="bf16", kernels=" FAST ", quantize="INT8", device="CPU")
     assert (cfg.device, cfg.dtype, cfg.kernels, cfg.quantize) == ("cpu", "bfloat16", "fast", "int8")
     assert EngineConfig.from_kwargs(quantize="int4").dtype == "bfloat16"  # quantize's default activations
@@ -38,6 +38,16 @@ def test_defaults_are_resolved_and_normalised(monkeypatch):
         cfg.kernels = "exact"  # frozen
 
 
+def test_batch_invariant_implies_fast_kernels_unless_kernels_are_given():
+    """``batch_invariant`` alone takes the fast products (made invariant); with ``kernels="exact"`` it is already
+    so and changes nothing; it is part of the config's dict (what the server reports)."""
+    assert EngineConfig.from_kwargs(batch_invariant=True).kernels == "fast"
+    exact = EngineConfig.from_kwargs(batch_invariant=True, kernels="exact")
+    assert (exact.kernels, exact.batch_invariant) == ("exact", True)
+    assert EngineConfig.from_kwargs(kernels="fast").batch_invariant is False
+    assert EngineConfig.from_kwargs(batch_invariant=True).replace(batch_invariant=False).kernels == "fast"
+
+
 @pytest.mark.parametrize("kwargs,param,message", [
     (dict(device="tpu-9"), "device", "device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', got 'tpu-9'"),
     (dict(dtype="int8"), "dtype", "dtype must be 'float32', 'bfloat16' or 'float16', got 'int8'"),
@@ -46,8 +56,18 @@ def test_defaults_are_resolved_and_normalised(monkeypatch):
     (dict(quantize_lm_head=True), "quantize_lm_head", "quantize_lm_head needs quantize='int8' or 'int4'"),
     (dict(compile="yes"), "compile", "invalid compile='yes': expected true, false or a dict of Inductor options"),
     (dict(fast="no"), "fast", "invalid fast='no': expected true or false"),
-    (dict(turbo=True), "turbo", "unknown engine option turbo=True (valid: device, dtype, kernels, quantize, "
-                                "quantize_lm_head, compile, fast, pack)"),
+    (dict(turbo=True), "turbo", "unknown engine option turbo=True (valid: device, dtype, kernels, batch_invariant, "
+                                "quantize, quantize_lm_head, compile, fast, pack)"),
+    (dict(batch_invariant="yes"), "batch_invariant", "invalid batch_invariant='yes': expected true or false"),
+    (dict(batch_invariant=True, dtype="bf16"), "batch_invariant",
+     "batch_invariant=True with kernels='fast' runs decodelab's own float32 CPU kernels; it cannot be combined with "
+     "dtype='bfloat16'"),
+    (dict(batch_invariant=True, quantize="int8"), "batch_invariant",
+     "batch_invariant=True with kernels='fast' runs decodelab's own float32 CPU kernels; it cannot be combined with "
+     "quantize='int8'"),
+    (dict(batch_invariant=True, kernels="fast", compile=True), "batch_invariant",
+     "batch_invariant=True with kernels='fast' runs decodelab's own float32 CPU kernels; it cannot be combined with "
+     "compile (a compiled step runs other kernels than a batched eager step)"),
 ])
 def test_each_bad_value_is_one_config_error_naming_the_field(kwargs, param, message):
     with pytest.raises(ConfigError) as info:

@@ -52,6 +52,10 @@ Kernels = Annotated[Optional[str], typer.Option("--kernels", help="exact (defaul
                                                 "CPU, logits equal to ~1e-6 relative, log-probabilities to "
                                                 "~1e-5; batched answers may differ from alone, and from "
                                                 "transformers, at near-ties).")]
+BatchInvariant = Annotated[bool, typer.Option("--batch-invariant", help="Every answer bit for bit the same alone "
+                                              "and batched, also with fast kernels (implies --kernels fast unless "
+                                              "given; decodelab's own row-by-row GEMM and attention kernels, "
+                                              "float32 on an x86-64 CPU with AVX2 and a C compiler).")]
 
 
 def _fail(message: str) -> "typer.Exit":
@@ -96,8 +100,8 @@ def _load_lm(model: Optional[str], device: Optional[str], dtype: Optional[str], 
     """Load the model as :func:`decodelab.load` does, with the engine options given on the command line folded
     into one :class:`decodelab.EngineConfig` (validated first: a bad ``--device`` / ``--dtype`` / ``--kernels`` /
     ``--quantize`` fails before anything loads); print a progress note on stderr when ``announce`` or when stderr
-    is a terminal. ``engine_options``: ``quantize``, ``compile``, ``kernels``, ``quantize_lm_head`` (``None`` /
-    ``False``: the default). Raises ModelLoadError / ConfigError."""
+    is a terminal. ``engine_options``: ``quantize``, ``compile``, ``kernels``, ``batch_invariant``,
+    ``quantize_lm_head`` (``None`` / ``False``: the default). Raises ModelLoadError / ConfigError."""
     import decodelab
     from .models import default_model_name
 
@@ -176,6 +180,7 @@ def generate(
     quantize: Quantize = None,
     compile: Compile = False,
     kernels: Kernels = None,
+    batch_invariant: BatchInvariant = False,
     quantize_lm_head: QuantizeHead = False,
     **knobs: Any,
 ) -> None:
@@ -191,7 +196,7 @@ def generate(
                                  param_hint="--stream")
     GenerationConfig.from_kwargs(**kwargs)  # fail fast on bad options, before the (slow) model load
     lm = _load_lm(model, device, dtype, quantize=quantize, compile=compile, kernels=kernels,
-                  quantize_lm_head=quantize_lm_head)
+                  batch_invariant=batch_invariant, quantize_lm_head=quantize_lm_head)
     if stream:
         print_stream(_console(), lm, prompt, kwargs)
         return
@@ -305,6 +310,7 @@ def serve(
     quantize: Quantize = None,
     compile: Compile = False,
     kernels: Kernels = None,
+    batch_invariant: BatchInvariant = False,
     quantize_lm_head: QuantizeHead = False,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Largest max_tokens a request may ask "
                                                       "for (default 1024).")] = None,
@@ -349,7 +355,8 @@ def serve(
     from . import EngineConfig
 
     engine = EngineConfig.from_kwargs(device=device, dtype=dtype, quantize=quantize, compile=compile or None,
-                                      kernels=kernels, quantize_lm_head=quantize_lm_head or None)
+                                      kernels=kernels, batch_invariant=batch_invariant or None,
+                                      quantize_lm_head=quantize_lm_head or None)
     given = {"model": model, "host": host, "port": port, "engine": engine, "max_tokens": max_tokens,
              "max_n": max_n, "max_batch_size": max_batch_size, "max_concurrent": max_concurrent, "max_queue": max_queue,
              "max_body_bytes": max_body_bytes, "request_timeout_s": request_timeout, "api_keys": api_key or None,

@@ -98,8 +98,9 @@ class Engine:
             (weight-only int8 / int4 on the fast path, :func:`decodelab.quantize.quantize_decoder`), ``kernels``
             (``"exact"``: the fast path's float32 logits are bit-for-bit the model's; ``"fast"``: fused q/k/v and
             gate/up products, fused RMSNorm, one rotary call per layer and the kernel measured fastest per product,
-            :class:`decodelab.fastpath.projections.MeasuredDense`, equal to ~1e-6 relative), ``compile`` (AOTInductor,
-            :mod:`decodelab.compile_cache`).
+            :class:`decodelab.fastpath.projections.MeasuredDense`, equal to ~1e-6 relative), ``batch_invariant``
+            (with ``kernels="fast"``: decodelab's own row-by-row GEMM and attention kernels, so that every answer is
+            bit for bit the same alone and batched), ``compile`` (AOTInductor, :mod:`decodelab.compile_cache`).
         **options: instead of ``config``, its fields as keywords (``Engine(model, kernels="fast")``), folded into
             ``EngineConfig.from_kwargs(**options)`` with ``device`` / ``dtype`` defaulting to the model's.
 
@@ -109,7 +110,8 @@ class Engine:
 
     Raises:
         ConfigError: a bad option (from :class:`EngineConfig`), or ``quantize``, ``compile`` or ``kernels="fast"``
-            requested for a model the fast path does not support.
+            requested for a model the fast path does not support, or ``batch_invariant`` where its kernels cannot
+            run (:class:`~decodelab.fastpath.decoder.FastDecoder`).
         ConfigError: both ``config`` and keyword options (param ``engine``).
     """
 
@@ -139,7 +141,7 @@ class Engine:
         self._takes_logits_to_keep = "logits_to_keep" in forward_params
         if self.fast_reason is None:
             self.fast = FastDecoder(model, pack=config.pack, kernels=kernels, fuse=kernels == "fast" or bool(quantize),
-                                    measure=not quantize)
+                                    measure=not quantize, invariant=config.batch_invariant and kernels == "fast")
         elif wants_fast:
             param = "quantize" if quantize else "compile" if compile else "kernels"
             raise ConfigError(f"{param} needs the fast path, which cannot run this model: {self.fast_reason}",

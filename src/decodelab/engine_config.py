@@ -2,7 +2,7 @@
 
 :class:`~decodelab.config.GenerationConfig` says *what* to generate; :class:`EngineConfig` says *how the engine
 computes* it. One object travels from the surfaces (``decodelab.load(...)``, the CLI's ``--device`` / ``--dtype`` /
-``--kernels`` / ``--quantize`` / ``--quantize-lm-head`` / ``--compile``, ``decodelab serve``) to
+``--kernels`` / ``--batch-invariant`` / ``--quantize`` / ``--quantize-lm-head`` / ``--compile``, ``decodelab serve``) to
 :func:`decodelab.models.load_model` (device, dtype) and :class:`decodelab.engine.Engine` (the rest); nothing on the
 way re-checks a value. Shape of the idea: vLLM's ``EngineArgs`` -> ``VllmConfig`` (one validated object per engine),
 with the ``x must be ..., got y`` one-line messages of vLLM's ``SamplingParams._verify_args``.
@@ -45,7 +45,16 @@ class EngineConfig:
             kernels are many times slower with float32 activations), else ``"float32"``.
         kernels: ``"exact"`` (float32 logits bit-for-bit transformers') or ``"fast"`` (fused projections and the
             kernel measured fastest per product; logits equal to ~1e-6 relative, log-probabilities to ~1e-5
-            absolute, alone or batched). ``None``: ``"exact"``.
+            absolute, alone or batched). ``None``: ``"exact"``, or ``"fast"`` with ``batch_invariant``.
+        batch_invariant: every request's logits the same bit for bit alone and in any batch (continuous batching),
+            also off the exact path: with ``kernels="fast"``, every product runs decodelab's own ``panels`` GEMM
+            (each row computed alone, whatever the other rows: :mod:`decodelab.fastpath.panels`) instead of the
+            kernel measured fastest per row count, and every decode step attends through decodelab's own kernel
+            (:mod:`decodelab.fastpath.slot_attention`). Needs float32 on the CPU, no ``quantize`` / ``compile``
+            (a compiled step is another kernel), and those kernels built on the machine (checked when the engine
+            is made). ``kernels="exact"`` is batch-invariant already: there it changes nothing. What vLLM calls
+            batch-invariant mode (``VLLM_BATCH_INVARIANT``), after Thinking Machines' "Defeating Nondeterminism in
+            LLM Inference" (2025).
         quantize: ``None``, ``"int8"`` or ``"int4"``: weight-only quantization of the decoder's linear layers
             (CPU only). ``"none"`` / ``"off"`` / ``""`` mean ``None``.
         quantize_lm_head: with ``quantize``, also the output layer (int8 per row).
@@ -63,7 +72,8 @@ class EngineConfig:
 
     device: str = None  # type: ignore[assignment]  # None becomes $DECODELAB_DEVICE or "cpu" in __post_init__
     dtype: str = None  # type: ignore[assignment]  # None becomes "float32" (or "bfloat16" with quantize)
-    kernels: str = "exact"
+    kernels: str = None  # type: ignore[assignment]  # None becomes "exact" (or "fast" with batch_invariant)
+    batch_invariant: bool = False
     quantize: str | None = None
     quantize_lm_head: bool = False
     compile: bool | dict = False
@@ -72,9 +82,11 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         quantize = _quantize(self.quantize)
+        invariant = _flag("batch_invariant", self.batch_invariant)
         values = {
             "quantize": quantize,
-            "kernels": _kernels(self.kernels),
+            "kernels": "fast" if self.kernels is None and invariant else _kernels(self.kernels),
+            "batch_invariant": invariant,
             "device": _device(self.device),
             "dtype": _dtype(self.dtype, quantize),
             "quantize_lm_head": _flag("quantize_lm_head", self.quantize_lm_head),
@@ -87,6 +99,8 @@ class EngineConfig:
         if quantize is not None and not values["device"].startswith("cpu"):
             raise ConfigError(f"quantize={quantize!r} uses PyTorch's CPU kernels; device is {values['device']!r}",
                               param="quantize")
+        if invariant and values["kernels"] == "fast":
+            _check_invariant(values)
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
@@ -138,6 +152,22 @@ def _kernels(value) -> str:
     if name not in KERNELS:
         raise ConfigError(f"invalid kernels={value!r}: expected one of {', '.join(KERNELS)}", param="kernels")
     return name
+
+
+def _check_invariant(values: dict) -> None:
+    """``batch_invariant`` with ``kernels="fast"``: decodelab's own float32 CPU kernels, nothing else."""
+    if values["quantize"] is not None:
+        why = f"quantize={values['quantize']!r}"
+    elif values["compile"]:
+        why = "compile (a compiled step runs other kernels than a batched eager step)"
+    elif values["dtype"] != "float32":
+        why = f"dtype={values['dtype']!r}"
+    elif not values["device"].startswith("cpu"):
+        why = f"device={values['device']!r}"
+    else:
+        return
+    raise ConfigError(f"batch_invariant=True with kernels='fast' runs decodelab's own float32 CPU kernels; it cannot "
+                      f"be combined with {why}", param="batch_invariant")
 
 
 def _quantize(value) -> str | None:

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernel_choice, slot_attention
+from ..errors import ConfigError
+from . import kernel_choice, panels, slot_attention
 from .cache import StaticKVCache
 from .projections import Dense, MeasuredDense, PackedDense, _buffer
 from .rows import MixedPlan, RowPlan, Segment, attention_mask, sliding_window_mask
@@ -226,15 +227,22 @@ class FastDecoder(nn.Module):
     (:mod:`decodelab.fastpath.kernel_choice`; ``kernel_table`` imposes a table instead, ``measure=False`` skips it,
     as for a decoder about to be quantized; ``progress`` receives the one-line note printed before a measurement).
     ``kernel_table`` (attribute): the table used; :meth:`kernel_summary` says it in one line.
+    ``invariant`` (``kernels="fast"``, float32 CPU weights): every product is decodelab's ``panels`` GEMM at every
+    row count instead of the measured choice, and every decode step attends through decodelab's own kernel
+    (:mod:`decodelab.fastpath.slot_attention`), so that a request's logits are bit for bit the same alone and in
+    any batch (the ``batch_invariant`` engine option).
 
     Raises:
         ValueError: the model is not supported (:func:`unsupported_reason`), or ``kernels`` is not in
             :data:`KERNELS`.
+        ConfigError: ``invariant`` where those kernels cannot run (not ``kernels="fast"`` on float32 CPU weights,
+            the C kernels not built here, a head size or weight shape they do not take).
     """
 
     def __init__(self, model, pack: bool | None = None, halves: bool | None = None,
                  kernels: str = "exact", fuse: bool | None = None, act32: bool | None = None,
-                 kernel_table: dict | None = None, measure: bool = True, progress=None) -> None:
+                 kernel_table: dict | None = None, measure: bool = True, progress=None,
+                 invariant: bool = False) -> None:
         super().__init__()
         reason = unsupported_reason(model)
         if reason is not None:
@@ -304,8 +312,32 @@ class FastDecoder(nn.Module):
         self.halves = ((self.device.type == "cpu" and self.dtype == torch.float32 and kernels == "exact")
                        if halves is None else halves)
         self.kernel_table: dict[str, dict] = {}
-        if measured and (measure or kernel_table is not None):
+        self.invariant = bool(invariant)
+        if self.invariant:
+            self._check_invariant(measured)
+        if measured and (measure or kernel_table is not None or self.invariant):
             self._choose_kernels(kernel_table, progress)
+
+    def _check_invariant(self, measured: bool) -> None:
+        """``invariant``: the batch-invariant kernels can run this decoder (see :attr:`invariant`).
+
+        Raises:
+            ConfigError: they cannot (one line saying why), naming the ``batch_invariant`` engine option.
+        """
+        if self.kernels != "fast" or not measured or self.dtype != torch.float32:
+            why = "kernels='fast' and float32 weights on the CPU"
+        elif not slot_attention.usable(self.act_dtype, self.device, self.head_dim, self.groups):
+            why = (f"decodelab's attention kernel, built on an x86-64 CPU with AVX2 and a C compiler, for heads of a "
+                   f"multiple of 8 values (here {self.head_dim}) and at most {slot_attention.MAX_GROUPS} query heads "
+                   f"per key/value head (here {self.groups})")
+        else:
+            weights = [p.weight for layer in self.layers for p in layer.projections().values()]
+            odd = next((w for w in [*weights, self.lm_head.weight] if not panels.available(w)), None)
+            if odd is None:
+                return
+            why = f"every weight's output size a multiple of {panels.PANEL} (here {odd.shape[0]})"
+        raise ConfigError(f"batch_invariant=True: this model cannot run batch-invariant here; it needs {why}",
+                          param="batch_invariant")
 
     def _choose_kernels(self, table: dict | None, progress) -> None:
         """Apply the measured product choice (:func:`decodelab.fastpath.kernel_choice.choices`, or ``table``, a
@@ -318,7 +350,10 @@ class FastDecoder(nn.Module):
         for _, _, proj in projections:
             groups.setdefault(kernel_choice.shape_key(proj.weight, proj.bias is not None), []).append(
                 (proj.weight, proj.bias))
-        if table is None:
+        if table is None and self.invariant:  # one product at every row count: each row computed as if alone
+            table = {key: {"choice": {str(b): "panels" for b in kernel_choice.BUCKETS}, "exact": {"1": "linear"}}
+                     for key in groups}
+        elif table is None:
             table = kernel_choice.choices(groups, self.kernels, progress=progress)
         self.kernel_table = {key: table[key] for key in groups}
         for owner, name, proj in projections:

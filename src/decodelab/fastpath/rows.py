@@ -165,10 +165,11 @@ class RowPlan:
         pooled: the number of leading one-row decode segments (>= 2, ordered by slot) whose caches are slots of one
             :class:`~decodelab.fastpath.slots.SlotPool`: their full-attention layers write and attend in one call
             over the pool's slots (:meth:`attend`); 0: every segment attends on its own (the exact float32 path).
-        slot_scale: with pooled segments, attend through decodelab's own kernel
-            (:func:`decodelab.fastpath.slot_attention.attend`, each row over its own positions, alone or not; then
-            even one pooled segment, a request alone, takes that path) with this ``q . k`` scale; ``None``: one SDPA
-            call over the slot range.
+        slot_scale: attend through decodelab's own kernel (:func:`decodelab.fastpath.slot_attention.attend`, each
+            row over its own positions, alone or not) with this ``q . k`` scale: the pooled segments (then even one
+            pooled segment, a request alone, takes that path) and every other decode segment (T == 1) of a
+            full-attention layer, its cache's rows taken as slots, so that a request's step is the same arithmetic
+            in a slot or in a cache of its own; ``None``: one SDPA call over the slot range, SDPA per segment.
 
     This is the eager row plan of :meth:`decodelab.fastpath.decoder.FastDecoder.run` (``linear``, ``attend``);
     :meth:`finish` advances the caches after the pass.
@@ -252,8 +253,18 @@ class RowPlan:
             if window is not None:
                 mask = seg.window_mask
             sq = q if single else q[seg.lo : seg.hi]
+            if self.slot_scale is not None and t == 1 and window is None and keys.is_contiguous():
+                # a decode step over the segment's own cache, its rows as slots: the arithmetic of a pooled row
+                outs.append(slot_attention.attend(sq, keys, values, seg.cache.pad, self._rows(seg.rows),
+                                                  self._rows(seg.rows, seg.total), self.slot_scale))
+                continue
             outs.append(self.attention(sq, sk, sv, mask, t))
         return outs[0] if single else torch.cat(outs)
+
+    @staticmethod
+    def _rows(n: int, fill: int | None = None) -> torch.Tensor:
+        """(n,) int64: ``0 .. n-1`` (a cache's rows as slots), or ``fill`` n times (their lengths)."""
+        return torch.arange(n) if fill is None else torch.full((n,), fill, dtype=torch.int64)
 
     def _attend_pooled(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The pooled segments' cache writes (one indexed copy each for keys and values) and attention (decodelab's
