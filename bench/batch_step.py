@@ -51,6 +51,11 @@ def time_steps(engine: Engine, states: list, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+MODES = {"exact": dict(kernels="exact"), "fast": dict(kernels="fast"),
+         "invariant": dict(kernels="fast", batch_invariant=True)}
+"""``--kernels`` modes -> engine options."""
+
+
 def parse_rows(text: str) -> list[int]:
     """``"1,2,4"`` -> ``[1, 2, 4]``.
 
@@ -66,7 +71,8 @@ def parse_rows(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--kernels", default="exact,fast", help="comma-separated kernel modes (default exact,fast)")
+    ap.add_argument("--kernels", default="exact,fast", help="comma-separated kernel modes: exact, fast, invariant "
+                    "(kernels='fast' with batch_invariant=True; default exact,fast)")
     ap.add_argument("--rows", default="1,2,4,8,16,32", help="requests per step (default 1,2,4,8,16,32)")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per row count and round (default 8)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -77,12 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid --rows={args.rows!r}: expected comma-separated integers >= 1", file=sys.stderr)
         return 2
     modes = args.kernels.split(",")
-    if args.steps < 1 or args.rounds < 1 or any(m not in ("exact", "fast") for m in modes):
-        print("error: --steps and --rounds must be >= 1 and --kernels a list of exact / fast", file=sys.stderr)
+    if args.steps < 1 or args.rounds < 1 or any(m not in MODES for m in modes):
+        print("error: --steps and --rounds must be >= 1 and --kernels a list of exact / fast / invariant",
+              file=sys.stderr)
         return 2
     cpu = cpu_model()
     print(f"CPU: {cpu}; torch threads {torch.get_num_threads()}; kernels {modes}; rows {counts}")
-    lms = {mode: decodelab.load(args.model, kernels=mode) for mode in modes}
+    lms = {mode: decodelab.load(args.model, **MODES[mode]) for mode in modes}
     for lm in lms.values():  # as a server's step: batching on, driven from this thread (one-row requests in slots
         lm.engine.start_batching(max(counts), thread=False)  # of one pool where the mode allows)
     room = (args.steps + 1) * len(counts) + 1  # states are prefilled each round; the first is stepped for every count
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["vs_one_row"] = row["tokens_per_s"] / (1000 / one)
             rows.append(row)
             ratio = f"  {row['vs_one_row']:.2f}x one row" if one is not None else ""
-            print(f"{mode:5s} rows={n:3d} {med:7.1f} ms/step {row['tokens_per_s']:7.1f} tok/s{ratio}")
+            print(f"{mode:9s} rows={n:3d} {med:7.1f} ms/step {row['tokens_per_s']:7.1f} tok/s{ratio}")
     out = write_results("step", {"cpu": cpu, "threads": torch.get_num_threads(), "args": vars(args), "rows": rows})
     print(f"results: {out}")
     return 0

@@ -41,6 +41,7 @@ def test_generate_many_equals_generate_alone_with_fast_kernels(fixture, request,
     assert summary.count("1-16 panels") == len(summary.split("; "))  # every shape, every row count
     scheduler = check_same(lm, REQUESTS)
     assert scheduler.max_rows > 1 and scheduler.rows_stepped > scheduler.steps  # really batched
+    assert scheduler.joined > 0  # and some prompts joined a decode step (one pass with the running rows)
 
 
 def test_step_many_equals_each_request_alone_bit_for_bit(tiny_qwen2):
