@@ -56,6 +56,11 @@ def load(model: str | None = None, *, device=None, dtype=None, engine: EngineCon
               (weight-first matrix products for decode steps: faster on CPU, logits equal to ~1e-6 relative, so
               outputs may differ from ``model.generate`` where two candidates tie to within rounding). See
               :class:`decodelab.engine.Engine`.
+            - ``batch_invariant``: every request's logits bit for bit the same alone and in any batch
+              (:meth:`LM.generate_many`, the server), also with fast kernels: ``kernels="fast"`` (implied) with
+              decodelab's own row-by-row GEMM and attention kernels instead of the measured choice (~8 % slower
+              batched steps where another product was measured faster). Float32 on an x86-64 CPU with AVX2 and a C
+              compiler; elsewhere a :class:`ConfigError`. See :class:`EngineConfig`.
             - ``fast``, ``pack``: which engine path, prepacked bfloat16 weights (see :class:`EngineConfig`).
 
     The resulting :class:`EngineConfig` is ``lm.engine_config``.
